@@ -248,6 +248,8 @@ class LabelVolume(Volume):
         if self.array.dtype.kind == "f":
             if not np.all(np.isfinite(self.array)) or not np.all(self.array == np.round(self.array)):
                 raise ValueError("label volume has non-integer values; round or threshold it first")
-            self.array = self.array.astype(np.int16 if np.abs(self.array).max(initial=0) < 32768 else np.int32)
+            self.array = self.array.astype(
+                np.int16 if np.abs(self.array).max(initial=0) < 32768 else np.int32
+            )
         elif self.array.dtype.kind not in "iub":
             raise ValueError(f"label volume needs an integer array, got dtype {self.array.dtype}")

@@ -56,11 +56,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return Path(path)
 
 
@@ -84,7 +83,9 @@ def _json_default(o: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
     """Write JSON atomically; numpy scalars/arrays, paths and pydantic models are converted."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + "\n"
+    )
 
 
 def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
