@@ -136,7 +136,6 @@ UID_ATTRIBUTES: frozenset[str] = frozenset(
 # ---------------------------------------------------------------------------------------- keys
 def key_fingerprint(key: bytes) -> str:
     """Public 16-hex-digit id of a key, to tell keys apart in data cards; reveals nothing of the key."""
-    # A domain-separated HMAC, so the fingerprint is never equal to a subject hash.
     return hmac.new(key, b"medidiff key fingerprint v1", hashlib.sha256).hexdigest()[:16]
 
 

@@ -128,24 +128,26 @@ def _check_linear_problem(A: ArrayLike, y: ArrayLike, sigma_y: float, dim: int) 
 def _gaussian_linear_posterior(
     mean: Tensor, cov: Tensor, A: Tensor, y: Tensor, sigma_y: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Posterior mean/cov of ``N(mean, cov)`` given ``y = A x + N(0, sigma_y^2 I)``, and ``log p(y)``.
+    """Posterior of ``N(mean, cov)`` given ``y = A x + N(0, sigma_y^2 I)``: mean, cov and ``log p(y)``.
 
-    Uses the gain form, which needs no inverse of ``cov`` (so a singular prior is fine), with the Joseph
-    update ``(I - K A) C (I - K A)^T + sigma_y^2 K K^T`` that stays symmetric PSD in floating point.
+    ``mean`` may be ``(d,)`` or a stack ``(K, d)`` of means sharing ``cov`` (then the means and log
+    evidences come back stacked). Uses the gain form, which needs no inverse of ``cov`` (a singular
+    prior is fine), with the Joseph update ``(I - K A) C (I - K A)^T + sigma_y^2 K K^T`` that stays
+    symmetric PSD in floating point.
     """
     m = A.shape[0]
     AC = A @ cov
     S = AC @ A.T + sigma_y**2 * torch.eye(m, dtype=torch.float64)
     L = torch.linalg.cholesky(0.5 * (S + S.T))
     K = torch.cholesky_solve(AC, L).T  # (d, m) = C A^T S^{-1}
-    r = y - A @ mean
-    post_mean = mean + K @ r
+    r = y - mean @ A.T  # (..., m)
+    post_mean = mean + r @ K.T
     I_KA = torch.eye(cov.shape[0], dtype=torch.float64) - K @ A
     post_cov = I_KA @ cov @ I_KA.T + sigma_y**2 * (K @ K.T)
     post_cov = 0.5 * (post_cov + post_cov.T)
-    w = torch.linalg.solve_triangular(L, r[:, None], upper=False)[:, 0]
-    log_evidence = -0.5 * (w @ w) - torch.log(torch.diagonal(L)).sum() - 0.5 * m * _LOG_2PI
-    return post_mean, post_cov, log_evidence
+    w = torch.linalg.solve_triangular(L, r.reshape(-1, m).T, upper=False)  # (m, n)
+    log_evidence = -0.5 * (w**2).sum(0) - torch.log(torch.diagonal(L)).sum() - 0.5 * m * _LOG_2PI
+    return post_mean, post_cov, log_evidence.reshape(r.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -529,19 +531,22 @@ class GaussianMixtureDenoiser:
             A :class:`GaussianMixtureDenoiser` for the posterior (sample it with ``.sample``).
         """
         A64, y64 = _check_linear_problem(A, y, sigma_y, self.dim)
-        means, covs, log_ev = [], [], []
-        for k in range(self.n_components):
-            # With a shared prior covariance the posterior covariance is shared too; computing it from
-            # the same inputs keeps it bit-identical, so the posterior keeps the shared fast path.
-            mk, ck, lk = _gaussian_linear_posterior(
-                self._means[k], self._covs[0 if self._shared else k], A64, y64, float(sigma_y)
+        if self._shared:
+            # A shared prior covariance gives a shared posterior covariance: one solve for all means.
+            means, cov, log_ev = _gaussian_linear_posterior(
+                self._means, self._covs[0], A64, y64, float(sigma_y)
             )
-            means.append(mk)
-            covs.append(ck)
-            log_ev.append(lk)
-        log_w = self._log_w + torch.stack(log_ev)
-        weights = torch.softmax(log_w, dim=0)
-        return GaussianMixtureDenoiser(weights, torch.stack(means), torch.stack(covs))
+            covs = cov
+        else:
+            parts = [
+                _gaussian_linear_posterior(self._means[k], self._covs[k], A64, y64, float(sigma_y))
+                for k in range(self.n_components)
+            ]
+            means = torch.stack([p[0] for p in parts])
+            covs = torch.stack([p[1] for p in parts])
+            log_ev = torch.stack([p[2] for p in parts])
+        weights = torch.softmax(self._log_w + log_ev, dim=0)
+        return GaussianMixtureDenoiser(weights, means, covs)
 
     def __repr__(self) -> str:
         return f"GaussianMixtureDenoiser(K={self.n_components}, d={self.dim})"

@@ -303,6 +303,7 @@ def build_series_datasets(
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "medidiff synthetic study"
         ds.SeriesDescription = series_description
+        ds.ProtocolName = series_description or "synthetic"
         ds.ManufacturerModelName = "synthetic"
         ds.PatientName = patient_name
         ds.PatientID = patient_id
@@ -388,7 +389,9 @@ def _check_encoder(ts: UID) -> None:
         )
 
 
-def write_datasets(datasets: Sequence[Dataset], out_dir: str | os.PathLike[str], *, file_prefix: str = "IM") -> list[Path]:
+def write_datasets(
+    datasets: Sequence[Dataset], out_dir: str | os.PathLike[str], *, file_prefix: str = "IM"
+) -> list[Path]:
     """Write datasets atomically as ``<file_prefix><InstanceNumber:04d>.dcm`` in ``out_dir``.
 
     File names follow InstanceNumber (as in many exports), so with reversed instance numbers the

@@ -1,0 +1,541 @@
+"""Ingest stage: a folder of DICOM and/or NIfTI files to canonical NIfTI volumes.
+
+Three steps, each usable alone (the Prefect flow runs one task per series):
+
+1. :func:`plan_ingest` — hash every input, read DICOM headers in parallel, split into series,
+   write a work plan (``DST/.medidiff-work/plan.json``).
+2. :func:`convert_item` — check, stack, canonicalise and write one series (NIfTI + JSON
+   sidecar + provenance record); a failure becomes a problem entry, never an exception.
+3. :func:`finalize_ingest` — run manifest, data card, PROV-JSON for the run, PHI self-check.
+
+:func:`ingest` runs all three in-process. Input files are only ever read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from medidiff import __version__
+from medidiff.config import IngestConfig, config_hash
+from medidiff.io.atomic import atomic_path, atomic_write_json, sha256_file
+from medidiff.io.dicom import GeometryTolerances, load_series, plan_series, split_series
+from medidiff.io.dicom_scan import SliceRef, scan_folder
+from medidiff.problems import ConversionError, Problem, ProblemKind, Severity
+from medidiff.volume import Volume
+
+__all__ = [
+    "IngestPlan",
+    "IngestResult",
+    "ItemResult",
+    "WorkItem",
+    "convert_item",
+    "finalize_ingest",
+    "ingest",
+    "plan_ingest",
+]
+
+WORK_DIR = ".medidiff-work"
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class WorkItem:
+    """One unit of conversion: a DICOM series (after splitting) or one NIfTI file."""
+
+    item_id: str
+    kind: str  # "dicom" | "nifti"
+    key: str  # series key, or NIfTI path relative to the source
+    subject: str  # keyed hash of the patient (or of the NIfTI folder)
+    inputs: list[str]  # absolute paths
+    display: list[str]  # paths relative to the source, PHI redacted (what outputs show)
+    sha256: list[str]
+    slices: list[dict[str, Any]] = field(default_factory=list)  # SliceRef fields, PHI removed
+    description: str = ""
+    series_number: int | None = None
+    phi_values: list[str] = field(default_factory=list)  # never written; kept for the self-check
+
+
+@dataclass
+class IngestPlan:
+    src: str
+    dst: str
+    config: dict[str, Any]
+    items: list[WorkItem]
+    problems: list[Problem]
+    inputs: list[dict[str, Any]]  # {path (display), sha256}
+    started: str
+    key_id: str
+
+    def save(self, path: Path) -> Path:
+        data = asdict(self)
+        for item in data["items"]:
+            item.pop("phi_values", None)
+        data["problems"] = [p.to_json() for p in self.problems]
+        return atomic_write_json(path, data)
+
+    @classmethod
+    def load(cls, path: Path) -> IngestPlan:
+        data = json.loads(Path(path).read_text())
+        data["items"] = [WorkItem(**i) for i in data["items"]]
+        data["problems"] = [Problem.from_json(p) for p in data["problems"]]
+        return cls(**data)
+
+
+@dataclass
+class ItemResult:
+    item_id: str
+    status: str  # "converted" | "failed" | "skipped"
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["problems"] = [p.to_json() for p in self.problems]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ItemResult:
+        d = dict(d)
+        d["problems"] = [Problem.from_json(p) for p in d["problems"]]
+        return cls(**d)
+
+
+@dataclass
+class IngestResult:
+    manifest: Path
+    datacard: Path
+    n_converted: int
+    n_failed: int
+    outputs: list[dict[str, Any]]
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return self.n_converted > 0
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _safe_name(text: str, max_len: int = 40) -> str:
+    """File-name-safe slug of DICOM text: letters, digits and single dashes only."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+    return slug[:max_len].strip("-")
+
+
+def _redactor(phi_values: Sequence[str], hasher: Any) -> Callable[[str], str]:
+    needles = sorted({v for v in phi_values if len(v) >= 3}, key=len, reverse=True)
+    variants: list[tuple[str, str]] = []
+    for v in needles:
+        tag = f"redacted-{hasher.hash(v)[-8:]}"
+        for form in {v, v.replace("^", " "), v.replace("^", "_"), v.replace("^", "")}:
+            if form.strip():
+                variants.append((form, tag))
+
+    def redact(text: str) -> str:
+        for form, tag in variants:
+            text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
+        return text
+
+    return redact
+
+
+def _slice_json(s: SliceRef) -> dict[str, Any]:
+    d = asdict(s)
+    d.pop("patient_key")
+    d.pop("phi_values")
+    return d
+
+
+def _slice_from_json(d: dict[str, Any]) -> SliceRef:
+    d = dict(d)
+    for k in ("iop", "ipp", "pixel_spacing", "image_type"):
+        d[k] = tuple(d[k])
+    return SliceRef(patient_key="", phi_values=(), **d)
+
+
+def _tolerances(cfg: IngestConfig) -> GeometryTolerances:
+    return GeometryTolerances(**cfg.tolerances.model_dump())
+
+
+# ------------------------------------------------------------------------------------------ plan
+def plan_ingest(src: Path, dst: Path, cfg: IngestConfig, *, progress: Progress | None = None) -> IngestPlan:
+    """Scan ``src`` (headers only, in parallel), split DICOM into series, list NIfTI files.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``dst`` lies inside ``src`` (outputs would be re-ingested next time).
+    """
+    from medidiff.privacy import PatientHasher, key_fingerprint, load_key
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist")
+    if src.is_dir() and (dst == src or src in dst.parents):
+        raise ValueError(f"output folder {dst} is inside the input folder {src}; choose a folder outside it")
+    started = _now()
+    key = load_key(cfg.privacy.key_file)
+    hasher = PatientHasher(key)
+    scan = scan_folder(
+        src, workers=cfg.workers, progress=(lambda d, t: progress("scan", d, t)) if progress else None
+    )
+    all_phi = sorted({v for s in scan.slices for v in s.phi_values})
+    redact = _redactor(all_phi, hasher)
+    root = src if src.is_dir() else src.parent
+
+    def display(p: str) -> str:
+        return redact(str(Path(p).relative_to(root)))
+
+    problems: list[Problem] = []
+    for p in scan.problems:
+        p.paths = [display(x) for x in p.paths]
+        problems.append(p)
+    groups, split_problems = split_series(scan.slices, _tolerances(cfg))
+    for p in split_problems:
+        p.paths = [display(x) for x in p.paths]
+        problems.append(p)
+
+    items: list[WorkItem] = []
+    for i, (key_, slices) in enumerate(groups.items()):
+        first = slices[0]
+        paths = sorted({s.path for s in slices})
+        items.append(
+            WorkItem(
+                item_id=f"d{i:05d}",
+                kind="dicom",
+                key=key_,
+                subject=hasher.hash(first.patient_key),
+                inputs=paths,
+                display=[display(p) for p in paths],
+                sha256=[scan.sha256.get(p, "") for p in paths],
+                slices=[_slice_json(s) for s in slices],
+                description=first.series_description,
+                series_number=first.series_number,
+                phi_values=sorted({v for s in slices for v in s.phi_values}),
+            )
+        )
+    for j, path in enumerate(sorted(scan.nifti_files)):
+        rel = str(Path(path).relative_to(root))
+        items.append(
+            WorkItem(
+                item_id=f"n{j:05d}",
+                kind="nifti",
+                key=rel,
+                subject=hasher.hash(str(Path(rel).parent) or "root"),
+                inputs=[path],
+                display=[display(path)],
+                sha256=[scan.sha256.get(path, "")],
+            )
+        )
+    inputs = [{"path": display(p), "sha256": h} for p, h in sorted(scan.sha256.items())]
+    return IngestPlan(
+        src=str(src),
+        dst=str(dst),
+        config=cfg.model_dump(mode="json"),
+        items=items,
+        problems=problems,
+        inputs=inputs,
+        started=started,
+        key_id=key_fingerprint(key),
+    )
+
+
+# ------------------------------------------------------------------------------------------ convert
+def _is_label_file(name: str, patterns: Sequence[str]) -> bool:
+    low = name.lower()
+    return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
+
+
+def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume], list[Problem]]:
+    if item.kind == "dicom":
+        slices = [_slice_from_json(d) for d in item.slices]
+        plan = plan_series(
+            item.key,
+            slices,
+            tol=_tolerances(cfg),
+            gantry_tilt=cfg.gantry_tilt,
+            keep_single_slice=cfg.keep_single_slice,
+        )
+        return [load_series(plan)], list(plan.warnings)
+    from medidiff.io.nifti import read_nifti
+
+    kind = "label" if _is_label_file(Path(item.key).name, cfg.label_patterns) else "intensity"
+    res = read_nifti(item.inputs[0], kind=kind, split_4d=cfg.split_4d_nifti)
+    return list(res.volumes), list(res.problems)
+
+
+def _output_stem(item: WorkItem, index: int, n: int, redact: Callable[[str], str]) -> str:
+    digest = item.item_id + "-" + hashlib.sha256(item.key.encode()).hexdigest()[:8]
+    if item.kind == "dicom":
+        desc = _safe_name(redact(item.description)) if item.description else ""
+        num = f"{item.series_number:04d}" if item.series_number is not None else "0000"
+        stem = "_".join(x for x in (num, desc, digest) if x)
+    else:
+        base = Path(item.key).name.removesuffix(".gz").removesuffix(".nii")
+        stem = f"{_safe_name(redact(base))}_{digest}"
+    return stem if n == 1 else f"{stem}_frame{index:03d}"
+
+
+def _sidecar(item: WorkItem, vol: Volume, cfg: IngestConfig, warnings: list[Problem]) -> dict[str, Any]:
+    from medidiff.privacy import scrub_metadata
+
+    keep = set()
+    if cfg.privacy.keep_dates:
+        keep |= {"AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate"}
+    meta = scrub_metadata(vol.meta, keep=keep)
+    acq = meta.pop("acquisition", {})
+    if not cfg.privacy.keep_descriptions:
+        acq.pop("ProtocolName", None)
+    return {
+        "medidiff_version": __version__,
+        "kind": vol.kind,
+        "modality": vol.modality,
+        "subject": item.subject,
+        "synthetic": False,
+        "geometry": {
+            "shape": list(vol.shape),
+            "spacing_mm": [round(s, 6) for s in vol.spacing],
+            "orientation": vol.orientation,
+            "affine_ras": vol.affine.tolist(),
+            "corners_ras_mm": vol.corners_world().tolist(),
+        },
+        "source": {
+            "type": item.kind,
+            "key": item.key,
+            "files": [{"path": p, "sha256": h} for p, h in zip(item.display, item.sha256, strict=True)],
+        },
+        "acquisition": acq,
+        "metadata": meta,
+        "warnings": [w.to_json() for w in warnings],
+    }
+
+
+def _write_nifti(vol: Volume, path: Path) -> None:
+    import nibabel as nib
+
+    img = vol.to_nibabel()
+    # Keep integer voxels integer (lossless, like dcm2niix); no scaling is stored.
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def convert_item(
+    item: WorkItem, dst: Path, cfg: IngestConfig, *, run_started: str | None = None
+) -> ItemResult:
+    """Convert one work item; every failure is returned as a problem, never raised."""
+    from medidiff.privacy import PatientHasher, find_phi, load_key
+    from medidiff.provenance import write_output_record
+    from medidiff.transforms import canonicalize
+
+    t0 = time.perf_counter()
+    started = _now()
+    dst = Path(dst)
+    hasher = PatientHasher(load_key(cfg.privacy.key_file))
+    redact = _redactor(item.phi_values, hasher)
+    result = ItemResult(item_id=item.item_id, status="converted")
+    try:
+        volumes, warnings = _read_item_volumes(item, cfg)
+    except ConversionError as e:
+        p = e.problem
+        p.paths = item.display if len(p.paths) > 1 or not p.paths else [_display_for(p.paths[0], item)]
+        p.series = p.series or item.key
+        result.status = "skipped" if p.severity is Severity.SKIPPED else "failed"
+        result.problems.append(p)
+        result.seconds = time.perf_counter() - t0
+        return result
+    except Exception as e:  # one bad item never stops the others
+        result.status = "failed"
+        result.problems.append(
+            Problem(
+                kind=ProblemKind.CONVERSION_FAILED,
+                severity=Severity.ERROR,
+                message=f"conversion failed ({type(e).__name__}: {e}); please report this with the manifest",
+                paths=list(item.display),
+                series=item.key,
+            )
+        )
+        result.seconds = time.perf_counter() - t0
+        return result
+    for w in warnings:
+        w.paths = [_display_for(x, item) for x in w.paths]
+        w.series = w.series or item.key
+    result.problems.extend(warnings)
+
+    for idx, vol in enumerate(volumes):
+        vol = canonicalize(vol, cfg.canonical)
+        stem = _output_stem(item, idx, len(volumes), redact)
+        ext = ".nii.gz" if cfg.compress else ".nii"
+        out = dst / item.subject / f"{stem}{ext}"
+        _write_nifti(vol, out)
+        sidecar = _sidecar(item, vol, cfg, warnings)
+        leaks = find_phi(sidecar, item.phi_values)
+        if leaks:  # a bug, not a data problem: refuse to write identifying metadata
+            out.unlink(missing_ok=True)
+            raise RuntimeError(f"PHI found in the sidecar of {out.name} at {leaks}; nothing was written")
+        side_path = out.with_name(out.name.removesuffix(ext) + ".json")
+        atomic_write_json(side_path, sidecar)
+        digest = sha256_file(out)
+        inputs = [
+            {"path": p, "sha256": h, "series_uid": vol.meta.get("series_uid")}
+            for p, h in zip(item.display, item.sha256, strict=True)
+        ]
+        write_output_record(
+            out,
+            output_sha256=digest,
+            inputs=inputs,
+            stage="ingest",
+            config=cfg.model_dump(mode="json"),
+            started=started,
+            warnings=[w.message for w in warnings],
+        )
+        from medidiff.datacard import summarize_volume
+
+        result.summaries.append(summarize_volume(vol, item.subject).model_dump(mode="json"))
+        result.outputs.append(
+            {
+                "path": str(out.relative_to(dst)),
+                "sidecar": str(side_path.relative_to(dst)),
+                "sha256": digest,
+                "item": item.item_id,
+                "series": item.key,
+                "subject": item.subject,
+                "kind": vol.kind,
+                "modality": vol.modality,
+                "shape": list(vol.shape),
+                "spacing_mm": [round(s, 6) for s in vol.spacing],
+            }
+        )
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _display_for(path: str, item: WorkItem) -> str:
+    """Map an absolute input path (or path#frame) to its redacted display form."""
+    base, sep, frame = path.partition("#")
+    for real, shown in zip(item.inputs, item.display, strict=True):
+        if real == base:
+            return shown + sep + frame
+    return path if not Path(base).is_absolute() else Path(base).name + sep + frame
+
+
+# ------------------------------------------------------------------------------------------ finalize
+def finalize_ingest(
+    plan: IngestPlan, results: Sequence[ItemResult], *, name: str | None = None
+) -> IngestResult:
+    """Write the run manifest, the data card and the run's PROV-JSON; check outputs carry no PHI."""
+    from medidiff.datacard import SeriesSummary, build_datacard, write_datacard
+    from medidiff.provenance import write_run_provenance
+
+    dst = Path(plan.dst)
+    problems = list(plan.problems)
+    outputs: list[dict[str, Any]] = []
+    summaries = []
+    for r in results:
+        problems.extend(r.problems)
+        outputs.extend(r.outputs)
+        summaries.extend(SeriesSummary.model_validate(s) for s in r.summaries)
+    n_conv = sum(r.status == "converted" for r in results)
+    n_fail = sum(r.status == "failed" for r in results)
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[f"{p.kind}"] = counts.get(f"{p.kind}", 0) + 1
+    manifest = {
+        "medidiff_version": __version__,
+        "stage": "ingest",
+        "started": plan.started,
+        "finished": _now(),
+        "source": Path(plan.src).name,
+        "config": plan.config,
+        "config_sha256": config_hash(IngestConfig.model_validate(plan.config)),
+        "hash_key_id": plan.key_id,
+        "summary": {
+            "input_files": len(plan.inputs),
+            "items": len(results),
+            "converted": n_conv,
+            "failed": n_fail,
+            "skipped": sum(r.status == "skipped" for r in results),
+            "outputs": len(outputs),
+            "problems_by_kind": dict(sorted(counts.items())),
+        },
+        "inputs": plan.inputs,
+        "outputs": outputs,
+        "problems": [p.to_json() for p in problems],
+    }
+    manifest_path = atomic_write_json(dst / "manifest.json", manifest)
+    card = build_datacard(
+        summaries,
+        problems,
+        name=name or f"ingest of {Path(plan.src).name}",
+        source=Path(plan.src).name,
+        licence="as the source data",
+        phi_policy=(
+            "PatientID hashed with a keyed HMAC-SHA256 (key id "
+            f"{plan.key_id}); patient names, birth dates and other PS3.15 Annex E identifiers dropped"
+            + ("; acquisition dates kept" if plan.config["privacy"]["keep_dates"] else "")
+        ),
+        provenance={
+            "manifest_sha256": sha256_file(manifest_path),
+            "medidiff_version": __version__,
+            "config": plan.config,
+        },
+    )
+    card_path = write_datacard(card, dst / "datacard.json")
+    write_run_provenance(
+        dst / "provenance.prov.json",
+        stage="ingest",
+        inputs=plan.inputs,
+        outputs=[{"path": o["path"], "sha256": o["sha256"]} for o in outputs],
+        config=plan.config,
+        started=plan.started,
+    )
+    shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
+    return IngestResult(
+        manifest=manifest_path,
+        datacard=card_path,
+        n_converted=n_conv,
+        n_failed=n_fail,
+        outputs=outputs,
+        problems=problems,
+    )
+
+
+def ingest(
+    src: Path, dst: Path, config: IngestConfig | None = None, *, progress: Progress | None = None
+) -> IngestResult:
+    """Convert every series under ``src`` into ``dst`` (see module docstring)."""
+    cfg = config or IngestConfig()
+    plan = plan_ingest(src, dst, cfg, progress=progress)
+    Path(plan.dst).mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, item in enumerate(plan.items):
+        results.append(convert_item(item, Path(plan.dst), cfg))
+        if progress:
+            progress("convert", i + 1, len(plan.items))
+    out = finalize_ingest(plan, results)
+    phi = sorted({v for it in plan.items for v in it.phi_values})
+    _check_no_phi([out.manifest, out.datacard, out.datacard.with_suffix(".md")], phi)
+    return out
+
+
+def _check_no_phi(paths: Sequence[Path], phi_values: Sequence[str]) -> None:
+    from medidiff.privacy import find_phi_in_file
+
+    for p in paths:
+        if p.exists():
+            leaks = find_phi_in_file(p, phi_values)
+            if leaks:
+                raise RuntimeError(f"PHI found in {p.name} at {leaks[:5]}; this is a bug, please report it")

@@ -1,0 +1,421 @@
+"""Canonicalisation: reorient to RAS, resample to a target spacing, normalise intensities.
+
+Every step returns a new volume and records what it did in ``meta["canonicalization"]`` (a list
+of step records), so a stage can write it to the JSON sidecar and undo it on export.
+Normalisation parameters are also kept in ``meta["normalization"]``; :func:`denormalize` inverts
+them. Label volumes are reoriented like intensities, resampled nearest-neighbour only and never
+normalised.
+
+Configuration is a set of pydantic models (:class:`CanonicalConfig` at the top) so that it can be
+read from YAML and written, resolved, into provenance records.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medidiff.volume import LabelVolume, Volume
+
+__all__ = [
+    "CTNormalization",
+    "CanonicalConfig",
+    "MRNormalization",
+    "NoNormalization",
+    "NormalizationConfig",
+    "ResampleConfig",
+    "canonicalize",
+    "denormalize",
+    "normalize",
+    "reorient_to_ras",
+    "resample_to_spacing",
+]
+
+# Relative tolerance under which a spacing counts as already reached (no resampling).
+_SPACING_RTOL = 1e-6
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+class _Config(BaseModel):
+    # Unknown keys are typos in a YAML file: refuse them instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_increasing(name: str, v: tuple[float, float]) -> tuple[float, float]:
+    if not (np.isfinite(v[0]) and np.isfinite(v[1]) and v[0] < v[1]):
+        raise ValueError(f"{name} must be two finite numbers (low, high) with low < high, got {v}")
+    return v
+
+
+class CTNormalization(_Config):
+    """CT: clip to a Hounsfield window, then map it linearly onto ``scale_to``.
+
+    Voxels inside the window are restored exactly by :func:`denormalize`; voxels outside come back
+    as the window's edges.
+    """
+
+    kind: Literal["ct"] = "ct"
+    clip_hu: tuple[float, float] = (-1000.0, 1000.0)
+    scale_to: tuple[float, float] = (-1.0, 1.0)
+
+    @field_validator("clip_hu", "scale_to")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float], info: Any) -> tuple[float, float]:
+        return _check_increasing(info.field_name, v)
+
+
+class MRNormalization(_Config):
+    """MR: robust intensity scaling from the volume's own percentiles.
+
+    ``method="percentile"`` maps the ``percentiles`` values onto ``scale_to``;
+    ``method="zscore"`` subtracts the mean and divides by the standard deviation. With
+    ``clip=True`` voxels are first clipped to the percentile values (so outliers such as vessels
+    or artefacts do not dominate). With ``mask_nonzero=True`` the statistics are computed over the
+    non-zero voxels only (the background of a skull-stripped or masked image is ignored); the
+    mapping is still applied to every voxel so that it stays invertible.
+    """
+
+    kind: Literal["mr"] = "mr"
+    method: Literal["percentile", "zscore"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    scale_to: tuple[float, float] = (0.0, 1.0)
+    clip: bool = True
+    mask_nonzero: bool = True
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        _check_increasing("percentiles", v)
+        if not (0.0 <= v[0] and v[1] <= 100.0):
+            raise ValueError(f"percentiles must lie in [0, 100], got {v}")
+        return v
+
+    @field_validator("scale_to")
+    @classmethod
+    def _scale_to(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return _check_increasing("scale_to", v)
+
+
+class NoNormalization(_Config):
+    """Leave intensities as they are (recorded as an identity mapping)."""
+
+    kind: Literal["none"] = "none"
+
+
+Normalization = Annotated[CTNormalization | MRNormalization | NoNormalization, Field(discriminator="kind")]
+
+
+def _default_by_modality() -> dict[str, Normalization]:
+    return {"CT": CTNormalization(), "MR": MRNormalization()}
+
+
+class NormalizationConfig(_Config):
+    """Which normalisation each modality gets; modalities not listed get none."""
+
+    by_modality: dict[str, Normalization] = Field(default_factory=_default_by_modality)
+
+    @field_validator("by_modality")
+    @classmethod
+    def _upper(cls, v: dict[str, Normalization]) -> dict[str, Normalization]:
+        return {k.strip().upper(): n for k, n in v.items()}
+
+    def for_modality(self, modality: str) -> CTNormalization | MRNormalization | NoNormalization:
+        """The normalisation for a DICOM modality code (case-insensitive); none when unlisted."""
+        return self.by_modality.get(modality.strip().upper(), NoNormalization())
+
+
+class ResampleConfig(_Config):
+    """Optional resampling to a target voxel size in mm (``None``: keep the native spacing).
+
+    ``mode`` applies to intensity volumes (``"bilinear"`` is trilinear in 3D; an integer 0-5 is a
+    spline order); label volumes always use nearest neighbour.
+    """
+
+    target_spacing: tuple[float, float, float] | None = None
+    mode: Literal["bilinear", "nearest"] | int = "bilinear"
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and not all(np.isfinite(s) and s > 0 for s in v):
+            raise ValueError(f"target_spacing must be three positive sizes in mm, got {v}")
+        return v
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and not 0 <= v <= 5:
+            raise ValueError(f"an integer mode is a spline order 0-5, got {v}")
+        return v
+
+
+class CanonicalConfig(_Config):
+    """The whole canonicalisation: reorient, then resample, then normalise."""
+
+    reorient: bool = True
+    resample: ResampleConfig = Field(default_factory=ResampleConfig)
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+
+
+# ---------------------------------------------------------------------------------------- reorient
+
+
+def reorient_to_ras(vol: Volume) -> Volume:
+    """Permute and flip the voxel axes so that they run as close as possible to R, A, S.
+
+    The voxels are only rearranged, never interpolated, and the affine is updated so that every
+    voxel keeps its world position exactly. An oblique volume gets the axis order closest to RAS
+    and keeps its obliquity in the affine.
+
+    Args:
+        vol: an intensity or label volume.
+
+    Returns:
+        A volume of the same type; the step is appended to ``meta["canonicalization"]``.
+    """
+    import nibabel.orientations as nio
+
+    start = nio.io_orientation(vol.affine)
+    transform = nio.ornt_transform(start, nio.axcodes2ornt("RAS"))
+    array = np.ascontiguousarray(nio.apply_orientation(vol.array, transform))
+    affine = vol.affine @ nio.inv_ornt_aff(transform, vol.shape)
+    step = {
+        "step": "reorient",
+        "from": vol.orientation,
+        "to": "".join(nio.aff2axcodes(affine)),
+        "ornt_transform": transform.astype(int).tolist(),
+        "input_shape": list(vol.shape),
+        "input_affine": vol.affine.tolist(),
+    }
+    return _with_step(vol, array, affine, step)
+
+
+# ---------------------------------------------------------------------------------------- resample
+
+
+def resample_to_spacing(
+    vol: Volume,
+    spacing: tuple[float, float, float] | list[float],
+    *,
+    mode: Literal["bilinear", "nearest"] | int | None = None,
+) -> Volume:
+    """Resample to a voxel size with ``monai.transforms.Spacing``, keeping the axis directions.
+
+    The first voxel keeps its world position; the grid covers the input's extent (its last voxel
+    lies within one output voxel of the input's last voxel). Values outside the input are taken
+    from the border. Intensity results are float32 (float64 inputs stay float64); label results
+    keep the input dtype.
+
+    Args:
+        vol: an intensity or label volume.
+        spacing: target voxel size in mm along the array axes.
+        mode: interpolation for intensity volumes (default ``"bilinear"``, i.e. trilinear).
+            Label volumes accept only ``None`` or ``"nearest"``.
+
+    Returns:
+        A volume of the same type (the input itself, copied, when the spacing is already reached).
+
+    Raises:
+        ValueError: bad spacing, or an interpolating mode for a label volume.
+    """
+    target = tuple(float(s) for s in spacing)
+    if len(target) != 3 or not all(np.isfinite(s) and s > 0 for s in target):
+        raise ValueError(f"spacing must be three positive sizes in mm, got {spacing!r}")
+    is_label = isinstance(vol, LabelVolume)
+    if is_label:
+        if mode not in (None, "nearest"):
+            raise ValueError(
+                f"label volumes are resampled with nearest neighbour only, got mode={mode!r}; "
+                "interpolating labels invents values between classes."
+            )
+        mode = "nearest"
+    elif mode is None:
+        mode = "bilinear"
+    if isinstance(mode, int) and not 0 <= mode <= 5:
+        raise ValueError(f"an integer mode is a spline order 0-5, got {mode}")
+
+    step: dict[str, Any] = {
+        "step": "resample",
+        "from_spacing": list(vol.spacing),
+        "to_spacing": list(target),
+        "mode": mode,
+        "input_shape": list(vol.shape),
+        "input_affine": vol.affine.tolist(),
+    }
+    if np.allclose(vol.spacing, target, rtol=_SPACING_RTOL, atol=0):
+        return _with_step(vol, vol.array.copy(), vol.affine.copy(), {**step, "identity": True})
+
+    import torch
+    from monai.transforms import Spacing
+
+    # Compute in float64 for exact affines; MONAI returns float32 voxels.
+    out = Spacing(pixdim=target, mode=mode, padding_mode="border", dtype=np.float64)(vol.to_metatensor())
+    array = out[0].detach().cpu().numpy()
+    affine = np.asarray(out.affine.detach().cpu().to(torch.float64).numpy(), float)
+    if is_label:
+        array = np.rint(array).astype(vol.array.dtype)
+    elif vol.array.dtype == np.float64:
+        array = array.astype(np.float64)
+    else:
+        array = array.astype(np.float32, copy=False)
+    return _with_step(vol, np.ascontiguousarray(array), affine, {**step, "output_shape": list(array.shape)})
+
+
+# ---------------------------------------------------------------------------------------- normalise
+
+
+def normalize(
+    vol: Volume, cfg: NormalizationConfig | CTNormalization | MRNormalization | NoNormalization
+) -> tuple[Volume, dict[str, Any]]:
+    """Normalise intensities; return the new volume and the parameters that undo it.
+
+    Every method is ``y = clip(x, clip_low, clip_high) * scale + offset``; the parameters record
+    ``scale``, ``offset`` and the clip window (in input units) plus the statistics they came from,
+    e.g. ``{"method": "mr_percentile", "low": ..., "high": ..., "percentiles": [0.5, 99.5],
+    "scale_to": [0, 1], ...}``. They are also stored in ``meta["normalization"]``. Non-finite
+    voxels stay non-finite and are ignored by the statistics.
+
+    Args:
+        vol: an intensity volume.
+        cfg: a per-modality config (the volume's ``modality`` picks the entry) or one method.
+
+    Returns:
+        ``(volume, params)``; voxels are float32 (float64 inputs stay float64).
+
+    Raises:
+        TypeError: ``vol`` is a :class:`LabelVolume` (labels are never normalised).
+    """
+    if isinstance(vol, LabelVolume):
+        raise TypeError(
+            "label volumes are never intensity-normalised; normalise only the intensity volumes "
+            "and pass labels through unchanged."
+        )
+    method = cfg.for_modality(vol.modality) if isinstance(cfg, NormalizationConfig) else cfg
+    x = np.asarray(vol.array, dtype=np.float64)
+    finite = np.isfinite(x)
+
+    if isinstance(method, CTNormalization):
+        lo, hi = method.clip_hu
+        a, b = method.scale_to
+        scale = (b - a) / (hi - lo)
+        params: dict[str, Any] = {"method": "ct_clip_scale", "clip_hu": [lo, hi], "scale_to": [a, b]}
+        clip: list[float] | None = [lo, hi]
+        offset = a - lo * scale
+    elif isinstance(method, MRNormalization):
+        sample = x[finite & (x != 0)] if method.mask_nonzero else x[finite]
+        if sample.size == 0:  # an all-zero (or all-NaN) image: fall back to every finite voxel
+            sample = x[finite]
+        if sample.size == 0:
+            sample = np.zeros(1)
+        p_lo, p_hi = (float(v) for v in np.percentile(sample, method.percentiles))
+        clip = [p_lo, p_hi] if method.clip else None
+        params = {
+            "percentiles": list(method.percentiles),
+            "low": p_lo,
+            "high": p_hi,
+            "mask_nonzero": method.mask_nonzero,
+            "n_voxels_in_statistics": int(sample.size),
+        }
+        if method.method == "percentile":
+            a, b = method.scale_to
+            width = p_hi - p_lo
+            degenerate = not width > 0
+            scale = (b - a) / (width if not degenerate else 1.0)
+            offset = a - p_lo * scale
+            params.update(method="mr_percentile", scale_to=[a, b], degenerate=degenerate)
+        else:
+            kept = np.clip(sample, p_lo, p_hi) if method.clip else sample
+            mean, std = float(kept.mean()), float(kept.std())
+            degenerate = not std > 0
+            scale = 1.0 / (std if not degenerate else 1.0)
+            offset = -mean * scale
+            params.update(method="mr_zscore", mean=mean, std=std, degenerate=degenerate)
+        params["clip"] = clip
+    elif isinstance(method, NoNormalization):
+        params, clip, scale, offset = {"method": "none"}, None, 1.0, 0.0
+    else:
+        raise TypeError(f"cfg must be a NormalizationConfig or a normalisation model, got {type(cfg)}")
+
+    params.update(scale=float(scale), offset=float(offset), clip=clip)
+    if clip is not None:
+        x = np.clip(x, clip[0], clip[1])
+    y = x * scale + offset
+    out_dtype = np.float64 if vol.array.dtype == np.float64 else np.float32
+    params["input_dtype"] = str(vol.array.dtype)
+    new = vol.with_array(y.astype(out_dtype), normalization=dict(params))
+    return new, params
+
+
+def denormalize(vol: Volume, params: dict[str, Any] | None = None) -> Volume:
+    """Undo :func:`normalize`: ``x = (y - offset) / scale``.
+
+    Voxels that were inside the clip window come back exactly (to floating-point rounding);
+    clipped voxels come back as the window's edges. The result is float64 when the original
+    input was float64, else float32; ``meta["normalization"]`` is removed.
+
+    Args:
+        vol: a normalised intensity volume.
+        params: the parameters :func:`normalize` returned; default ``vol.meta["normalization"]``.
+
+    Raises:
+        TypeError: ``vol`` is a label volume.
+        ValueError: no parameters, or parameters that are not invertible.
+    """
+    if isinstance(vol, LabelVolume):
+        raise TypeError("label volumes are never normalised, so there is nothing to undo.")
+    if params is None:
+        params = vol.meta.get("normalization")
+    if not params:
+        raise ValueError(
+            "no normalisation parameters: pass the dict normalize() returned or a volume whose "
+            "meta['normalization'] holds it."
+        )
+    try:
+        scale, offset = float(params["scale"]), float(params["offset"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"normalisation parameters lack a numeric 'scale'/'offset': {params}") from exc
+    if not (np.isfinite(scale) and np.isfinite(offset) and scale != 0):
+        raise ValueError(f"normalisation is not invertible (scale={scale}, offset={offset})")
+    x = (np.asarray(vol.array, dtype=np.float64) - offset) / scale
+    out_dtype = np.float64 if params.get("input_dtype") == "float64" else np.float32
+    new = vol.with_array(x.astype(out_dtype))
+    new.meta.pop("normalization", None)
+    return new
+
+
+# ---------------------------------------------------------------------------------------- chain
+
+
+def canonicalize(vol: Volume, cfg: CanonicalConfig | None = None) -> Volume:
+    """Reorient to RAS, resample and normalise as ``cfg`` says, recording each step.
+
+    Label volumes skip normalisation (recorded as skipped) and are resampled nearest-neighbour.
+
+    Args:
+        vol: an intensity or label volume.
+        cfg: the configuration (default: :class:`CanonicalConfig` defaults).
+
+    Returns:
+        The canonical volume; ``meta["canonicalization"]`` lists the steps in order (each with its
+        parameters), ``meta["normalization"]`` holds the normalisation parameters.
+    """
+    cfg = cfg or CanonicalConfig()
+    if cfg.reorient:
+        vol = reorient_to_ras(vol)
+    if cfg.resample.target_spacing is not None:
+        mode = None if isinstance(vol, LabelVolume) else cfg.resample.mode
+        vol = resample_to_spacing(vol, cfg.resample.target_spacing, mode=mode)
+    if isinstance(vol, LabelVolume):
+        return _with_step(vol, vol.array, vol.affine, {"step": "normalize", "skipped": "label volume"})
+    vol, params = normalize(vol, cfg.normalization)
+    return _with_step(vol, vol.array, vol.affine, {"step": "normalize", "params": params})
+
+
+def _with_step(vol: Volume, array: np.ndarray, affine: np.ndarray, step: dict[str, Any]) -> Volume:
+    new = vol.with_array(array, affine=affine)
+    new.meta["canonicalization"] = [*new.meta.get("canonicalization", []), step]
+    return new
