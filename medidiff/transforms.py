@@ -90,7 +90,7 @@ class MRNormalization(_Config):
     @classmethod
     def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
         _check_increasing("percentiles", v)
-        if not (0.0 <= v[0] and v[1] <= 100.0):
+        if v[0] < 0.0 or v[1] > 100.0:
             raise ValueError(f"percentiles must lie in [0, 100], got {v}")
         return v
 

@@ -32,7 +32,9 @@ def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n (number of steps) must be an integer >= 1; got {n!r}.")
     if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        raise ValueError(
+            f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, sigma_max={sigma_max}."
+        )
 
 
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
@@ -93,7 +95,9 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor | np.ndarray) -> Tensor:
     """
     abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
     if abar.ndim != 1 or abar.numel() < 2:
-        raise ValueError(f"alphas_cumprod must be a 1-D tensor of length T >= 2; got shape {tuple(abar.shape)}.")
+        raise ValueError(
+            f"alphas_cumprod must be a 1-D tensor of length T >= 2; got shape {tuple(abar.shape)}."
+        )
     if not (bool((abar > 0).all()) and bool((abar <= 1).all()) and bool((abar[1:] < abar[:-1]).all())):
         raise ValueError("alphas_cumprod must lie in (0, 1] and decrease strictly with the timestep.")
     return torch.sqrt((1.0 - abar) / abar)

@@ -260,7 +260,7 @@ def read_nifti(
             f"{name} is 4D with {shape[3]} frames and four_d='error'; split it or allow splitting.",
             shape=list(shape),
         )
-    spatial = (shape + (1, 1, 1))[:3]
+    spatial = (*shape, 1, 1, 1)[:3]
 
     choice = resolve_affines(hdr, spatial, mismatch_tol_mm=mismatch_tol_mm)
     for p in choice.problems:
@@ -583,12 +583,11 @@ def _itk_choice(header: Any, scode: int, qcode: int) -> tuple[ItkAffineSource, n
         and np.abs(sto[3] - qto[3]).sum() <= 1e-7
     )
     prefer_sform = bool(similar)
-    if not similar or scode > 0:
-        if _decomposable_without_skew(sto):
-            if qcode <= 0 < scode or scode == 1:
-                prefer_sform = True
-            elif qcode > 0 and scode > 0:
-                prefer_sform = _very_similar(sto, qto)
+    if (not similar or scode > 0) and _decomposable_without_skew(sto):
+        if qcode <= 0 < scode or scode == 1:
+            prefer_sform = True
+        elif qcode > 0 and scode > 0:
+            prefer_sform = _very_similar(sto, qto)
     if prefer_sform:
         chosen, source = sto, "sform"
     elif qcode > 0:

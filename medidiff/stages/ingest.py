@@ -44,7 +44,8 @@ __all__ = [
     "plan_ingest",
 ]
 
-WORK_DIR = ".medidiff-work"
+WORK_DIR = ".medidiff/work"  # plan file of the current run; removed when the run finishes
+CACHE_DIR = ".medidiff/items"  # item results keyed by input content, so a rerun skips done work
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
@@ -345,6 +346,8 @@ def convert_item(
     started = _now()
     dst = Path(dst)
     hasher = PatientHasher(load_key(cfg.privacy.key_file))
+    if not item.phi_values and item.kind == "dicom":
+        item.phi_values = _phi_values_of(item.inputs[0])
     redact = _redactor(item.phi_values, hasher)
     result = ItemResult(item_id=item.item_id, status="converted")
     try:
@@ -423,6 +426,17 @@ def convert_item(
     return result
 
 
+def _phi_values_of(path: str) -> list[str]:
+    """Identifying values of one DICOM file (the plan file does not carry them)."""
+    from medidiff.io.dicom_scan import read_header
+
+    try:
+        refs, _ = read_header(path)
+    except Exception:
+        return []
+    return sorted({v for r in refs for v in r.phi_values})
+
+
 def _display_for(path: str, item: WorkItem) -> str:
     """Map an absolute input path (or path#frame) to its redacted display form."""
     base, sep, frame = path.partition("#")
@@ -430,6 +444,69 @@ def _display_for(path: str, item: WorkItem) -> str:
         if real == base:
             return shown + sep + frame
     return path if not Path(base).is_absolute() else Path(base).name + sep + frame
+
+
+# ------------------------------------------------------------------------------------------ cache
+def item_cache_key(item: WorkItem, cfg: IngestConfig) -> str:
+    """Content key of a work item: input file hashes, series key, config and code version."""
+    h = hashlib.sha256()
+    for part in (__version__, item.kind, item.key, config_hash(cfg), *item.sha256):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _cached_result(path: Path, dst: Path) -> ItemResult | None:
+    """A stored item result whose outputs are all still on disk with their recorded hashes."""
+    if not path.is_file():
+        return None
+    try:
+        res = ItemResult.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):
+        return None
+    for o in res.outputs:
+        out = dst / o["path"]
+        if not out.is_file() or sha256_file(out) != o["sha256"]:
+            return None
+    return res
+
+
+def convert_item_cached(item: WorkItem, dst: Path, cfg: IngestConfig) -> tuple[ItemResult, Path, bool]:
+    """:func:`convert_item`, skipped when the same inputs and config were converted before.
+
+    Returns:
+        ``(result, result_json_path, reused)``.
+    """
+    key = item_cache_key(item, cfg)
+    path = Path(dst) / CACHE_DIR / f"{key[:32]}.json"
+    cached = _cached_result(path, Path(dst))
+    if cached is not None:
+        return cached, path, True
+    res = convert_item(item, dst, cfg)
+    atomic_write_json(path, res.to_json())
+    return res, path, False
+
+
+def save_plan(plan: IngestPlan) -> Path:
+    """Write the plan for task-per-series execution; returns its path."""
+    return plan.save(Path(plan.dst) / WORK_DIR / "plan.json")
+
+
+def convert_planned_item(plan_path: Path, item_id: str) -> Path:
+    """Convert one item of a saved plan (a Prefect task body); returns the item-result JSON path."""
+    plan = IngestPlan.load(plan_path)
+    cfg = IngestConfig.model_validate(plan.config)
+    item = next((i for i in plan.items if i.item_id == item_id), None)
+    if item is None:
+        raise KeyError(f"item {item_id} is not in the plan {plan_path}")
+    _, path, _ = convert_item_cached(item, Path(plan.dst), cfg)
+    return path
+
+
+def finalize_from_paths(plan_path: Path, result_paths: Sequence[Path]) -> IngestResult:
+    plan = IngestPlan.load(plan_path)
+    results = [ItemResult.from_json(json.loads(Path(p).read_text())) for p in result_paths]
+    return finalize_ingest(plan, results)
 
 
 # ------------------------------------------------------------------------------------------ finalize
@@ -522,7 +599,8 @@ def ingest(
     Path(plan.dst).mkdir(parents=True, exist_ok=True)
     results = []
     for i, item in enumerate(plan.items):
-        results.append(convert_item(item, Path(plan.dst), cfg))
+        res, _, _ = convert_item_cached(item, Path(plan.dst), cfg)
+        results.append(res)
         if progress:
             progress("convert", i + 1, len(plan.items))
     out = finalize_ingest(plan, results)

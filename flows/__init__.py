@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only; every step is a medidiff library function."""
