@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medidiff.transforms import CanonicalConfig
+from medidiff.transforms import CanonicalConfig, NormalizationConfig
 
 __all__ = ["ConfigError", "IngestConfig", "PrivacyConfig", "ToleranceConfig", "config_hash", "load_config"]
 
@@ -67,7 +67,9 @@ class IngestConfig(_Strict):
         description="NIfTI file-name patterns (fnmatch, case-insensitive) read as label maps",
     )
     tolerances: ToleranceConfig = ToleranceConfig()
-    canonical: CanonicalConfig = CanonicalConfig()
+    # Ingest keeps physical units (HU, scanner intensities) unless the config asks for
+    # normalisation; the parameters of any normalisation are recorded so export can invert it.
+    canonical: CanonicalConfig = CanonicalConfig(normalization=NormalizationConfig(by_modality={}))
     privacy: PrivacyConfig = PrivacyConfig()
     compress: bool = Field(True, description="write .nii.gz (else .nii)")
 

@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "datacard.schema.json"
+_CHUNK_VOXELS = 1 << 22  # voxels per slab in one-pass statistics (32 MiB as float64)
 MAX_DISTINCT_VALUES = 20  # per axis in a distribution; rarer values are counted under "other"
 
 HashedId = Annotated[str, StringConstraints(pattern=HASHED_ID_PATTERN)]
@@ -109,10 +110,10 @@ class SeriesSummary(_Model):
         return self
 
 
-def _chunks(array: np.ndarray, voxels: int = 1 << 22) -> Any:
-    """Slabs along the first axis of about ``voxels`` voxels (bounded temporary memory)."""
+def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """Slabs along the first axis of about ``_CHUNK_VOXELS`` voxels (bounded temporary memory)."""
     per_slice = max(1, math.prod(array.shape[1:]))
-    step = max(1, voxels // per_slice)
+    step = max(1, _CHUNK_VOXELS // per_slice)
     for i in range(0, array.shape[0], step):
         yield array[i : i + step]
 
@@ -307,6 +308,7 @@ class PhiPolicy(_Model):
         dropped = sorted(PHI_ATTRIBUTES - set(kept))
         kept_text = f" Kept on request of the configuration: {', '.join(sorted(kept))}." if kept else ""
         return cls(
+            method=f"HMAC-SHA256 keyed hash of the patient identifier, truncated to {4 * hasher.length} bits",
             key_id=hasher.key_id,
             hashed=list(hashed),
             dropped=dropped,
@@ -314,7 +316,8 @@ class PhiPolicy(_Model):
             statement=(
                 f"Subject ids are keyed hashes of {', '.join(hashed)}; without the key (id "
                 f"{hasher.key_id}) they cannot be linked back to patients. The {len(dropped)} PHI "
-                "attributes of DICOM PS3.15 Annex E listed under 'dropped' appear in no output." + kept_text
+                "attributes of DICOM PS3.15 Annex E listed under 'dropped' are removed from all written metadata."
+                + kept_text
             ),
         )
 

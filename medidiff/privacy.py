@@ -31,7 +31,7 @@ import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,13 @@ def _create_key_file(path: Path) -> None:
             os.fsync(f.fileno())
         # os.link fails if the target exists, unlike the rename used by medidiff.io.atomic: two
         # processes starting at once must end up sharing one key, not each keeping its own.
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: check, then rename
+            if not path.exists():
+                os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -351,24 +356,6 @@ def _needles(phi_values: Sequence[str], min_length: int) -> list[str]:
     return sorted(out)
 
 
-def _walk(obj: Any, path: str) -> Iterator[tuple[str, str]]:
-    """Yield ``(path, text)`` for every key and scalar of a JSON-like object."""
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            child = f"{path}.{k}"
-            yield f"{child} (key)", str(k)
-            yield from _walk(v, child)
-    elif isinstance(obj, list | tuple | set | frozenset):
-        for i, v in enumerate(obj):
-            yield from _walk(v, f"{path}[{i}]")
-    elif isinstance(obj, bool) or obj is None:
-        return
-    elif isinstance(obj, bytes):
-        yield path, obj.decode("utf-8", errors="replace")
-    else:
-        yield path, str(obj)
-
-
 def find_phi(obj: Any, phi_values: Sequence[str], *, min_length: int = 3) -> list[str]:
     """Where any of ``phi_values`` occurs in a JSON-like object or a text (case-insensitive).
 
@@ -384,7 +371,8 @@ def find_phi(obj: Any, phi_values: Sequence[str], *, min_length: int = 3) -> lis
             (a sex code, a short id) matches almost any text by chance.
 
     Returns:
-        JSONPath-like locations (``$.series[0].meta.Name``; ``... (key)`` when a key matched),
+        JSONPath-like locations (``$.series[0].meta.Name``; a matching dict key is named by
+        position, ``$.ids[key 0]``, so locations never contain the values and can be logged),
         empty if nothing was found.
     """
     needles = _needles(phi_values, min_length)
@@ -392,12 +380,31 @@ def find_phi(obj: Any, phi_values: Sequence[str], *, min_length: int = 3) -> lis
         return []
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump(mode="json")
-    items = [("$", obj)] if isinstance(obj, str) else _walk(obj, "$")
     found: list[str] = []
-    for path, text in items:
+
+    def hit(text: str) -> bool:
         low = text.lower()
-        if any(n in low for n in needles):
+        return any(n in low for n in needles)
+
+    def visit(node: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            for i, (k, v) in enumerate(node.items()):
+                if hit(str(k)):
+                    # Name a matching key by position: the location must not repeat the PHI.
+                    child = f"{path}[key {i}]"
+                    found.append(child)
+                else:
+                    child = f"{path}.{k}"
+                visit(v, child)
+        elif isinstance(node, list | tuple | set | frozenset):
+            for i, v in enumerate(node):
+                visit(v, f"{path}[{i}]")
+        elif isinstance(node, bool) or node is None:
+            return
+        elif hit(node.decode("utf-8", errors="replace") if isinstance(node, bytes) else str(node)):
             found.append(path)
+
+    visit(obj, "$")
     return found
 
 

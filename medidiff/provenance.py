@@ -570,13 +570,9 @@ def prov_document(records: Sequence[ProvenanceRecord]) -> ProvDocument:
             act_attrs["md:precision"] = first.precision
         if first.prefect.flow_run_id:
             act_attrs["md:flowRunId"] = first.prefect.flow_run_id
-        activity_id = f"{stage}-{run_id}"
-        qn_act = f"md:{activity_id}"
-        if qn_act not in made:
-            made.add(qn_act)
-            doc.activity(
-                qn_act, min(r.started for r in recs), max(r.ended for r in recs), other_attributes=act_attrs
-            )
+        # Groups are keyed by (run, stage), so each activity is made exactly once.
+        qn_act = f"md:{stage}-{run_id}"
+        doc.activity(qn_act, min(r.started for r in recs), max(r.ended for r in recs), act_attrs)
         doc.wasAssociatedWith(qn_act, agent)
 
         for rec in recs:

@@ -216,17 +216,26 @@ def draw_mr_params(
 
 
 def _displacement(params: MRSubjectParams, points: np.ndarray, template: MniTemplate) -> np.ndarray:
-    """Cubic interpolation of the control-point displacements at ``points`` (N, 3) -> (N, 3)."""
+    """Displacement (N, 3) at ``points`` (N, 3): cubic B-spline through the control points.
+
+    The cubic field is evaluated on an intermediate 4 mm lattice and interpolated linearly from
+    there; the field is so smooth that this differs by far less than a voxel and is ~10x faster.
+    """
     from scipy.ndimage import map_coordinates, spline_filter
 
     disp = np.asarray(params.displacement_mm, float)
     n = disp.shape[0]
     lo, hi = template.box_min, template.box_max
-    u = (points - lo) / (hi - lo) * (n - 1)  # control-grid coordinates
-    out = np.empty_like(points)
+    m = np.maximum(4, np.ceil((hi - lo) / 4.0).astype(int) + 1)
+    lattice = np.stack(np.meshgrid(*[np.linspace(0, n - 1, k) for k in m], indexing="ij"))
+    field = np.empty((3, *m))
     for c in range(3):
         coeffs = spline_filter(disp[..., c], order=3, mode="nearest")
-        out[:, c] = map_coordinates(coeffs, u.T, order=3, mode="nearest", prefilter=False)
+        field[c] = map_coordinates(coeffs, lattice.reshape(3, -1), order=3, mode="nearest", prefilter=False).reshape(m)
+    u = ((points - lo) / (hi - lo) * (m - 1)).T  # lattice coordinates
+    out = np.empty_like(points)
+    for c in range(3):
+        out[:, c] = map_coordinates(field[c], u, order=1, mode="nearest")
     return out
 
 

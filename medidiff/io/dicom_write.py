@@ -390,9 +390,13 @@ def _check_encoder(ts: UID) -> None:
 
 
 def write_datasets(
-    datasets: Sequence[Dataset], out_dir: str | os.PathLike[str], *, file_prefix: str = "IM"
+    datasets: Sequence[Dataset],
+    out_dir: str | os.PathLike[str],
+    *,
+    file_prefix: str = "IM",
+    file_suffix: str = ".dcm",
 ) -> list[Path]:
-    """Write datasets atomically as ``<file_prefix><InstanceNumber:04d>.dcm`` in ``out_dir``.
+    """Write datasets atomically as ``<file_prefix><InstanceNumber:04d><file_suffix>`` in ``out_dir``.
 
     File names follow InstanceNumber (as in many exports), so with reversed instance numbers the
     file order is the reverse of the spatial order. Two datasets with the same InstanceNumber get
@@ -412,7 +416,7 @@ def write_datasets(
             candidate = f"{name}_{n}"
             n += 1
         used.add(candidate)
-        path = out / f"{candidate}.dcm"
+        path = out / f"{candidate}{file_suffix}"
         with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
         paths.append(path)
@@ -442,6 +446,7 @@ def write_dicom_series(
     extra: Mapping[str, Any] | None = None,
     uid_prefix: str | None = None,
     file_prefix: str = "IM",
+    file_suffix: str = ".dcm",
 ) -> list[Path]:
     """Write ``volume`` as legacy single-frame CT/MR Image files, one per slice along axis ``k``.
 
@@ -474,6 +479,7 @@ def write_dicom_series(
             override anything above).
         uid_prefix: UID root for generated UIDs (pydicom's root when ``None``).
         file_prefix: file name prefix.
+        file_suffix: file name suffix (``""`` for extension-less names, as many exports use).
 
     Returns:
         Written file paths in slice order ``k`` (not InstanceNumber order).
@@ -503,7 +509,7 @@ def write_dicom_series(
         extra=extra,
         uid_prefix=uid_prefix,
     )
-    return write_datasets(datasets, out_dir, file_prefix=file_prefix)
+    return write_datasets(datasets, out_dir, file_prefix=file_prefix, file_suffix=file_suffix)
 
 
 def write_enhanced_series(

@@ -28,6 +28,10 @@ origin from a transform, because an ``itk::Image`` cannot hold a shear:
 4. otherwise the qform if ``qform_code > 0``; otherwise ITK refuses the file ("ITK only
    supports orthonormal direction cosines").
 
+A sform holding NaN defeats ITK's checks (every "difference > tolerance" test is false for NaN):
+ITK 5.4 then either refuses the file or returns a NaN direction, even when a valid qform exists.
+Both are reported here as ``itk_source == "refused"``.
+
 ITK 5.4 also has an opt-in ``SFORM_PERMISSIVE`` mode (off by default) that replaces a skewed sform
 by its nearest rotation; it is not emulated here. Step 3's "very similar" test is ITK's SVD
 comparison restated as "same singular values, same normalised directions, same offsets"; the two
@@ -262,7 +266,11 @@ def read_nifti(
         )
     spatial = (*shape, 1, 1, 1)[:3]
 
-    choice = resolve_affines(hdr, spatial, mismatch_tol_mm=mismatch_tol_mm)
+    try:
+        choice = resolve_affines(hdr, spatial, mismatch_tol_mm=mismatch_tol_mm)
+    except ConversionError as exc:
+        exc.problem.paths, exc.problem.series = paths, name
+        raise
     for p in choice.problems:
         p.paths, p.series = paths, name
     problems.extend(choice.problems)
@@ -401,8 +409,8 @@ def resolve_affines(
                 ProblemKind.DEGENERATE_AFFINE,
                 Severity.WARNING,
                 f"the {nib_source} (code {scode if nib_source == 'sform' else qcode}) is degenerate "
-                f"({reasons[nib_source]}); the {source} was used instead, as ITK does. Check the "
-                "orientation of the result.",
+                f"({reasons[nib_source]}); the {source} was used instead. Check the orientation "
+                "of the result.",
                 details={"reason": reasons[nib_source], "used": source, "nibabel_would_use": nib_source},
             )
         )
@@ -422,7 +430,7 @@ def resolve_affines(
 
     corners = _corner_indices(spatial_shape)
     mism: dict[str, Any] = {}
-    if sform is not None and qform is not None:
+    if sform is not None and qform is not None and "sform" not in reasons and "qform" not in reasons:
         mism["sform_vs_qform_mm"] = _corner_distance(sform, qform, corners)
     if itk_affine is not None:
         mism["used_vs_itk_mm"] = _corner_distance(affine, itk_affine, corners)
@@ -573,6 +581,8 @@ def _itk_choice(header: Any, scode: int, qcode: int) -> tuple[ItkAffineSource, n
     spacing = np.array([abs(d) if d != 0 else 1.0 for d in pixdim[1:4]])
     if scode <= 0 and qcode <= 0:
         return "none", np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    if scode > 0 and not np.all(np.isfinite(header.get_sform())):
+        return "refused", None  # NaN passes ITK's tolerance tests: NaN direction or an exception
     # nifti1_io zeroes sto_xyz when sform_code is 0 and builds qto_xyz from pixdim when qform_code is 0.
     sto = np.asarray(header.get_sform(), float) if scode > 0 else np.zeros((4, 4))
     qto = _nifti_qto_xyz(header) if qcode > 0 else np.diag([*spacing, 1.0])

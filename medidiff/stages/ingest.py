@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +77,7 @@ class IngestPlan:
     inputs: list[dict[str, Any]]  # {path (display), sha256}
     started: str
     key_id: str
+    run_id: str
 
     def save(self, path: Path) -> Path:
         data = asdict(self)
@@ -252,6 +254,7 @@ def plan_ingest(src: Path, dst: Path, cfg: IngestConfig, *, progress: Progress |
         inputs=inputs,
         started=started,
         key_id=key_fingerprint(key),
+        run_id=uuid.uuid4().hex,
     )
 
 
@@ -334,16 +337,14 @@ def _write_nifti(vol: Volume, path: Path) -> None:
         nib.save(img, tmp)
 
 
-def convert_item(
-    item: WorkItem, dst: Path, cfg: IngestConfig, *, run_started: str | None = None
-) -> ItemResult:
+def convert_item(item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = "adhoc") -> ItemResult:
     """Convert one work item; every failure is returned as a problem, never raised."""
     from medidiff.privacy import PatientHasher, find_phi, load_key
-    from medidiff.provenance import write_output_record
+    from medidiff.provenance import ToolRef, input_ref, make_record, utc_now, write_record
     from medidiff.transforms import canonicalize
 
     t0 = time.perf_counter()
-    started = _now()
+    started = utc_now()
     dst = Path(dst)
     hasher = PatientHasher(load_key(cfg.privacy.key_file))
     if not item.phi_values and item.kind == "dicom":
@@ -353,9 +354,7 @@ def convert_item(
     try:
         volumes, warnings = _read_item_volumes(item, cfg)
     except ConversionError as e:
-        p = e.problem
-        p.paths = item.display if len(p.paths) > 1 or not p.paths else [_display_for(p.paths[0], item)]
-        p.series = p.series or item.key
+        p = _localize(e.problem, item)
         result.status = "skipped" if p.severity is Severity.SKIPPED else "failed"
         result.problems.append(p)
         result.seconds = time.perf_counter() - t0
@@ -373,9 +372,7 @@ def convert_item(
         )
         result.seconds = time.perf_counter() - t0
         return result
-    for w in warnings:
-        w.paths = [_display_for(x, item) for x in w.paths]
-        w.series = w.series or item.key
+    warnings = [_localize(w, item) for w in warnings]
     result.problems.extend(warnings)
 
     for idx, vol in enumerate(volumes):
@@ -392,19 +389,32 @@ def convert_item(
         side_path = out.with_name(out.name.removesuffix(ext) + ".json")
         atomic_write_json(side_path, sidecar)
         digest = sha256_file(out)
-        inputs = [
-            {"path": p, "sha256": h, "series_uid": vol.meta.get("series_uid")}
-            for p, h in zip(item.display, item.sha256, strict=True)
-        ]
-        write_output_record(
+        record = make_record(
             out,
-            output_sha256=digest,
-            inputs=inputs,
+            [
+                input_ref(
+                    p, sha256=h, series_uid=vol.meta.get("series_uid"), study_uid=vol.meta.get("study_uid")
+                )
+                for p, h in zip(item.display, item.sha256, strict=True)
+            ],
             stage="ingest",
+            run_id=run_id,
             config=cfg.model_dump(mode="json"),
             started=started,
+            output_root=dst,
+            output_sha256=digest,
+            converter=ToolRef(
+                name="medidiff.io.dicom" if item.kind == "dicom" else "medidiff.io.nifti",
+                version=__version__,
+                options={"canonical": cfg.canonical.model_dump(mode="json")},
+            ),
             warnings=[w.message for w in warnings],
         )
+        if find_phi(record.model_dump(mode="json"), item.phi_values):
+            out.unlink(missing_ok=True)
+            side_path.unlink(missing_ok=True)
+            raise RuntimeError(f"PHI found in the provenance record of {out.name}; nothing was written")
+        write_record(record, out)
         from medidiff.datacard import summarize_volume
 
         result.summaries.append(summarize_volume(vol, item.subject).model_dump(mode="json"))
@@ -435,6 +445,24 @@ def _phi_values_of(path: str) -> list[str]:
     except Exception:
         return []
     return sorted({v for r in refs for v in r.phi_values})
+
+
+def _localize(problem: Problem, item: WorkItem) -> Problem:
+    """Replace absolute input paths in a problem (paths and details) by their display form."""
+
+    def fix(obj: Any) -> Any:
+        if isinstance(obj, str) and obj.startswith("/"):
+            return _display_for(obj, item)
+        if isinstance(obj, list):
+            return [fix(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: fix(v) for k, v in obj.items()}
+        return obj
+
+    problem.paths = [_display_for(x, item) for x in problem.paths]
+    problem.details = fix(problem.details)
+    problem.series = problem.series or item.key
+    return problem
 
 
 def _display_for(path: str, item: WorkItem) -> str:
@@ -471,7 +499,9 @@ def _cached_result(path: Path, dst: Path) -> ItemResult | None:
     return res
 
 
-def convert_item_cached(item: WorkItem, dst: Path, cfg: IngestConfig) -> tuple[ItemResult, Path, bool]:
+def convert_item_cached(
+    item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = "adhoc"
+) -> tuple[ItemResult, Path, bool]:
     """:func:`convert_item`, skipped when the same inputs and config were converted before.
 
     Returns:
@@ -482,7 +512,7 @@ def convert_item_cached(item: WorkItem, dst: Path, cfg: IngestConfig) -> tuple[I
     cached = _cached_result(path, Path(dst))
     if cached is not None:
         return cached, path, True
-    res = convert_item(item, dst, cfg)
+    res = convert_item(item, dst, cfg, run_id=run_id)
     atomic_write_json(path, res.to_json())
     return res, path, False
 
@@ -499,7 +529,7 @@ def convert_planned_item(plan_path: Path, item_id: str) -> Path:
     item = next((i for i in plan.items if i.item_id == item_id), None)
     if item is None:
         raise KeyError(f"item {item_id} is not in the plan {plan_path}")
-    _, path, _ = convert_item_cached(item, Path(plan.dst), cfg)
+    _, path, _ = convert_item_cached(item, Path(plan.dst), cfg, run_id=plan.run_id)
     return path
 
 
@@ -511,11 +541,17 @@ def finalize_from_paths(plan_path: Path, result_paths: Sequence[Path]) -> Ingest
 
 # ------------------------------------------------------------------------------------------ finalize
 def finalize_ingest(
-    plan: IngestPlan, results: Sequence[ItemResult], *, name: str | None = None
+    plan: IngestPlan,
+    results: Sequence[ItemResult],
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    licence: str = "as the source data (not stated)",
 ) -> IngestResult:
     """Write the run manifest, the data card and the run's PROV-JSON; check outputs carry no PHI."""
-    from medidiff.datacard import SeriesSummary, build_datacard, write_datacard
-    from medidiff.provenance import write_run_provenance
+    from medidiff.datacard import CardProvenance, PhiPolicy, SeriesSummary, build_datacard, write_datacard
+    from medidiff.privacy import PHI_ATTRIBUTES
+    from medidiff.provenance import collect_records, write_prov_document
 
     dst = Path(plan.dst)
     problems = list(plan.problems)
@@ -539,6 +575,7 @@ def finalize_ingest(
         "config": plan.config,
         "config_sha256": config_hash(IngestConfig.model_validate(plan.config)),
         "hash_key_id": plan.key_id,
+        "run_id": plan.run_id,
         "summary": {
             "input_files": len(plan.inputs),
             "items": len(results),
@@ -553,32 +590,32 @@ def finalize_ingest(
         "problems": [p.to_json() for p in problems],
     }
     manifest_path = atomic_write_json(dst / "manifest.json", manifest)
+    cfg = IngestConfig.model_validate(plan.config)
+    kept = ["ProtocolName", "SeriesDescription"] if cfg.privacy.keep_descriptions else []
+    if cfg.privacy.keep_dates:
+        kept += ["AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate"]
     card = build_datacard(
         summaries,
         problems,
         name=name or f"ingest of {Path(plan.src).name}",
-        source=Path(plan.src).name,
-        licence="as the source data",
-        phi_policy=(
-            "PatientID hashed with a keyed HMAC-SHA256 (key id "
-            f"{plan.key_id}); patient names, birth dates and other PS3.15 Annex E identifiers dropped"
-            + ("; acquisition dates kept" if plan.config["privacy"]["keep_dates"] else "")
+        source=source or Path(plan.src).name,
+        licence=licence,
+        phi_policy=PhiPolicy(
+            key_id=plan.key_id,
+            hashed=["PatientID"],
+            dropped=sorted(PHI_ATTRIBUTES - set(kept)),
+            kept=sorted(kept),
+            statement=(
+                f"Subject ids are keyed HMAC-SHA256 hashes of PatientID (key id {plan.key_id}); patient "
+                "names, birth dates and the other PS3.15 Annex E identifiers are not written"
+            ),
         ),
-        provenance={
-            "manifest_sha256": sha256_file(manifest_path),
-            "medidiff_version": __version__,
-            "config": plan.config,
-        },
+        provenance=CardProvenance(
+            manifest_sha256=sha256_file(manifest_path), run_id=plan.run_id, config=plan.config
+        ),
     )
-    card_path = write_datacard(card, dst / "datacard.json")
-    write_run_provenance(
-        dst / "provenance.prov.json",
-        stage="ingest",
-        inputs=plan.inputs,
-        outputs=[{"path": o["path"], "sha256": o["sha256"]} for o in outputs],
-        config=plan.config,
-        started=plan.started,
-    )
+    card_path, _ = write_datacard(card, dst / "datacard.json")
+    write_prov_document(collect_records(dst), dst / "provenance.prov.json")
     shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
     return IngestResult(
         manifest=manifest_path,
@@ -599,7 +636,7 @@ def ingest(
     Path(plan.dst).mkdir(parents=True, exist_ok=True)
     results = []
     for i, item in enumerate(plan.items):
-        res, _, _ = convert_item_cached(item, Path(plan.dst), cfg)
+        res, _, _ = convert_item_cached(item, Path(plan.dst), cfg, run_id=plan.run_id)
         results.append(res)
         if progress:
             progress("convert", i + 1, len(plan.items))
