@@ -269,7 +269,9 @@ def test_volume_rejects_4d() -> None:
 
 
 def test_with_array_keeps_type_labels_and_copies_meta() -> None:
-    lab = LabelVolume(np.zeros((4, 4, 4), np.uint8), np.eye(4), modality="SEG", meta={"x": [1]}, labels={1: "a"})
+    lab = LabelVolume(
+        np.zeros((4, 4, 4), np.uint8), np.eye(4), modality="SEG", meta={"x": [1]}, labels={1: "a"}
+    )
     new = lab.with_array(np.ones((4, 4, 4), np.uint8), note="n")
     assert isinstance(new, LabelVolume) and new.labels == {1: "a"} and new.modality == "SEG"
     assert new.meta == {"x": [1], "note": "n"}

@@ -130,7 +130,9 @@ CT_PROTOCOLS: tuple[Protocol, ...] = (
     Protocol("coronal", CORONAL, (1.5, 1.5, 2.5), intercept=-1024.0, file_suffix=""),
     Protocol("axial", AXIAL, (1.5, 1.5, 2.5), JPEG2000Lossless, intercept=0.0),
     Protocol("axial", AXIAL, (1.5, 1.5, 2.5), intercept=-1024.0, extra_series_spacing=(1.5, 1.5, 5.0)),
-    Protocol("axial", AXIAL_HEAD_FIRST, (1.5, 1.5, 3.0), ImplicitVRLittleEndian, True, intercept=-1024.0),
+    Protocol(
+        "axial", AXIAL_HEAD_FIRST, (1.5, 1.5, 3.0), ImplicitVRLittleEndian, reverse_instance_numbers=True, intercept=-1024.0
+    ),
     Protocol("oblique", rotation(0.0, -15.0, 25.0) @ AXIAL, (2.0, 2.0, 2.0), RLELossless, intercept=-1024.0),
 )
 

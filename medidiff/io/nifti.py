@@ -223,9 +223,13 @@ def read_nifti(
 
     name = path.name
     paths = [str(path)]
+    problems: list[Problem] = []
 
     def fail(kind_: ProblemKind, message: str, **details: Any) -> ConversionError:
         return ConversionError(Problem(kind_, Severity.ERROR, message, paths, name, details))
+
+    def warn(kind_: ProblemKind, message: str, **details: Any) -> None:
+        problems.append(Problem(kind_, Severity.WARNING, message, paths, name, details))
 
     if path.stat().st_size == 0:
         raise fail(ProblemKind.EMPTY_FILE, f"{name} is empty (0 bytes); re-export it.")
@@ -245,7 +249,6 @@ def read_nifti(
             f"{name} was read by nibabel as {type(img).__name__}, not NIfTI; convert it to NIfTI first.",
         )
     hdr = img.header
-    problems: list[Problem] = []
 
     # Shape first: the affine checks need the spatial shape.
     shape = tuple(int(s) for s in img.shape)
@@ -290,31 +293,22 @@ def read_nifti(
                 f"{name} is a label map with {nonfinite['count']} NaN/inf voxels; fix the labels.",
                 **nonfinite,
             )
-        problems.append(
-            Problem(
-                ProblemKind.NONFINITE_VOXELS,
-                Severity.WARNING,
-                f"{name} has {nonfinite['count']} NaN/inf voxels ({nonfinite['nan']} NaN, "
-                f"{nonfinite['inf']} inf); they were kept as they are, so mask or fill them before "
-                "computing statistics.",
-                paths,
-                name,
-                nonfinite,
-            )
+        warn(
+            ProblemKind.NONFINITE_VOXELS,
+            f"{name} has {nonfinite['count']} NaN/inf voxels ({nonfinite['nan']} NaN, "
+            f"{nonfinite['inf']} inf); they were kept as they are, so mask or fill them before "
+            "computing statistics.",
+            **nonfinite,
         )
 
     frames = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
     if len(frames) > 1:
-        problems.append(
-            Problem(
-                ProblemKind.FOUR_D,
-                Severity.WARNING,
-                f"{name} is 4D with {len(frames)} frames; it was split into {len(frames)} 3D volumes "
-                "(meta 'frame'). Pass four_d='error' to refuse 4D inputs instead.",
-                paths,
-                name,
-                {"shape": list(shape), "n_frames": len(frames)},
-            )
+        warn(
+            ProblemKind.FOUR_D,
+            f"{name} is 4D with {len(frames)} frames; it was split into {len(frames)} 3D volumes "
+            "(meta 'frame'). Pass four_d='error' to refuse 4D inputs instead.",
+            shape=list(shape),
+            n_frames=len(frames),
         )
 
     base_meta: dict[str, Any] = {
@@ -325,21 +319,21 @@ def read_nifti(
             "itk_affine_source": choice.itk_source,
             "sform_code": choice.sform_code,
             "qform_code": choice.qform_code,
-            "intent": str(hdr.get_intent()[0]),
+            "intent_code": int(hdr["intent_code"]),
             "xyzt_units": [str(u) for u in hdr.get_xyzt_units()],
             "stored_dtype": str(hdr.get_data_dtype()),
         },
     }
     if sidecar:
         base_meta["sidecar"] = sidecar
-    if nonfinite["count"]:
-        base_meta["nonfinite_voxels"] = nonfinite
     cls = LabelVolume if kind == "label" else Volume
     volumes: list[Volume] = []
     for t, frame in enumerate(frames):
         meta = json.loads(json.dumps(base_meta))
         if len(frames) > 1:
             meta.update(frame=t, n_frames=len(frames))
+        if nonfinite["count"]:
+            meta["nonfinite_voxels"] = int(np.count_nonzero(~np.isfinite(frame)))
         try:
             volumes.append(
                 cls(array=np.ascontiguousarray(frame), affine=choice.affine, modality=modality, meta=meta)
@@ -387,7 +381,8 @@ def resolve_affines(
             if not ok:
                 reasons[src] = why
 
-    # nibabel's order, but skip a degenerate form when a later one is valid (ITK does the same).
+    # nibabel's order, but skip a degenerate form when the other one is valid (as ITK does for a
+    # zero or singular sform).
     order: list[AffineSource] = ["sform", "qform"] if scode > 0 or qcode > 0 else ["fallback"]
     usable = [s for s in order if s not in reasons]
     if not usable:
@@ -437,18 +432,19 @@ def resolve_affines(
     disagree = any(v > mismatch_tol_mm for v in mism.values()) or itk_source == "refused"
     if source != "fallback" and disagree:
         itk_text = (
-            f"ITK-based tools (SimpleITK, ANTs, Slicer) would use the {itk_source}"
-            + (" with voxel sizes from pixdim" if itk_source == "sform" else "")
+            f"ITK-based tools (SimpleITK, ANTs, Slicer) would use the {itk_source} with voxel sizes "
+            "from pixdim"
             if itk_source in ("sform", "qform")
-            else "ITK-based tools would refuse this file (no orthonormal transform)"
+            else "ITK-based tools would refuse this file or give it a NaN orientation"
         )
+        how = "as nibabel does" if source == nib_source else f"because the {nib_source} is degenerate"
         dist = ", ".join(f"{k} = {v:.4g}" for k, v in mism.items())
         problems.append(
             Problem(
                 ProblemKind.QFORM_SFORM_MISMATCH,
                 Severity.WARNING,
                 f"the header's transforms disagree ({dist}, tolerance {mismatch_tol_mm} mm). The "
-                f"{source} (code {scode if source == 'sform' else qcode}) was used, as nibabel does; "
+                f"{source} (code {scode if source == 'sform' else qcode}) was used, {how}; "
                 f"{itk_text}. Check which one the scanner export meant.",
                 details={
                     "used": source,

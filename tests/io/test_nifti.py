@@ -107,7 +107,9 @@ def test_standard_sform_only() -> None:
     assert (res.affine.sform_code, res.affine.qform_code) == (2, 0)
     assert res.affine.source == "sform" and res.affine.itk_source == "sform"
     assert res.problems == []
-    np.testing.assert_array_equal(res.volumes[0].array, np.asarray(nib.load(DATA / "standard.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        res.volumes[0].array, np.asarray(nib.load(DATA / "standard.nii.gz").dataobj)
+    )
 
 
 def test_example4d_is_split_into_frames() -> None:
@@ -461,7 +463,9 @@ def test_broken_sidecar_is_a_warning(tmp_path: Path) -> None:
 
 
 def test_meta_is_json(tmp_path: Path) -> None:
-    path = _write(tmp_path / "x.nii", sform=OBLIQUE, scode=2, qform=AXIAL_FLIPPED, qcode=1, zooms=tuple(SPACING))
+    path = _write(
+        tmp_path / "x.nii", sform=OBLIQUE, scode=2, qform=AXIAL_FLIPPED, qcode=1, zooms=tuple(SPACING)
+    )
     res = read_nifti(path)
     meta = res.volumes[0].meta
     assert json.loads(json.dumps(meta)) == meta
