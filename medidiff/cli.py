@@ -168,3 +168,7 @@ def demo_data(
 
 def run() -> None:  # pragma: no cover - console entry point helper
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

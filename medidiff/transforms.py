@@ -12,6 +12,7 @@ read from YAML and written, resolved, into provenance records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -35,6 +36,8 @@ __all__ = [
 
 # Relative tolerance under which a spacing counts as already reached (no resampling).
 _SPACING_RTOL = 1e-6
+# Voxels per float64 slab when normalising (16 Mi voxels = 128 MiB).
+_SLAB_VOXELS = 1 << 24
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -252,8 +255,9 @@ def resample_to_spacing(
     import torch
     from monai.transforms import Spacing
 
-    # Compute in float64 for exact affines; MONAI returns float32 voxels.
-    out = Spacing(pixdim=target, mode=mode, padding_mode="border", dtype=np.float64)(vol.to_metatensor())
+    # float64 only for float64 inputs: float32 halves the memory of the interpolation.
+    compute = np.float64 if vol.array.dtype == np.float64 else np.float32
+    out = Spacing(pixdim=target, mode=mode, padding_mode="border", dtype=compute)(vol.to_metatensor())
     array = out[0].detach().cpu().numpy()
     affine = np.asarray(out.affine.detach().cpu().to(torch.float64).numpy(), float)
     if is_label:
@@ -295,8 +299,9 @@ def normalize(
             "and pass labels through unchanged."
         )
     method = cfg.for_modality(vol.modality) if isinstance(cfg, NormalizationConfig) else cfg
-    x = np.asarray(vol.array, dtype=np.float64)
-    finite = np.isfinite(x)
+    arr = vol.array
+    # float32 unless the input is float64: a 512x512x300 CT must not triple in memory.
+    out_dtype = np.float64 if arr.dtype == np.float64 else np.float32
 
     if isinstance(method, CTNormalization):
         lo, hi = method.clip_hu
@@ -306,11 +311,13 @@ def normalize(
         clip: list[float] | None = [lo, hi]
         offset = a - lo * scale
     elif isinstance(method, MRNormalization):
-        sample = x[finite & (x != 0)] if method.mask_nonzero else x[finite]
-        if sample.size == 0:  # an all-zero (or all-NaN) image: fall back to every finite voxel
-            sample = x[finite]
-        if sample.size == 0:
-            sample = np.zeros(1)
+        keep = np.isfinite(arr) if arr.dtype.kind == "f" else np.ones(arr.shape, bool)
+        if method.mask_nonzero and np.any(keep & (arr != 0)):
+            keep &= arr != 0  # an all-zero image falls back to every finite voxel
+        sample = arr[keep].astype(out_dtype)
+        n = int(sample.size)
+        if n == 0:
+            sample = np.zeros(1, out_dtype)
         p_lo, p_hi = (float(v) for v in np.percentile(sample, method.percentiles))
         clip = [p_lo, p_hi] if method.clip else None
         params = {
@@ -318,7 +325,7 @@ def normalize(
             "low": p_lo,
             "high": p_hi,
             "mask_nonzero": method.mask_nonzero,
-            "n_voxels_in_statistics": int(sample.size),
+            "n_voxels_in_statistics": n,
         }
         if method.method == "percentile":
             a, b = method.scale_to
@@ -328,26 +335,29 @@ def normalize(
             offset = a - p_lo * scale
             params.update(method="mr_percentile", scale_to=[a, b], degenerate=degenerate)
         else:
-            kept = np.clip(sample, p_lo, p_hi) if method.clip else sample
-            mean, std = float(kept.mean()), float(kept.std())
+            if method.clip:
+                np.clip(sample, p_lo, p_hi, out=sample)
+            mean, std = float(sample.mean(dtype=np.float64)), float(sample.std(dtype=np.float64))
             degenerate = not std > 0
             scale = 1.0 / (std if not degenerate else 1.0)
             offset = -mean * scale
             params.update(method="mr_zscore", mean=mean, std=std, degenerate=degenerate)
-        params["clip"] = clip
+        del sample, keep
     elif isinstance(method, NoNormalization):
         params, clip, scale, offset = {"method": "none"}, None, 1.0, 0.0
     else:
         raise TypeError(f"cfg must be a NormalizationConfig or a normalisation model, got {type(cfg)}")
 
-    params.update(scale=float(scale), offset=float(offset), clip=clip)
-    if clip is not None:
-        x = np.clip(x, clip[0], clip[1])
-    y = x * scale + offset
-    out_dtype = np.float64 if vol.array.dtype == np.float64 else np.float32
-    params["input_dtype"] = str(vol.array.dtype)
-    new = vol.with_array(y.astype(out_dtype), normalization=dict(params))
-    return new, params
+    params.update(scale=float(scale), offset=float(offset), clip=clip, input_dtype=str(arr.dtype))
+
+    def forward(x: np.ndarray) -> None:
+        if clip is not None:
+            np.clip(x, clip[0], clip[1], out=x)
+        x *= scale
+        x += offset
+
+    y = _map_in_slabs(arr, out_dtype, forward)
+    return vol.with_array(y, normalization=dict(params)), params
 
 
 def denormalize(vol: Volume, params: dict[str, Any] | None = None) -> Volume:
@@ -380,9 +390,13 @@ def denormalize(vol: Volume, params: dict[str, Any] | None = None) -> Volume:
         raise ValueError(f"normalisation parameters lack a numeric 'scale'/'offset': {params}") from exc
     if not (np.isfinite(scale) and np.isfinite(offset) and scale != 0):
         raise ValueError(f"normalisation is not invertible (scale={scale}, offset={offset})")
-    x = (np.asarray(vol.array, dtype=np.float64) - offset) / scale
     out_dtype = np.float64 if params.get("input_dtype") == "float64" else np.float32
-    new = vol.with_array(x.astype(out_dtype))
+
+    def inverse(y: np.ndarray) -> None:
+        y -= offset
+        y /= scale
+
+    new = vol.with_array(_map_in_slabs(vol.array, out_dtype, inverse))
     new.meta.pop("normalization", None)
     return new
 
@@ -413,6 +427,18 @@ def canonicalize(vol: Volume, cfg: CanonicalConfig | None = None) -> Volume:
         return _with_step(vol, vol.array, vol.affine, {"step": "normalize", "skipped": "label volume"})
     vol, params = normalize(vol, cfg.normalization)
     return _with_step(vol, vol.array, vol.affine, {"step": "normalize", "params": params})
+
+
+def _map_in_slabs(arr: np.ndarray, out_dtype: type, fn: Callable[[np.ndarray], None]) -> np.ndarray:
+    """Apply an in-place float64 map slab by slab: float64 accuracy (exact inverses) without a
+    full-size float64 copy of a large CT."""
+    out = np.empty(arr.shape, out_dtype)
+    step = max(1, _SLAB_VOXELS // max(1, int(np.prod(arr.shape[1:]))))
+    for i in range(0, arr.shape[0], step):
+        slab = arr[i : i + step].astype(np.float64)
+        fn(slab)
+        out[i : i + step] = slab
+    return out
 
 
 def _with_step(vol: Volume, array: np.ndarray, affine: np.ndarray, step: dict[str, Any]) -> Volume:

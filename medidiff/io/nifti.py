@@ -14,8 +14,8 @@ with a code saying what space it maps to (0 = unknown, 1 = scanner, 2 = aligned,
 3. else the Analyze fall-back: ``diag(-pixdim1, pixdim2, pixdim3)`` with the origin at the centre
    of the array (``shape_zoom_affine`` with an x flip).
 
-**ITK 5.x** (``NiftiImageIO::SetImageIOOrientationFromNIfTI``, since ITK 5.2, the behaviour of the
-SimpleITK wheels) always takes the voxel size from ``|pixdim[1:4]|`` and only the direction and the
+**ITK 5.x** (``NiftiImageIO::SetImageIOOrientationFromNIfTI`` since ITK PR #1868, 2020; checked in
+the tests against the SimpleITK 2.5 / ITK 5.4 wheel) always takes the voxel size from ``|pixdim[1:4]|`` and only the direction and the
 origin from a transform, because an ``itk::Image`` cannot hold a shear:
 
 1. both codes 0 -> identity direction in LPS and origin 0 (RAS affine ``diag(-dx, -dy, dz)``);
@@ -32,7 +32,7 @@ A sform holding NaN defeats ITK's checks (every "difference > tolerance" test is
 ITK 5.4 then either refuses the file or returns a NaN direction, even when a valid qform exists.
 Both are reported here as ``itk_source == "refused"``.
 
-ITK 5.4 also has an opt-in ``SFORM_PERMISSIVE`` mode (off by default) that replaces a skewed sform
+Recent ITK also has an opt-in ``SFORM_PERMISSIVE`` mode (off by default) that replaces a skewed sform
 by its nearest rotation; it is not emulated here. Step 3's "very similar" test is ITK's SVD
 comparison restated as "same singular values, same normalised directions, same offsets"; the two
 agree except for matrices within a hair of the tolerances.
@@ -50,8 +50,8 @@ empty file                            ``ConversionError`` EMPTY_FILE
 gzip stream cut short                 ``ConversionError`` TRUNCATED_FILE
 bad gzip stream / CRC, not NIfTI      ``ConversionError`` UNREADABLE_FILE
 voxel data shorter than the header    ``ConversionError`` TRUNCATED_FILE
-chosen affine zero/NaN/singular,      warning DEGENERATE_AFFINE, the other form is used (ITK does
-  the other form valid                the same)
+chosen affine zero/NaN/singular,      warning DEGENERATE_AFFINE, the other form is used (so does
+  the other form valid                ITK for a zero or singular sform, not for a NaN one)
 no usable affine at all               ``ConversionError`` DEGENERATE_AFFINE
 both codes 0 (no orientation)         warning DEGENERATE_AFFINE (``reason: no_xform``), nibabel's
                                       fall-back affine is used

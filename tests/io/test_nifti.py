@@ -159,7 +159,7 @@ def test_nan_voxels_are_counted_and_kept() -> None:
     (p,) = [p for p in res.problems if p.kind == ProblemKind.NONFINITE_VOXELS]
     assert p.severity == Severity.WARNING and p.details == {"count": n_nan, "nan": n_nan, "inf": 0}
     assert int(np.isnan(res.volumes[0].array).sum()) == n_nan
-    assert res.volumes[0].meta["nonfinite_voxels"]["count"] == n_nan
+    assert res.volumes[0].meta["nonfinite_voxels"] == n_nan
 
 
 def test_cifti_is_refused() -> None:

@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: a real subprocess, real files, exit codes and output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medidiff.io.dicom_write import write_dicom_series
+from medidiff.volume import Volume
+
+CLI = [sys.executable, "-m", "medidiff.cli"]
+
+
+def _run(*args: str, env_key: bool = True) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = dict(os.environ, MEDIDIFF_HASH_KEY="cli-test-key-0123456789abcdef", COLUMNS="200")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_help_has_examples() -> None:
+    out = _run("ingest", "--help")
+    assert out.returncode == 0
+    assert "Examples" in out.stdout and "medidiff ingest" in out.stdout
+
+
+def test_ingest_converts_and_prints_summary(tmp_path: Path) -> None:
+    vol = Volume(np.arange(8 * 8 * 4, dtype=np.int16).reshape(8, 8, 4), np.diag([1.0, 1.0, 2.0, 1.0]), "CT")
+    write_dicom_series(vol, tmp_path / "src")
+    (tmp_path / "src" / "junk.bin").write_bytes(b"\x00" * 10)
+    out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert out.returncode == 0, out.stderr
+    assert "Series converted" in out.stderr and "Problems" in out.stderr
+    assert "1 series converted" in out.stderr
+    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    assert manifest["summary"]["converted"] == 1
+
+
+def test_exit_codes(tmp_path: Path) -> None:
+    assert _run("ingest", str(tmp_path / "missing"), str(tmp_path / "dst")).returncode == 2
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("gantry_tilt: sideways\n")
+    (tmp_path / "src").mkdir()
+    out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "dst"), "--config", str(bad_cfg))
+    assert out.returncode == 2 and "gantry_tilt" in out.stderr
+    # nothing convertible: exit 1, with the reason
+    (tmp_path / "src" / "a.txt").write_text("hello")
+    out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert out.returncode == 1 and "nothing could be converted" in out.stderr
+    assert "not_dicom" in out.stderr
+
+
+def test_output_inside_input_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "src" / "out"))
+    assert out.returncode == 2 and "inside the input folder" in out.stderr
