@@ -318,7 +318,7 @@ def normalize(
         n = int(sample.size)
         if n == 0:
             sample = np.zeros(1, out_dtype)
-        p_lo, p_hi = (float(v) for v in np.percentile(sample, method.percentiles))
+        p_lo, p_hi = (float(v) for v in np.percentile(sample, method.percentiles, overwrite_input=True))
         clip = [p_lo, p_hi] if method.clip else None
         params = {
             "percentiles": list(method.percentiles),
@@ -349,6 +349,9 @@ def normalize(
         raise TypeError(f"cfg must be a NormalizationConfig or a normalisation model, got {type(cfg)}")
 
     params.update(scale=float(scale), offset=float(offset), clip=clip, input_dtype=str(arr.dtype))
+    if isinstance(method, NoNormalization):
+        # Identity: keep voxels and dtype as they are (an int16 CT stays int16, lossless and small).
+        return vol.with_array(arr, normalization=dict(params)), params
 
     def forward(x: np.ndarray) -> None:
         if clip is not None:

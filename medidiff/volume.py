@@ -109,6 +109,9 @@ class Volume:
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
+        if not self.array.dtype.isnative:
+            # Big-endian files give big-endian arrays; torch and SimpleITK accept native order only.
+            self.array = self.array.astype(self.array.dtype.newbyteorder("="))
         self.affine = np.asarray(self.affine, dtype=np.float64)
         if self.array.ndim != 3:
             raise ValueError(
@@ -149,8 +152,9 @@ class Volume:
         import nibabel as nib
 
         img = nib.Nifti1Image(self.array, self.affine)
-        img.set_sform(self.affine, code=1)
-        img.set_qform(self.affine, code=1)
+        # update_affine=False keeps img.affine in float64; only the file header is float32.
+        img.set_sform(self.affine, code=1, update_affine=False)
+        img.set_qform(self.affine, code=1, update_affine=False)
         img.header.set_xyzt_units("mm", "sec")
         if self.kind == "label":
             img.header.set_intent("label")
@@ -201,6 +205,7 @@ class Volume:
             "modality": self.modality,
             "kind": self.kind,
             "medidiff_meta": _meta_for_json(self.meta),
+            "labels": {str(k): v for k, v in getattr(self, "labels", {}).items()},
         }
         t = torch.as_tensor(np.ascontiguousarray(self.array))[None]
         return MetaTensor(t, affine=torch.as_tensor(self.affine, dtype=torch.float64), meta=meta)
@@ -219,12 +224,20 @@ class Volume:
         if str(mt.meta.get(MetaKeys.SPACE, SpaceKeys.RAS)) == str(SpaceKeys.LPS):
             affine = LPS_TO_RAS @ affine
         meta = dict(mt.meta.get("medidiff_meta", {}))
+        extra: dict[str, Any] = {}
+        if cls.kind == "label":
+            extra["labels"] = {int(k): v for k, v in dict(mt.meta.get("labels", {})).items()}
         return cls(
-            array=arr, affine=affine, modality=modality or str(mt.meta.get("modality", "OT")), meta=meta
+            array=arr, affine=affine, modality=modality or str(mt.meta.get("modality", "OT")), meta=meta, **extra
         )
 
 
 def _has_scaling(img: Any) -> bool:
+    # A loaded image keeps scl_slope/scl_inter on its array proxy; its header's are reset to NaN.
+    proxy_slope = getattr(img.dataobj, "slope", 1.0)
+    proxy_inter = getattr(img.dataobj, "inter", 0.0)
+    if proxy_slope != 1.0 or proxy_inter != 0.0:
+        return True
     hdr = getattr(img, "header", None)
     if hdr is None or not hasattr(hdr, "get_slope_inter"):
         return False
@@ -253,3 +266,12 @@ class LabelVolume(Volume):
             )
         elif self.array.dtype.kind not in "iub":
             raise ValueError(f"label volume needs an integer array, got dtype {self.array.dtype}")
+        elif self.array.dtype == np.bool_:
+            self.array = self.array.astype(np.uint8)  # NIfTI and SimpleITK have no bool type
+        elif self.array.dtype.itemsize == 8:
+            # nibabel refuses 64-bit integers without an explicit dtype; labels never need them.
+            lo, hi = int(self.array.min(initial=0)), int(self.array.max(initial=0))
+            for t in (np.int16, np.int32):
+                if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+                    self.array = self.array.astype(t)
+                    break

@@ -291,6 +291,11 @@ def test_per_modality_dispatch() -> None:
     custom = NormalizationConfig(by_modality={"ct": CTNormalization(clip_hu=(-100, 300), scale_to=(0, 1))})
     assert custom.for_modality("Ct") == CTNormalization(clip_hu=(-100, 300), scale_to=(0, 1))
     assert isinstance(custom.for_modality("MR"), NoNormalization)
+    # identity keeps the stored dtype: an int16 CT is not inflated to float32
+    ct16 = Volume(np.arange(16**3, dtype=np.int16).reshape(16, 16, 16), AFFINES["ras"], modality="CT")
+    same, _ = normalize(ct16, NoNormalization())
+    assert same.array.dtype == np.int16
+    np.testing.assert_array_equal(same.array, ct16.array)
 
 
 def test_labels_are_never_normalised() -> None:
@@ -368,3 +373,24 @@ def test_canonicalize_defaults_do_not_resample() -> None:
     assert [s["step"] for s in out.meta["canonicalization"]] == ["reorient", "normalize"]
     no_reorient = canonicalize(vol, CanonicalConfig(reorient=False))
     assert no_reorient.orientation == "LPS"
+
+
+def test_slab_wise_mapping_matches_one_slab(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medidiff.transforms as tr
+
+    vol = _ct((24, 20, 16), AFFINES["ras"])
+    whole, _ = normalize(vol, CTNormalization())
+    monkeypatch.setattr(tr, "_SLAB_VOXELS", 700)  # two i-planes per slab
+    sliced, params = normalize(vol, CTNormalization())
+    np.testing.assert_array_equal(sliced.array, whole.array)
+    np.testing.assert_array_equal(denormalize(sliced, params).array, denormalize(whole, params).array)
+
+
+def test_spline_mode_for_intensities() -> None:
+    vol = _mr((16, 16, 16), AFFINES["oblique"])
+    linear = resample_to_spacing(vol, (2.0, 2.0, 2.0))
+    cubic = resample_to_spacing(vol, (2.0, 2.0, 2.0), mode=3)
+    assert cubic.shape == linear.shape and cubic.array.dtype == np.float32
+    np.testing.assert_allclose(cubic.affine, linear.affine, atol=1e-9)
+    assert cubic.meta["canonicalization"][0]["mode"] == 3
+    assert not np.array_equal(cubic.array, linear.array)

@@ -99,7 +99,7 @@ def test_nibabel_round_trip_in_memory(affine: np.ndarray, shape: tuple[int, int,
     # Both forms are written with code 1 so every reader picks the same geometry.
     assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
     back = Volume.from_nibabel(img, modality="CT")
-    # Only float32 precision: see the xfail test_nibabel_in_memory_affine_is_exact below.
+    # Tolerance: the in-memory image keeps float64; see test_nibabel_in_memory_affine_is_exact.
     np.testing.assert_allclose(back.affine, affine, atol=2e-5, rtol=0)
     assert back.array.dtype == vol.array.dtype
     np.testing.assert_array_equal(back.array, vol.array)
@@ -203,7 +203,7 @@ def test_label_volume_round_trips_keep_integer_values(affine: np.ndarray) -> Non
     rng = np.random.default_rng(3)
     lab = LabelVolume(rng.integers(0, 5, size=(24, 20, 16)).astype(np.int16), affine, labels={0: "bg"})
     for back, atol in (
-        (LabelVolume.from_nibabel(lab.to_nibabel()), 2e-5),  # float32 header, see the xfail below
+        (LabelVolume.from_nibabel(lab.to_nibabel()), 2e-5),  # float32 header
         (LabelVolume.from_sitk(lab.to_sitk()), 1e-9),
         (LabelVolume.from_metatensor(lab.to_metatensor()), 1e-9),
     ):
@@ -282,11 +282,6 @@ def test_with_array_keeps_type_labels_and_copies_meta() -> None:
 # ---------------------------------------------------------------------------------------- known bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py keeps big-endian arrays from nibabel (e.g. '>i2'); torch refuses non-native byte "
-    "order. Fix: convert to native order in Volume.__post_init__.",
-)
 def test_big_endian_nifti_converts_to_metatensor() -> None:
     img = nib.load(Path(data_path) / "anatomical.nii")  # stored big-endian int16
     vol = Volume.from_nibabel(img)
@@ -294,54 +289,29 @@ def test_big_endian_nifti_converts_to_metatensor() -> None:
     np.testing.assert_array_equal(back.array, np.asarray(img.dataobj))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: SimpleITK's GetImageFromArray rejects big-endian dtypes ('dtype: >i2 is not "
-    "supported'). Same fix as above.",
-)
 def test_big_endian_nifti_converts_to_sitk() -> None:
     vol = Volume.from_nibabel(nib.load(Path(data_path) / "anatomical.nii"))
     back = Volume.from_sitk(vol.to_sitk())
     np.testing.assert_array_equal(back.array, vol.array)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: LabelVolume keeps int64 (numpy's default integer); nibabel >= 5 refuses int64 "
-    "without an explicit dtype. Fix: narrow int64/uint64 labels in LabelVolume.__post_init__.",
-)
 def test_int64_labels_convert_to_nibabel() -> None:
     lab = LabelVolume(np.arange(8).reshape(2, 2, 2), np.eye(4))
     back = LabelVolume.from_nibabel(lab.to_nibabel())
     np.testing.assert_array_equal(back.array, lab.array)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: LabelVolume accepts bool arrays but NIfTI and SimpleITK have no bool type. "
-    "Fix: store bool labels as uint8 in LabelVolume.__post_init__.",
-)
 def test_bool_labels_convert_to_sitk_and_nibabel() -> None:
     lab = LabelVolume(np.eye(3, dtype=bool)[None].repeat(2, axis=0), np.eye(4))
     np.testing.assert_array_equal(LabelVolume.from_sitk(lab.to_sitk()).array, lab.array)
     np.testing.assert_array_equal(LabelVolume.from_nibabel(lab.to_nibabel()).array, lab.array)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: to_metatensor stores meta and modality but not LabelVolume.labels, so the "
-    "label names are lost. Fix: put labels in the MetaTensor meta and restore them in from_metatensor.",
-)
 def test_label_names_survive_metatensor_round_trip() -> None:
     lab = LabelVolume(np.zeros((2, 2, 2), np.uint8), np.eye(4), labels={0: "background", 1: "liver"})
     assert LabelVolume.from_metatensor(lab.to_metatensor()).labels == lab.labels
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: _has_scaling reads the header, but nibabel resets scl_slope/scl_inter in a "
-    "loaded image's header (they live on img.dataobj), so scaled files come back float64, not float32.",
-)
 def test_from_nibabel_applies_scaling_in_float32(tmp_path: Path) -> None:
     img = nib.Nifti1Image(np.arange(8, dtype=np.int16).reshape(2, 2, 2), np.eye(4))
     img.header.set_slope_inter(2.0, -1024.0)
@@ -351,12 +321,6 @@ def test_from_nibabel_applies_scaling_in_float32(tmp_path: Path) -> None:
     assert vol.array.dtype == np.float32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volume.py: to_nibabel calls img.set_sform/set_qform, which by default reset img.affine "
-    "from the float32 header, so even the in-memory round trip loses ~1e-7 mm. Fix: pass "
-    "update_affine=False to both calls (the file still stores float32, as NIfTI requires).",
-)
 def test_nibabel_in_memory_affine_is_exact() -> None:
     affine = AFFINES["oblique"]
     back = Volume.from_nibabel(Volume(np.zeros((4, 4, 4), np.float32), affine).to_nibabel())

@@ -64,7 +64,12 @@ class BrokenItem:
         return asdict(self)
 
 
-def _grid(centre: np.ndarray, direction: np.ndarray, spacing: tuple[float, float, float], shape: tuple[int, int, int]) -> Grid:
+def _grid(
+    centre: np.ndarray,
+    direction: np.ndarray,
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int],
+) -> Grid:
     """Grid of ``shape`` centred on ``centre`` (origin rounded so decimal strings stay exact)."""
     affine = np.eye(4)
     affine[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)[None, :]
@@ -189,7 +194,14 @@ def write_broken_items(root: str | Path, *, seed: int = 0, uid_prefix: str | Non
     del dss[5]
     paths = write_datasets(dss, w.dir / "missing-slice")
     items.append(
-        BrokenItem("missing-slice", "12-slice series with slice 6 removed", w.rel(paths), (K.MISSING_SLICE,), (), dss[0].SeriesInstanceUID)
+        BrokenItem(
+            "missing-slice",
+            "12-slice series with slice 6 removed",
+            w.rel(paths),
+            (K.MISSING_SLICE,),
+            (),
+            dss[0].SeriesInstanceUID,
+        )
     )
 
     # Slice steps of 5 mm except 5.8 and 4.2 mm: not a multiple of the step, so not a gap.
@@ -245,20 +257,26 @@ def write_broken_items(root: str | Path, *, seed: int = 0, uid_prefix: str | Non
     )
 
     path = atomic_write_bytes(w.dir / "empty-file" / "IM0001.dcm", b"")
-    items.append(BrokenItem("empty-file", "a 0-byte file named like a DICOM slice", w.rel([path]), (K.EMPTY_FILE,)))
+    items.append(
+        BrokenItem("empty-file", "a 0-byte file named like a DICOM slice", w.rel([path]), (K.EMPTY_FILE,))
+    )
 
     path = atomic_write_text(
         w.dir / "not-dicom" / "README.txt",
         "This folder belongs to the medidiff demo drop. This file is plain text, not DICOM:\n"
         "a reader must report it and carry on.\n",
     )
-    items.append(BrokenItem("not-dicom", "a plain-text README among the DICOM files", w.rel([path]), (K.NOT_DICOM,)))
+    items.append(
+        BrokenItem("not-dicom", "a plain-text README among the DICOM files", w.rel([path]), (K.NOT_DICOM,))
+    )
 
     # One SeriesInstanceUID, two stacks: 6 axial and 6 sagittal slices.
     uid = w.uid("mixed-orientation", "series")
     axial = w.datasets("mixed-orientation", 6, series_uid=uid)
     sag_grid = _grid(w.centre, _SAGITTAL, (8.0, 8.0, 8.0), (38, 16, 6))
-    sagittal = w.datasets("mixed-orientation", 6, grid=sag_grid, series_uid=uid, image_type=("ORIGINAL", "PRIMARY", "OTHER"))
+    sagittal = w.datasets(
+        "mixed-orientation", 6, grid=sag_grid, series_uid=uid, image_type=("ORIGINAL", "PRIMARY", "OTHER")
+    )
     for k, ds in enumerate(sagittal):
         _new_sop_uid(ds, w.uid("mixed-orientation", "sagittal", k))
         ds.InstanceNumber = 7 + k
@@ -277,7 +295,16 @@ def write_broken_items(root: str | Path, *, seed: int = 0, uid_prefix: str | Non
 
     dss = w.datasets("single-slice", 1)
     paths = write_datasets(dss, w.dir / "single-slice")
-    items.append(BrokenItem("single-slice", "a series of one slice", w.rel(paths), (K.SINGLE_SLICE,), (), dss[0].SeriesInstanceUID))
+    items.append(
+        BrokenItem(
+            "single-slice",
+            "a series of one slice",
+            w.rel(paths),
+            (K.SINGLE_SLICE,),
+            (),
+            dss[0].SeriesInstanceUID,
+        )
+    )
 
     # Slice 4 sent twice (new SOPInstanceUID, same position).
     dss = w.datasets("duplicate-position", 8)
@@ -314,14 +341,26 @@ def write_broken_items(root: str | Path, *, seed: int = 0, uid_prefix: str | Non
     sr = _basic_text_sr(w)
     (path,) = write_datasets([sr], w.dir / "non-image", file_prefix="SR")
     items.append(
-        BrokenItem("structured-report", "a Basic Text SR document", w.rel([path]), (K.NON_IMAGE_OBJECT,), (), sr.SeriesInstanceUID)
+        BrokenItem(
+            "structured-report",
+            "a Basic Text SR document",
+            w.rel([path]),
+            (K.NON_IMAGE_OBJECT,),
+            (),
+            sr.SeriesInstanceUID,
+        )
     )
 
     rtstruct = Path(pydicom.__file__).parent / "data" / "test_files" / "rtstruct.dcm"
     if rtstruct.is_file():  # pydicom's wheel ships it; skip rather than download
         path = atomic_write_bytes(w.dir / "non-image" / "RS0001.dcm", rtstruct.read_bytes())
         items.append(
-            BrokenItem("rtstruct", "an RT Structure Set (pydicom test file rtstruct.dcm)", w.rel([path]), (K.NON_IMAGE_OBJECT,))
+            BrokenItem(
+                "rtstruct",
+                "an RT Structure Set without a Part 10 preamble (pydicom test file rtstruct.dcm)",
+                w.rel([path]),
+                (K.NON_IMAGE_OBJECT,),
+            )
         )
 
     paths = _write_dicomdir(w, sr)

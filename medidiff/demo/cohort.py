@@ -115,8 +115,12 @@ MR_PROTOCOLS: tuple[Protocol, ...] = (
     Protocol("oblique", rotation(15.0, -20.0, 0.0) @ AXIAL, (2.0, 2.0, 2.0), slope=0.5),
     Protocol("axial", AXIAL, (1.6, 1.6, 3.2), JPEG2000Lossless),
     Protocol("axial", AXIAL, (2.0, 2.0, 2.0), enhanced=True, slope=0.5),
-    Protocol("axial", AXIAL_HEAD_FIRST, (2.0, 2.0, 2.0), ImplicitVRLittleEndian, reverse_instance_numbers=True),
-    Protocol("oblique", rotation(0.0, 12.0, 18.0) @ SAGITTAL, (1.8, 1.8, 2.4), RLELossless, slope=(0.25, 0.5, 1.0)),
+    Protocol(
+        "axial", AXIAL_HEAD_FIRST, (2.0, 2.0, 2.0), ImplicitVRLittleEndian, reverse_instance_numbers=True
+    ),
+    Protocol(
+        "oblique", rotation(0.0, 12.0, 18.0) @ SAGITTAL, (1.8, 1.8, 2.4), RLELossless, slope=(0.25, 0.5, 1.0)
+    ),
     Protocol("axial", AXIAL, (2.0, 2.0, 2.0), slope=0.25, file_suffix=""),
     Protocol("coronal", CORONAL, (1.5, 2.0, 2.0), JPEGLSLossless, reverse_instance_numbers=True),
 )
@@ -131,7 +135,12 @@ CT_PROTOCOLS: tuple[Protocol, ...] = (
     Protocol("axial", AXIAL, (1.5, 1.5, 2.5), JPEG2000Lossless, intercept=0.0),
     Protocol("axial", AXIAL, (1.5, 1.5, 2.5), intercept=-1024.0, extra_series_spacing=(1.5, 1.5, 5.0)),
     Protocol(
-        "axial", AXIAL_HEAD_FIRST, (1.5, 1.5, 3.0), ImplicitVRLittleEndian, reverse_instance_numbers=True, intercept=-1024.0
+        "axial",
+        AXIAL_HEAD_FIRST,
+        (1.5, 1.5, 3.0),
+        ImplicitVRLittleEndian,
+        reverse_instance_numbers=True,
+        intercept=-1024.0,
     ),
     Protocol("oblique", rotation(0.0, -15.0, 25.0) @ AXIAL, (2.0, 2.0, 2.0), RLELossless, intercept=-1024.0),
 )
@@ -358,7 +367,9 @@ def make_demo_cohort(
         subject = f"mr-{i + 1:03d}"
         protocol = MR_PROTOCOLS[i % len(MR_PROTOCOLS)]
         params = draw_mr_params(np.random.default_rng([seed, 1, i]))
-        grid = grid_covering(box_min, box_max, protocol.direction, _scaled(protocol.spacing, resolution_scale))
+        grid = grid_covering(
+            box_min, box_max, protocol.direction, _scaled(protocol.spacing, resolution_scale)
+        )
         slopes = _slopes(protocol, grid.shape[2])
         image, labels = synthesize_mr(params, grid, slopes=slopes, template=template)
         result.series.append(
@@ -431,7 +442,9 @@ def make_demo_cohort(
             "items": [b.to_json() for b in result.broken],
         },
     )
-    result.cohort_json = atomic_write_json(root / "cohort.json", _cohort_json(result, n_mr, n_ct, resolution_scale))
+    result.cohort_json = atomic_write_json(
+        root / "cohort.json", _cohort_json(result, n_mr, n_ct, resolution_scale)
+    )
     result.seconds = time.perf_counter() - t0
     return result
 

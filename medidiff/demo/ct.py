@@ -111,9 +111,9 @@ def draw_ct_params(rng: np.random.Generator, *, max_lesions: int = 3) -> CTPhant
         )
         for side in (-1, 1)
     )
-    # RAS: +x is the patient's left, so the liver (patient right) sits at negative x.
+    # RAS: +x points to the patient's right, where the liver is.
     liver = Ellipsoid(
-        centre=(_r(-0.38 * a + jit(5)), _r(0.1 * b + jit(5)), _r(10 + jit(5))),
+        centre=(_r(0.38 * a + jit(5)), _r(0.1 * b + jit(5)), _r(10 + jit(5))),
         semi_axes=(_r(0.45 * a * rng.uniform(0.9, 1.1)), _r(0.55 * b), _r(rng.uniform(45, 60))),
         hu=_r(60 + jit(5), 0),
     )

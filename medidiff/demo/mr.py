@@ -14,7 +14,7 @@ installed nilearn package.
 from __future__ import annotations
 
 import functools
-import importlib.resources
+import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +74,12 @@ def mni_template_paths() -> dict[str, Path]:
     Raises:
         FileNotFoundError: when nilearn is missing or does not ship the files.
     """
-    try:
-        root = importlib.resources.files("nilearn.datasets") / "data"
-    except ModuleNotFoundError as exc:  # pragma: no cover - nilearn is a dependency
-        raise FileNotFoundError("nilearn is not installed; `pip install nilearn` (no download needed)") from exc
+    # find_spec locates the package without importing it (nilearn.datasets pulls in sklearn
+    # and pandas, over a second of import time for three file paths).
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nilearn is not installed; `pip install nilearn` (no download needed)")
+    root = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
     paths = {key: Path(str(root / name)) for key, name in _MNI_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
@@ -125,12 +127,15 @@ def load_mni_template() -> MniTemplate:
     brain = t1 > _BRAIN_THRESHOLD
     # CSF has no map in this release: it is what is intracranial but neither GM nor WM.
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
-    labels = (np.argmax(np.stack([csf, gm, wm]), axis=0) + 1).astype(np.uint8)
+    # Argmax of (csf, gm, wm), ties to the first; np.argmax over a stacked axis is ~20x slower.
+    labels = np.where((csf >= gm) & (csf >= wm), 1, np.where(gm >= wm, 2, 3)).astype(np.uint8)
     labels[~brain] = 0
     idx = np.argwhere(brain)
     lo = affine[:3, :3] @ idx.min(axis=0) + affine[:3, 3]
     hi = affine[:3, :3] @ idx.max(axis=0) + affine[:3, 3]
-    return MniTemplate(t1=t1, labels=labels, affine=affine, box_min=np.minimum(lo, hi), box_max=np.maximum(lo, hi))
+    return MniTemplate(
+        t1=t1, labels=labels, affine=affine, box_min=np.minimum(lo, hi), box_max=np.maximum(lo, hi)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -204,7 +209,11 @@ def draw_mr_params(
     """
     if control_points < 4:
         raise ValueError(f"control_points must be >= 4 for cubic interpolation, got {control_points}")
-    disp = np.clip(rng.normal(0.0, max_displacement_mm / 2, (control_points,) * 3 + (3,)), -max_displacement_mm, max_displacement_mm)
+    disp = np.clip(
+        rng.normal(0.0, max_displacement_mm / 2, (control_points,) * 3 + (3,)),
+        -max_displacement_mm,
+        max_displacement_mm,
+    )
     return MRSubjectParams(
         displacement_mm=_nested_tuple(np.round(disp, 4)),
         bias_coefficients=tuple(float(c) for c in np.round(rng.normal(0.0, bias_strength, 9), 4)),
@@ -231,7 +240,9 @@ def _displacement(params: MRSubjectParams, points: np.ndarray, template: MniTemp
     field = np.empty((3, *m))
     for c in range(3):
         coeffs = spline_filter(disp[..., c], order=3, mode="nearest")
-        field[c] = map_coordinates(coeffs, lattice.reshape(3, -1), order=3, mode="nearest", prefilter=False).reshape(m)
+        field[c] = map_coordinates(
+            coeffs, lattice.reshape(3, -1), order=3, mode="nearest", prefilter=False
+        ).reshape(m)
     u = ((points - lo) / (hi - lo) * (m - 1)).T  # lattice coordinates
     out = np.empty_like(points)
     for c in range(3):
@@ -277,7 +288,8 @@ def synthesize_mr(
     # Low-pass to about the grid's voxel size before sampling (template voxels are 1 mm).
     spacing = np.linalg.norm(grid.affine[:3, :3], axis=0)
     sigma = float(max(0.0, 0.4 * (spacing.min() / np.linalg.norm(tpl.affine[:3, :3], axis=0).min() - 1.0)))
-    t1 = _smoothed_t1((round(sigma, 3),) * 3)
+    # Half-voxel steps of sigma: protocols with similar spacing share one cached filtered copy.
+    t1 = _smoothed_t1((round(sigma * 2) / 2,) * 3)
     s = map_coordinates(t1, coords, order=1, mode="constant", cval=0.0)
     labels = map_coordinates(tpl.labels, coords, order=0, mode="constant", cval=0)
 
@@ -294,5 +306,7 @@ def synthesize_mr(
         raise ValueError("slopes must be positive")
     quantised = np.rint(value / step[None, None, :]) * step[None, None, :]
     image = Volume(quantised.astype(np.float32), grid.affine.copy(), "MR")
-    label_vol = LabelVolume(labels.reshape(grid.shape).astype(np.uint8), grid.affine.copy(), "MR", labels=dict(MR_LABELS))
+    label_vol = LabelVolume(
+        labels.reshape(grid.shape).astype(np.uint8), grid.affine.copy(), "MR", labels=dict(MR_LABELS)
+    )
     return image, label_vol

@@ -312,7 +312,8 @@ def read_nifti(
         )
 
     base_meta: dict[str, Any] = {
-        "source": {"path": str(path), "format": type(img).__name__},
+        # the file name only: folder names in hospital exports often carry patient names
+        "source": {"file": name, "format": type(img).__name__},
         "nifti": {
             "affine_source": choice.source,
             "nibabel_affine_source": choice.nibabel_source,

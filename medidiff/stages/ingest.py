@@ -278,7 +278,7 @@ def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume],
     from medidiff.io.nifti import read_nifti
 
     kind = "label" if _is_label_file(Path(item.key).name, cfg.label_patterns) else "intensity"
-    res = read_nifti(item.inputs[0], kind=kind, split_4d=cfg.split_4d_nifti)
+    res = read_nifti(item.inputs[0], kind=kind, four_d="split" if cfg.split_4d_nifti else "error")
     return list(res.volumes), list(res.problems)
 
 
@@ -328,12 +328,52 @@ def _sidecar(item: WorkItem, vol: Volume, cfg: IngestConfig, warnings: list[Prob
     }
 
 
-def _write_nifti(vol: Volume, path: Path) -> None:
-    import nibabel as nib
+class _ForwardWriter:
+    """A write-only stream nibabel can write a NIfTI into: seeks may only move forward (zero fill)."""
 
-    img = vol.to_nibabel()
-    # Keep integer voxels integer (lossless, like dcm2niix); no scaling is stored.
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._pos = 0
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        self._pos += len(memoryview(data).cast("B"))
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:  # nibabel's file-like check wants both read and write
+        raise OSError("the compressed output stream is write-only")
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        target = pos if whence == 0 else self._pos + pos
+        if whence not in (0, 1) or target < self._pos:
+            raise OSError("backward seek on a compressed output stream")
+        if target > self._pos:
+            self.write(b"\0" * (target - self._pos))
+        return self._pos
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _write_nifti(vol: Volume, path: Path) -> None:
+    """Write a NIfTI-1 file atomically. ``.nii.gz`` goes through ISA-L's threaded gzip when it is
+    installed (about 2.5x faster than zlib at the same level; the output is ordinary gzip)."""
+    img = vol.to_nibabel()  # integer voxels stay integer, with no scaling: lossless like dcm2niix
     with atomic_path(path) as tmp:
+        if path.name.endswith(".gz"):
+            try:
+                from isal import igzip_threaded
+            except ImportError:
+                igzip_threaded = None
+            if igzip_threaded is not None:
+                with igzip_threaded.open(tmp, "wb", compresslevel=1, threads=2) as f:
+                    img.to_stream(_ForwardWriter(f))
+                return
+        import nibabel as nib
+
         nib.save(img, tmp)
 
 

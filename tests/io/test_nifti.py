@@ -470,3 +470,5 @@ def test_meta_is_json(tmp_path: Path) -> None:
     meta = res.volumes[0].meta
     assert json.loads(json.dumps(meta)) == meta
     assert meta["nifti"]["sform_code"] == 2 and meta["nifti"]["itk_affine_source"] == "qform"
+    assert meta["source"] == {"file": "x.nii", "format": "Nifti1Image"}
+    assert str(tmp_path) not in json.dumps(meta)  # folder names can identify patients
