@@ -118,7 +118,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "benchmark": "ingest 512x512x%d uncompressed CT, .nii.gz output" % a.slices,
+                "benchmark": f"ingest 512x512x{a.slices} uncompressed CT, .nii.gz output",
                 "cpu_count": os.cpu_count(),
                 "workers": a.workers,
                 "medidiff_seconds": [round(r["seconds"], 3) for r in ours],
