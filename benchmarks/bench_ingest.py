@@ -28,11 +28,13 @@ os.environ.setdefault("MEDIDIFF_HASH_KEY", "benchmark-key-0123456789abcdef")
 from medidiff.config import IngestConfig
 from medidiff.stages.ingest import ingest
 import nibabel, pydicom, numpy  # imported before timing, as in a long-running worker
-tracemalloc.start()
+trace = sys.argv[4] == "1"
+if trace:
+    tracemalloc.start()  # slows allocation-heavy code: only in the separate memory run
 t0 = time.perf_counter()
 r = ingest(sys.argv[1], sys.argv[2], IngestConfig(workers=int(sys.argv[3])))
 dt = time.perf_counter() - t0
-_, peak = tracemalloc.get_traced_memory()
+peak = tracemalloc.get_traced_memory()[1] if trace else 0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print(json.dumps({"seconds": dt, "tracemalloc_peak": peak, "converted": r.n_converted, "maxrss": int(hwm) * 1024}))
 """
@@ -60,10 +62,10 @@ def _make(folder: str, slices: int) -> None:
     write_dicom_series(vol, folder, rescale_intercept=-1024.0, series_description="bench")
 
 
-def run_medidiff(src: Path, dst: Path, workers: int) -> dict:
+def run_medidiff(src: Path, dst: Path, workers: int, trace: bool = False) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(src), str(dst), str(workers)],
+        [sys.executable, "-c", CHILD, str(src), str(dst), str(workers), "1" if trace else "0"],
         capture_output=True,
         text=True,
         check=True,
@@ -85,7 +87,9 @@ def run_dcm2niix(src: Path, dst: Path) -> dict:
     while proc.poll() is None:  # VmHWM (peak RSS of this process image), polled until it exits
         try:
             with open(f"/proc/{proc.pid}/status") as f:
-                hwm = max(hwm, *(int(l.split()[1]) for l in f if l.startswith("VmHWM")))
+                for line in f:
+                    if line.startswith("VmHWM"):
+                        hwm = max(hwm, int(line.split()[1]))
         except (OSError, ValueError):
             pass
         time.sleep(0.005)
@@ -114,7 +118,7 @@ def main() -> None:
     best_ours = min(r["seconds"] for r in ours)
     best_theirs = min(r["seconds"] for r in theirs)
     peak_rss = max(r["maxrss"] for r in ours)
-    peak_alloc = max(r["tracemalloc_peak"] for r in ours)
+    peak_alloc = run_medidiff(src, work / "md", a.workers, trace=True)["tracemalloc_peak"]
     print(
         json.dumps(
             {

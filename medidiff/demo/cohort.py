@@ -39,6 +39,7 @@ from pydicom.uid import (
 
 import medidiff
 from medidiff.demo import grid_covering, rotation
+from medidiff.demo.broken import BrokenItem, write_broken_items
 from medidiff.demo.ct import CT_BOX_HALF_EXTENT, CT_LABELS, draw_ct_params, synthesize_ct
 from medidiff.demo.mr import (
     MNI152_NOTICE,
@@ -52,7 +53,15 @@ from medidiff.io.atomic import atomic_write_json, atomic_write_text, atomic_writ
 from medidiff.io.dicom_write import derive_uid, write_dicom_series, write_enhanced_series
 from medidiff.volume import LabelVolume, Volume
 
-__all__ = ["CT_PROTOCOLS", "MR_PROTOCOLS", "DemoCohortResult", "DemoSeries", "Protocol", "make_demo_cohort"]
+__all__ = [
+    "CT_PROTOCOLS",
+    "MR_PROTOCOLS",
+    "DemoCohortResult",
+    "DemoSeries",
+    "Protocol",
+    "load_cohort",
+    "make_demo_cohort",
+]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -188,7 +197,7 @@ class DemoCohortResult:
     root: Path
     seed: int
     series: list[DemoSeries] = field(default_factory=list)
-    broken: list[Any] = field(default_factory=list)
+    broken: list[BrokenItem] = field(default_factory=list)
     cohort_json: Path | None = None
     expected_problems_json: Path | None = None
     seconds: float = 0.0
@@ -338,8 +347,6 @@ def make_demo_cohort(
         FileExistsError: when ``dst`` exists and is not empty.
         ValueError: for negative counts or a non-positive ``resolution_scale``.
     """
-    from medidiff.demo.broken import write_broken_items
-
     t0 = time.perf_counter()
     root = Path(dst)
     if n_mr < 0 or n_ct < 0:
