@@ -2,14 +2,16 @@
 
 Layout of ``dst`` (paths in the JSON files are relative to ``dst``)::
 
-    mr/mr-001/IM0001.dcm ...       one folder per MR subject (single-frame or one enhanced file)
-    ct/ct-001/IM0001.dcm ...       one folder per CT phantom (ct-008 holds two series)
-    broken/...                     deliberately broken files and series (medidiff.demo.broken)
+    dicom/                         the DICOM drop (what ``medidiff ingest`` reads):
+      mr/mr-001/IM0001.dcm ...     one folder per MR subject (single-frame or one enhanced file)
+      ct/ct-001/IM0001.dcm ...     one folder per CT phantom (ct-008 holds two series)
+      broken/...                   deliberately broken files and series (medidiff.demo.broken)
     truth/<series>.nii.gz          the voxels each series stores, in physical units (HU for CT)
     truth/<series>.json            the drawn parameters and acquisition protocol of the series
     labels/<series>.nii.gz         label map on the same grid (CSF/GM/WM or CT organs)
     cohort.json                    subjects, protocols, seed, source and licence
-    expected_problems.json         what the reader must report for each broken item
+    expected_problems.json         what the reader must report for each broken item (paths
+                                   relative to ``dicom/``)
     LICENSE_MNI152.txt             the MNI152 template's copyright notice
 
 Every subject cycles through a list of acquisition protocols (orientation, spacing, transfer
@@ -40,6 +42,8 @@ from pydicom.uid import (
 import medidiff
 from medidiff.demo import grid_covering, rotation
 from medidiff.demo.broken import BrokenItem, write_broken_items
+
+DICOM_DIR = "dicom"  # the DICOM drop itself; ground truth and labels sit beside it, not inside
 from medidiff.demo.ct import CT_BOX_HALF_EXTENT, CT_LABELS, draw_ct_params, synthesize_ct
 from medidiff.demo.mr import (
     MNI152_NOTICE,
@@ -384,7 +388,7 @@ def make_demo_cohort(
                 root,
                 name=subject,
                 subject=subject,
-                folder=root / "mr" / subject,
+                folder=root / DICOM_DIR / "mr" / subject,
                 image=image,
                 labels=labels,
                 protocol=protocol,
@@ -419,7 +423,7 @@ def make_demo_cohort(
                     root,
                     name=name,
                     subject=subject,
-                    folder=root / "ct" / subject,
+                    folder=root / DICOM_DIR / "ct" / subject,
                     image=image,
                     labels=labels,
                     protocol=protocol,
@@ -433,7 +437,7 @@ def make_demo_cohort(
         tick()
 
     if include_broken:
-        result.broken = write_broken_items(root, seed=seed, uid_prefix=uid_prefix)
+        result.broken = write_broken_items(root / DICOM_DIR, seed=seed, uid_prefix=uid_prefix)
         tick()
 
     atomic_write_text(root / "LICENSE_MNI152.txt", _licence_text())
@@ -484,9 +488,9 @@ def _cohort_json(result: DemoCohortResult, n_mr: int, n_ct: int, resolution_scal
             "CT": {str(k): v for k, v in CT_LABELS.items()},
         },
         "layout": {
-            "mr": "mr/<subject>/: one DICOM series per subject",
-            "ct": "ct/<subject>/: one DICOM series per phantom (two in some folders)",
-            "broken": "broken/: deliberately broken items, see expected_problems.json",
+            "mr": "dicom/mr/<subject>/: one DICOM series per subject",
+            "ct": "dicom/ct/<subject>/: one DICOM series per phantom (two in some folders)",
+            "broken": "dicom/broken/: deliberately broken items, see expected_problems.json (paths relative to dicom/)",
             "truth": "truth/<series>.nii.gz: stored voxels in physical units; truth/<series>.json: parameters",
             "labels": "labels/<series>.nii.gz: label maps on the truth grids",
         },

@@ -27,9 +27,7 @@ def _as_2d(x: Tensor | np.ndarray, name: str) -> Tensor:
     return t
 
 
-def _as_weights(w: Tensor | np.ndarray | None, n: int, device: torch.device, name: str) -> Tensor:
-    if w is None:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+def _as_weights(w: Tensor | np.ndarray, n: int, device: torch.device, name: str) -> Tensor:
     t = torch.as_tensor(w).detach().to(device=device, dtype=torch.float64)
     if t.shape != (n,) or not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or float(t.sum()) <= 0:
         raise ValueError(f"{name} must be {n} finite, non-negative numbers with a positive sum.")
@@ -42,12 +40,14 @@ def random_directions(d: int, n_projections: int, generator: torch.Generator) ->
     return theta / theta.norm(dim=0, keepdim=True)
 
 
-def wasserstein_1d(u: Tensor, v: Tensor, u_weights: Tensor, v_weights: Tensor, p: float = 2.0) -> Tensor:
+def wasserstein_1d(
+    u: Tensor, v: Tensor, u_weights: Tensor | None = None, v_weights: Tensor | None = None, p: float = 2.0
+) -> Tensor:
     """``W_p^p`` between weighted 1-D empirical distributions, batched over columns.
 
     Args:
         u: values ``(N, P)``; ``v``: values ``(M, P)`` (one 1-D problem per column).
-        u_weights: ``(N,)`` normalised weights; ``v_weights``: ``(M,)``.
+        u_weights: ``(N,)`` normalised weights, or None for uniform; ``v_weights`` likewise ``(M,)``.
         p: order, >= 1.
 
     Returns:
@@ -56,15 +56,28 @@ def wasserstein_1d(u: Tensor, v: Tensor, u_weights: Tensor, v_weights: Tensor, p
     # Work slice-major, (P, N): sorting and searching along the contiguous last axis is much faster.
     u_sorted, ui = torch.sort(u.T.contiguous(), dim=-1)
     v_sorted, vi = torch.sort(v.T.contiguous(), dim=-1)
-    u_cdf = torch.cumsum(u_weights[ui], dim=-1)  # (P, N)
-    v_cdf = torch.cumsum(v_weights[vi], dim=-1)
+    N, M = u.shape[0], v.shape[0]
+    if u_weights is None and v_weights is None:
+        # Uniform weights: the CDF breakpoints are i/N and j/M for every slice, so merge them once.
+        u_cdf = torch.arange(1, N + 1, dtype=torch.float64, device=u.device) / N
+        v_cdf = torch.arange(1, M + 1, dtype=torch.float64, device=u.device) / M
+        all_cdf = torch.cat([u_cdf.new_zeros(1), torch.sort(torch.cat([u_cdf, v_cdf])).values])
+        delta = all_cdf[1:] - all_cdf[:-1]
+        mid = 0.5 * (all_cdf[1:] + all_cdf[:-1])
+        qu = u_sorted[:, torch.searchsorted(u_cdf, mid).clamp_max(N - 1)]
+        qv = v_sorted[:, torch.searchsorted(v_cdf, mid).clamp_max(M - 1)]
+        return ((qu - qv).abs() ** p) @ delta
+    uw = torch.full((N,), 1.0 / N, dtype=u.dtype, device=u.device) if u_weights is None else u_weights
+    vw = torch.full((M,), 1.0 / M, dtype=v.dtype, device=v.device) if v_weights is None else v_weights
+    u_cdf = torch.cumsum(uw[ui], dim=-1)  # (P, N)
+    v_cdf = torch.cumsum(vw[vi], dim=-1)
     # The quantile functions are step functions; on the merged breakpoints both are constant.
     all_cdf, _ = torch.sort(torch.cat([u_cdf, v_cdf], dim=-1), dim=-1)
     all_cdf = torch.cat([torch.zeros_like(all_cdf[:, :1]), all_cdf], dim=-1)
     delta = all_cdf[:, 1:] - all_cdf[:, :-1]
     mid = 0.5 * (all_cdf[:, 1:] + all_cdf[:, :-1])
-    qu = torch.gather(u_sorted, -1, torch.searchsorted(u_cdf, mid).clamp_max(u.shape[0] - 1))
-    qv = torch.gather(v_sorted, -1, torch.searchsorted(v_cdf, mid).clamp_max(v.shape[0] - 1))
+    qu = torch.gather(u_sorted, -1, torch.searchsorted(u_cdf, mid).clamp_max(N - 1))
+    qv = torch.gather(v_sorted, -1, torch.searchsorted(v_cdf, mid).clamp_max(M - 1))
     return (delta * (qu - qv).abs() ** p).sum(-1)
 
 
@@ -109,8 +122,8 @@ def sliced_wasserstein(
     theta = torch.as_tensor(directions).to(device=xs.device, dtype=torch.float64)
     if theta.ndim != 2 or theta.shape[0] != xs.shape[1]:
         raise ValueError(f"directions must have shape ({xs.shape[1]}, P); got {tuple(theta.shape)}.")
-    wx = _as_weights(x_weights, xs.shape[0], xs.device, "x_weights")
-    wy = _as_weights(y_weights, ys.shape[0], xs.device, "y_weights")
+    wx = None if x_weights is None else _as_weights(x_weights, xs.shape[0], xs.device, "x_weights")
+    wy = None if y_weights is None else _as_weights(y_weights, ys.shape[0], xs.device, "y_weights")
     per_slice = wasserstein_1d(xs @ theta, ys @ theta, wx, wy, p)
     return float(per_slice.mean() ** (1.0 / p))
 

@@ -177,7 +177,8 @@ def test_cohort_json_licence_and_expected_problems(cohort: DemoCohortResult) -> 
         "non_image_object",
     } <= kinds
     for item in expected:
-        assert all((cohort.root / p).is_file() for p in item["paths"]), item["name"]
+        # item paths are relative to the DICOM drop (dicom/), which is what ingest reports
+        assert all((cohort.root / "dicom" / p).is_file() for p in item["paths"]), item["name"]
 
 
 def _digests(root: Path) -> dict[str, str]:
