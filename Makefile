@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/medidiff demo-data $(DEMO_DIR)/drop --seed 0
-	$(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop $(DEMO_DIR)/ingested --config configs/ingest.yaml
+	$(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml
 
 test: setup
 	bash scripts/install_test_tools.sh

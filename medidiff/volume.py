@@ -228,7 +228,11 @@ class Volume:
         if cls.kind == "label":
             extra["labels"] = {int(k): v for k, v in dict(mt.meta.get("labels", {})).items()}
         return cls(
-            array=arr, affine=affine, modality=modality or str(mt.meta.get("modality", "OT")), meta=meta, **extra
+            array=arr,
+            affine=affine,
+            modality=modality or str(mt.meta.get("modality", "OT")),
+            meta=meta,
+            **extra,
         )
 
 

@@ -42,8 +42,6 @@ from pydicom.uid import (
 import medidiff
 from medidiff.demo import grid_covering, rotation
 from medidiff.demo.broken import BrokenItem, write_broken_items
-
-DICOM_DIR = "dicom"  # the DICOM drop itself; ground truth and labels sit beside it, not inside
 from medidiff.demo.ct import CT_BOX_HALF_EXTENT, CT_LABELS, draw_ct_params, synthesize_ct
 from medidiff.demo.mr import (
     MNI152_NOTICE,
@@ -56,6 +54,8 @@ from medidiff.demo.mr import (
 from medidiff.io.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from medidiff.io.dicom_write import derive_uid, write_dicom_series, write_enhanced_series
 from medidiff.volume import LabelVolume, Volume
+
+DICOM_DIR = "dicom"  # the DICOM drop itself; ground truth and labels sit beside it, not inside
 
 __all__ = [
     "CT_PROTOCOLS",

@@ -137,8 +137,6 @@ def _prepare(x: Tensor, sigmas: Tensor | Sequence[float]) -> list[float]:
         )
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or not bool((s[1:] < s[:-1]).all()):
         raise ValueError("sigmas must be finite, >= 0 and strictly decreasing (e.g. karras_sigmas(...)).")
-    if float(s[-2]) == 0.0:
-        raise ValueError("only the last sigma may be 0.")
     return [float(v) for v in s]
 
 

@@ -373,12 +373,20 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
                 else (ProblemKind.DECODE_FAILED)
             )
             ts = plan.first.transfer_syntax
+            no_plugin = (
+                "no pixel data decoders" in msg.lower() or "missing required dependencies" in msg.lower()
+            )
+            hint = (
+                "install the pylibjpeg plugins (pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
+                if no_plugin
+                else "the compressed stream is damaged; export the file again from the source"
+            )
             raise ConversionError(
                 Problem(
                     kind=kind,
                     severity=Severity.ERROR,
-                    message=f"pixel data could not be decoded ({type(e).__name__}: {msg}); transfer syntax "
-                    f"{ts}. For compressed data install the pylibjpeg plugins (pip install medidiff pulls them)",
+                    message=f"pixel data could not be decoded ({type(e).__name__}: {msg}); transfer syntax {ts}: "
+                    f"{hint}",
                     paths=[path],
                     series=plan.key,
                 )
