@@ -24,7 +24,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/medidiff demo-data $(DEMO_DIR)/drop --seed 0
-	$(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml
+	$(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml \
+		--name "medidiff demo cohort (seed 0)" \
+		--source "synthetic: MNI152 2009a template (nilearn package data) and analytic CT phantoms" \
+		--licence "MNI152: permissive with notice (LICENSE_MNI152.txt); phantoms: CC0"
 
 test: setup
 	bash scripts/install_test_tools.sh

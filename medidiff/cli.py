@@ -89,6 +89,9 @@ def ingest(
         Path | None, typer.Option("--config", "-c", help="YAML config (see configs/ingest.yaml).")
     ] = None,
     workers: Annotated[int | None, typer.Option(help="Processes for the header pass.")] = None,
+    name: Annotated[str | None, typer.Option(help="Dataset name for the data card.")] = None,
+    source: Annotated[str | None, typer.Option(help="Where the data came from (data card).")] = None,
+    licence: Annotated[str, typer.Option(help="Terms of use of the data (data card).")] = "not stated",
 ) -> None:
     """Convert a DICOM/NIfTI drop into canonical NIfTI volumes with manifest, data card and provenance."""
     from medidiff.config import ConfigError, IngestConfig, load_config
@@ -104,7 +107,9 @@ def ingest(
         raise typer.Exit(2)
     with _progress_bar() as bar:
         try:
-            result = run_ingest(src, dst, cfg, progress=_RichProgress(bar))
+            result = run_ingest(
+                src, dst, cfg, progress=_RichProgress(bar), name=name, source=source, licence=licence
+            )
         except (ValueError, FileNotFoundError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from e

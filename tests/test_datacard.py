@@ -209,3 +209,12 @@ def test_write_round_trip_markdown_and_no_phi(tmp_path: Path) -> None:
 def test_phi_policy_rejects_unknown_kept_attribute() -> None:
     with pytest.raises(ValueError, match="PatientAgee"):
         PhiPolicy.from_hasher(HASHER, kept=["PatientAgee"])
+
+
+def test_committed_demo_cohort_card_validates() -> None:
+    """data_cards/demo_cohort.json must stay valid under the current schema."""
+    from medidiff.datacard import read_datacard
+
+    path = Path(__file__).resolve().parents[1] / "data_cards" / "demo_cohort.json"
+    card = read_datacard(path)
+    assert card.n_series >= 30 and card.counts_per_modality["MR"] == 20

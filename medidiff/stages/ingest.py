@@ -668,9 +668,26 @@ def finalize_ingest(
 
 
 def ingest(
-    src: Path, dst: Path, config: IngestConfig | None = None, *, progress: Progress | None = None
+    src: Path,
+    dst: Path,
+    config: IngestConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    name: str | None = None,
+    source: str | None = None,
+    licence: str = "as the source data (not stated)",
 ) -> IngestResult:
-    """Convert every series under ``src`` into ``dst`` (see module docstring)."""
+    """Convert every series under ``src`` into ``dst`` (see module docstring).
+
+    Args:
+        src: folder (or file) of DICOM and/or NIfTI inputs; only read.
+        dst: output folder.
+        config: ingest configuration (defaults when ``None``).
+        progress: ``progress(phase, done, total)`` callback (phases ``scan``, ``convert``).
+        name: dataset name for the data card (default: "ingest of <src folder>").
+        source: where the data came from, for the data card.
+        licence: terms of use, for the data card.
+    """
     cfg = config or IngestConfig()
     plan = plan_ingest(src, dst, cfg, progress=progress)
     Path(plan.dst).mkdir(parents=True, exist_ok=True)
@@ -680,7 +697,7 @@ def ingest(
         results.append(res)
         if progress:
             progress("convert", i + 1, len(plan.items))
-    out = finalize_ingest(plan, results)
+    out = finalize_ingest(plan, results, name=name, source=source, licence=licence)
     phi = sorted({v for it in plan.items for v in it.phi_values})
     _check_no_phi([out.manifest, out.datacard, out.datacard.with_suffix(".md")], phi)
     return out
