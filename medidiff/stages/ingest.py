@@ -3,7 +3,7 @@
 Three steps, each usable alone (the Prefect flow runs one task per series):
 
 1. :func:`plan_ingest` — hash every input, read DICOM headers in parallel, split into series,
-   write a work plan (``DST/.medidiff-work/plan.json``).
+   write a work plan (``DST/.medidiff/work/plan.json``); see :mod:`medidiff.stages.ingest_plan`.
 2. :func:`convert_item` — check, stack, canonicalise and write one series (NIfTI + JSON
    sidecar + provenance record); a failure becomes a problem entry, never an exception.
 3. :func:`finalize_ingest` — run manifest, data card, PROV-JSON for the run, PHI self-check.
@@ -16,22 +16,34 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from medidiff import __version__
 from medidiff.config import IngestConfig, config_hash
-from medidiff.io.atomic import atomic_path, atomic_write_json, sha256_file
-from medidiff.io.dicom import GeometryTolerances, load_series, plan_series, split_series
-from medidiff.io.dicom_scan import SliceRef, scan_folder
+from medidiff.io.atomic import atomic_write_json, sha256_file
+from medidiff.io.dicom import load_series, plan_series
+from medidiff.io.nifti_write import write_nifti
 from medidiff.problems import ConversionError, Problem, ProblemKind, Severity
+from medidiff.stages.ingest_plan import (
+    CACHE_DIR,
+    WORK_DIR,
+    IngestPlan,
+    IngestResult,
+    ItemResult,
+    Progress,
+    WorkItem,
+    geometry_tolerances,
+    make_redactor,
+    now_iso,
+    plan_ingest,
+    safe_name,
+    save_plan,
+    slice_from_json,
+)
 from medidiff.volume import Volume
 
 __all__ = [
@@ -40,222 +52,15 @@ __all__ = [
     "ItemResult",
     "WorkItem",
     "convert_item",
+    "convert_item_cached",
+    "convert_planned_item",
+    "finalize_from_paths",
     "finalize_ingest",
     "ingest",
+    "item_cache_key",
     "plan_ingest",
+    "save_plan",
 ]
-
-WORK_DIR = ".medidiff/work"  # plan file of the current run; removed when the run finishes
-CACHE_DIR = ".medidiff/items"  # item results keyed by input content, so a rerun skips done work
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-@dataclass
-class WorkItem:
-    """One unit of conversion: a DICOM series (after splitting) or one NIfTI file."""
-
-    item_id: str
-    kind: str  # "dicom" | "nifti"
-    key: str  # series key, or NIfTI path relative to the source
-    subject: str  # keyed hash of the patient (or of the NIfTI folder)
-    inputs: list[str]  # absolute paths
-    display: list[str]  # paths relative to the source, PHI redacted (what outputs show)
-    sha256: list[str]
-    slices: list[dict[str, Any]] = field(default_factory=list)  # SliceRef fields, PHI removed
-    description: str = ""
-    series_number: int | None = None
-    phi_values: list[str] = field(default_factory=list)  # never written; kept for the self-check
-
-
-@dataclass
-class IngestPlan:
-    src: str
-    dst: str
-    config: dict[str, Any]
-    items: list[WorkItem]
-    problems: list[Problem]
-    inputs: list[dict[str, Any]]  # {path (display), sha256}
-    started: str
-    key_id: str
-    run_id: str
-
-    def save(self, path: Path) -> Path:
-        data = asdict(self)
-        for item in data["items"]:
-            item.pop("phi_values", None)
-        data["problems"] = [p.to_json() for p in self.problems]
-        return atomic_write_json(path, data)
-
-    @classmethod
-    def load(cls, path: Path) -> IngestPlan:
-        data = json.loads(Path(path).read_text())
-        data["items"] = [WorkItem(**i) for i in data["items"]]
-        data["problems"] = [Problem.from_json(p) for p in data["problems"]]
-        return cls(**data)
-
-
-@dataclass
-class ItemResult:
-    item_id: str
-    status: str  # "converted" | "failed" | "skipped"
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    summaries: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["problems"] = [p.to_json() for p in self.problems]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ItemResult:
-        d = dict(d)
-        d["problems"] = [Problem.from_json(p) for p in d["problems"]]
-        return cls(**d)
-
-
-@dataclass
-class IngestResult:
-    manifest: Path
-    datacard: Path
-    n_converted: int
-    n_failed: int
-    outputs: list[dict[str, Any]]
-    problems: list[Problem]
-
-    @property
-    def ok(self) -> bool:
-        return self.n_converted > 0
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _safe_name(text: str, max_len: int = 40) -> str:
-    """File-name-safe slug of DICOM text: letters, digits and single dashes only."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
-    return slug[:max_len].strip("-")
-
-
-def _redactor(phi_values: Sequence[str], hasher: Any) -> Callable[[str], str]:
-    needles = sorted({v for v in phi_values if len(v) >= 3}, key=len, reverse=True)
-    variants: list[tuple[str, str]] = []
-    for v in needles:
-        tag = f"redacted-{hasher.hash(v)[-8:]}"
-        for form in {v, v.replace("^", " "), v.replace("^", "_"), v.replace("^", "")}:
-            if form.strip():
-                variants.append((form, tag))
-
-    def redact(text: str) -> str:
-        for form, tag in variants:
-            text = re.sub(re.escape(form), tag, text, flags=re.IGNORECASE)
-        return text
-
-    return redact
-
-
-def _slice_json(s: SliceRef) -> dict[str, Any]:
-    d = asdict(s)
-    d.pop("patient_key")
-    d.pop("phi_values")
-    return d
-
-
-def _slice_from_json(d: dict[str, Any]) -> SliceRef:
-    d = dict(d)
-    for k in ("iop", "ipp", "pixel_spacing", "image_type"):
-        d[k] = tuple(d[k])
-    return SliceRef(patient_key="", phi_values=(), **d)
-
-
-def _tolerances(cfg: IngestConfig) -> GeometryTolerances:
-    return GeometryTolerances(**cfg.tolerances.model_dump())
-
-
-# ------------------------------------------------------------------------------------------ plan
-def plan_ingest(src: Path, dst: Path, cfg: IngestConfig, *, progress: Progress | None = None) -> IngestPlan:
-    """Scan ``src`` (headers only, in parallel), split DICOM into series, list NIfTI files.
-
-    Raises:
-        FileNotFoundError: ``src`` does not exist.
-        ValueError: ``dst`` lies inside ``src`` (outputs would be re-ingested next time).
-    """
-    from medidiff.privacy import PatientHasher, key_fingerprint, load_key
-
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    if not src.exists():
-        raise FileNotFoundError(f"input {src} does not exist")
-    if src.is_dir() and (dst == src or src in dst.parents):
-        raise ValueError(f"output folder {dst} is inside the input folder {src}; choose a folder outside it")
-    started = _now()
-    key = load_key(cfg.privacy.key_file)
-    hasher = PatientHasher(key)
-    scan = scan_folder(
-        src, workers=cfg.workers, progress=(lambda d, t: progress("scan", d, t)) if progress else None
-    )
-    all_phi = sorted({v for s in scan.slices for v in s.phi_values})
-    redact = _redactor(all_phi, hasher)
-    root = src if src.is_dir() else src.parent
-
-    def display(p: str) -> str:
-        return redact(str(Path(p).relative_to(root)))
-
-    problems: list[Problem] = []
-    for p in scan.problems:
-        p.paths = [display(x) for x in p.paths]
-        problems.append(p)
-    groups, split_problems = split_series(scan.slices, _tolerances(cfg))
-    for p in split_problems:
-        p.paths = [display(x) for x in p.paths]
-        problems.append(p)
-
-    items: list[WorkItem] = []
-    for i, (key_, slices) in enumerate(groups.items()):
-        first = slices[0]
-        paths = sorted({s.path for s in slices})
-        items.append(
-            WorkItem(
-                item_id=f"d{i:05d}",
-                kind="dicom",
-                key=key_,
-                subject=hasher.hash(first.patient_key),
-                inputs=paths,
-                display=[display(p) for p in paths],
-                sha256=[scan.sha256.get(p, "") for p in paths],
-                slices=[_slice_json(s) for s in slices],
-                description=first.series_description,
-                series_number=first.series_number,
-                phi_values=sorted({v for s in slices for v in s.phi_values}),
-            )
-        )
-    for j, path in enumerate(sorted(scan.nifti_files)):
-        rel = str(Path(path).relative_to(root))
-        items.append(
-            WorkItem(
-                item_id=f"n{j:05d}",
-                kind="nifti",
-                key=rel,
-                subject=hasher.hash(str(Path(rel).parent) or "root"),
-                inputs=[path],
-                display=[display(path)],
-                sha256=[scan.sha256.get(path, "")],
-            )
-        )
-    inputs = [{"path": display(p), "sha256": h} for p, h in sorted(scan.sha256.items())]
-    return IngestPlan(
-        src=str(src),
-        dst=str(dst),
-        config=cfg.model_dump(mode="json"),
-        items=items,
-        problems=problems,
-        inputs=inputs,
-        started=started,
-        key_id=key_fingerprint(key),
-        run_id=uuid.uuid4().hex,
-    )
 
 
 # ------------------------------------------------------------------------------------------ convert
@@ -266,11 +71,11 @@ def _is_label_file(name: str, patterns: Sequence[str]) -> bool:
 
 def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume], list[Problem]]:
     if item.kind == "dicom":
-        slices = [_slice_from_json(d) for d in item.slices]
+        slices = [slice_from_json(d) for d in item.slices]
         plan = plan_series(
             item.key,
             slices,
-            tol=_tolerances(cfg),
+            tol=geometry_tolerances(cfg),
             gantry_tilt=cfg.gantry_tilt,
             keep_single_slice=cfg.keep_single_slice,
         )
@@ -285,12 +90,12 @@ def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume],
 def _output_stem(item: WorkItem, index: int, n: int, redact: Callable[[str], str]) -> str:
     digest = item.item_id + "-" + hashlib.sha256(item.key.encode()).hexdigest()[:8]
     if item.kind == "dicom":
-        desc = _safe_name(redact(item.description)) if item.description else ""
+        desc = safe_name(redact(item.description)) if item.description else ""
         num = f"{item.series_number:04d}" if item.series_number is not None else "0000"
         stem = "_".join(x for x in (num, desc, digest) if x)
     else:
         base = Path(item.key).name.removesuffix(".gz").removesuffix(".nii")
-        stem = f"{_safe_name(redact(base))}_{digest}"
+        stem = f"{safe_name(redact(base))}_{digest}"
     return stem if n == 1 else f"{stem}_frame{index:03d}"
 
 
@@ -328,55 +133,6 @@ def _sidecar(item: WorkItem, vol: Volume, cfg: IngestConfig, warnings: list[Prob
     }
 
 
-class _ForwardWriter:
-    """A write-only stream nibabel can write a NIfTI into: seeks may only move forward (zero fill)."""
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self._pos = 0
-
-    def write(self, data: Any) -> int:
-        n = self._f.write(data)
-        self._pos += len(memoryview(data).cast("B"))
-        return n
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:  # nibabel's file-like check wants both read and write
-        raise OSError("the compressed output stream is write-only")
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        target = pos if whence == 0 else self._pos + pos
-        if whence not in (0, 1) or target < self._pos:
-            raise OSError("backward seek on a compressed output stream")
-        if target > self._pos:
-            self.write(b"\0" * (target - self._pos))
-        return self._pos
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def _write_nifti(vol: Volume, path: Path) -> None:
-    """Write a NIfTI-1 file atomically. ``.nii.gz`` goes through ISA-L's threaded gzip when it is
-    installed (about 2.5x faster than zlib at the same level; the output is ordinary gzip)."""
-    img = vol.to_nibabel()  # integer voxels stay integer, with no scaling: lossless like dcm2niix
-    with atomic_path(path) as tmp:
-        if path.name.endswith(".gz"):
-            try:
-                from isal import igzip_threaded
-            except ImportError:
-                igzip_threaded = None
-            if igzip_threaded is not None:
-                with igzip_threaded.open(tmp, "wb", compresslevel=1, threads=2) as f:
-                    img.to_stream(_ForwardWriter(f))
-                return
-        import nibabel as nib
-
-        nib.save(img, tmp)
-
-
 def convert_item(item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = "adhoc") -> ItemResult:
     """Convert one work item; every failure is returned as a problem, never raised."""
     from medidiff.privacy import PatientHasher, find_phi, load_key
@@ -389,7 +145,7 @@ def convert_item(item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = 
     hasher = PatientHasher(load_key(cfg.privacy.key_file))
     if not item.phi_values and item.kind == "dicom":
         item.phi_values = _phi_values_of(item.inputs[0])
-    redact = _redactor(item.phi_values, hasher)
+    redact = make_redactor(item.phi_values, hasher)
     result = ItemResult(item_id=item.item_id, status="converted")
     try:
         volumes, warnings = _read_item_volumes(item, cfg)
@@ -420,7 +176,7 @@ def convert_item(item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = 
         stem = _output_stem(item, idx, len(volumes), redact)
         ext = ".nii.gz" if cfg.compress else ".nii"
         out = dst / item.subject / f"{stem}{ext}"
-        _write_nifti(vol, out)
+        write_nifti(vol, out)
         sidecar = _sidecar(item, vol, cfg, warnings)
         leaks = find_phi(sidecar, item.phi_values)
         if leaks:  # a bug, not a data problem: refuse to write identifying metadata
@@ -557,11 +313,6 @@ def convert_item_cached(
     return res, path, False
 
 
-def save_plan(plan: IngestPlan) -> Path:
-    """Write the plan for task-per-series execution; returns its path."""
-    return plan.save(Path(plan.dst) / WORK_DIR / "plan.json")
-
-
 def convert_planned_item(plan_path: Path, item_id: str) -> Path:
     """Convert one item of a saved plan (a Prefect task body); returns the item-result JSON path."""
     plan = IngestPlan.load(plan_path)
@@ -610,7 +361,7 @@ def finalize_ingest(
         "medidiff_version": __version__,
         "stage": "ingest",
         "started": plan.started,
-        "finished": _now(),
+        "finished": now_iso(),
         "source": Path(plan.src).name,
         "config": plan.config,
         "config_sha256": config_hash(IngestConfig.model_validate(plan.config)),
