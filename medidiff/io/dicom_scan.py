@@ -393,7 +393,10 @@ def _single_frame(ds: Any, path: str, ts: str) -> tuple[list[SliceRef], list[Pro
         return _missing(path, "PixelSpacing", _ds_str(ds, "SOPClassUID"))
     inst = ds.get("InstanceNumber", None)
     echo = _ds_str(ds, "EchoNumbers") or _ds_str(ds, "EchoTime")
-    temporal = _ds_str(ds, "TemporalPositionIdentifier") or _ds_str(ds, "TriggerTime")
+    # TriggerTime is not used: some non-gated sequences store a different one per slice, which
+    # would split one volume into single slices. Unlabelled phases at one position are caught
+    # as duplicate positions instead.
+    temporal = _ds_str(ds, "TemporalPositionIdentifier")
     ref = SliceRef(
         frame=None,
         iop=iop,
