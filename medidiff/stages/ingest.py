@@ -342,7 +342,13 @@ def finalize_ingest(
     """Write the run manifest, the data card and the run's PROV-JSON; check outputs carry no PHI."""
     from medidiff.datacard import CardProvenance, PhiPolicy, SeriesSummary, build_datacard, write_datacard
     from medidiff.privacy import PHI_ATTRIBUTES
-    from medidiff.provenance import collect_records, write_prov_document
+    from medidiff.provenance import (
+        code_version,
+        collect_records,
+        host_info,
+        package_versions,
+        write_prov_document,
+    )
 
     dst = Path(plan.dst)
     problems = list(plan.problems)
@@ -367,6 +373,11 @@ def finalize_ingest(
         "config_sha256": config_hash(IngestConfig.model_validate(plan.config)),
         "hash_key_id": plan.key_id,
         "run_id": plan.run_id,
+        "environment": {
+            "code": code_version().model_dump(mode="json"),
+            "packages": package_versions(),
+            "host": host_info().model_dump(mode="json"),
+        },
         "summary": {
             "input_files": len(plan.inputs),
             "items": len(results),

@@ -136,6 +136,9 @@ def test_bad_input_is_reported_and_good_series_still_convert(tmp_path: Path, bad
         assert (dst / (o["path"] + ".prov.json")).is_file()
     assert (dst / "datacard.json").is_file() and (dst / "datacard.md").is_file()
     assert (dst / "provenance.prov.json").is_file()
+    # the run's config and versions are saved next to its outputs
+    assert manifest["config"]["gantry_tilt"] == "resample" and len(manifest["config_sha256"]) == 64
+    assert "pydicom" in manifest["environment"]["packages"]
 
 
 def test_outputs_carry_no_phi(tmp_path: Path, bad_drop) -> None:
