@@ -338,8 +338,13 @@ class GaussianMixtureDenoiser:
         self._weights = w / w.sum()
         self._log_w = torch.log(self._weights)  # -inf for zero weights is fine under log-sum-exp
         self._means = mu
-        self._covs = 0.5 * (C + C.transpose(-1, -2))
         self._shared = bool(all(torch.equal(C[0], C[k]) for k in range(1, K)))
+        # A shared covariance is stored once and exposed as an expanded view (d = 800, K = 25 would
+        # otherwise hold 25 identical 800 x 800 matrices).
+        if self._shared:
+            self._covs = (0.5 * (C[0] + C[0].T)).expand(K, d, d)
+        else:
+            self._covs = 0.5 * (C + C.transpose(-1, -2))
         if self._shared:
             lam, U = _eigh_psd(C[0], "covs[0]")
             self._lam = lam.expand(K, d)
@@ -380,8 +385,8 @@ class GaussianMixtureDenoiser:
 
     @property
     def covs(self) -> Tensor:
-        """Component covariances ``(K, d, d)``."""
-        return self._covs.clone()
+        """Component covariances ``(K, d, d)`` (a read-only expanded view when shared by all components)."""
+        return self._covs if self._shared else self._covs.clone()
 
     @property
     def mean(self) -> Tensor:

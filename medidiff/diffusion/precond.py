@@ -157,7 +157,8 @@ class DiscreteTimesteps:
         return float(self.sigmas[-1])
 
     def __call__(self, sigma: Tensor) -> Tensor:
-        """Timesteps for ``sigma`` (same shape; float32 for ``"interpolate"``, int64 for ``"nearest"``)."""
+        """Timesteps for ``sigma`` (same shape; float in sigma's precision (at least float32) for
+        ``"interpolate"``, int64 for ``"nearest"``)."""
         log_s = torch.log(sigma.detach().to(torch.float64).clamp_min(1e-300))
         ls = self.log_sigmas.to(log_s.device)
         if self.mode == "nearest":
@@ -167,7 +168,7 @@ class DiscreteTimesteps:
         hi = torch.searchsorted(ls, log_s.contiguous()).clamp(1, T - 1)
         lo = hi - 1
         w = (log_s - ls[lo]) / (ls[hi] - ls[lo])
-        return (lo + w).to(torch.float32)
+        return (lo + w).to(torch.promote_types(sigma.dtype, torch.float32))
 
     def sigma_of(self, t: Tensor) -> Tensor:
         """Inverse map: noise level of a (possibly fractional) timestep, log-linear between neighbours."""

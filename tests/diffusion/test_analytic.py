@@ -302,3 +302,24 @@ def test_bad_inputs_raise_clear_errors() -> None:
         D.posterior(torch.zeros(1, D.dim), torch.zeros(1), 0.0)
     with pytest.raises(ValueError, match="y must"):
         D.posterior(torch.zeros(1, D.dim), torch.zeros(2), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["full", "shared"])
+def test_mixture_jacobian_is_posterior_covariance(kind: str) -> None:
+    """Differentiable in x, and dD/dx = Cov[x0 | x] / sigma^2 (second-order Tweedie), with the posterior
+    covariance of a mixture assembled from its components by hand."""
+    D = _mixture(kind, d=4, K=3)
+    sigma = 0.8
+    x = D.sample(1, torch.Generator().manual_seed(17), sigma=sigma)
+    J = torch.autograd.functional.jacobian(lambda v: D(v, sigma)[0], x)[:, 0, :]
+    r = D.responsibilities(x, sigma)[0]
+    eye = torch.eye(4, dtype=F64)
+    second_moment = torch.zeros(4, 4, dtype=F64)
+    for k in range(D.n_components):
+        Gk = GaussianDenoiser(D.means[k], D.covs[k])
+        mk = Gk(x, sigma)[0]
+        Ck = D.covs[k]
+        Sk = Ck - Ck @ torch.linalg.solve(Ck + sigma**2 * eye, Ck)
+        second_moment += r[k] * (Sk + torch.outer(mk, mk))
+    mean = D(x, sigma)[0]
+    torch.testing.assert_close(J, (second_moment - torch.outer(mean, mean)) / sigma**2, rtol=1e-8, atol=1e-10)
