@@ -1,0 +1,254 @@
+"""Linear forward operators ``A`` for the measurement model ``y = A x + n``, ``n ~ N(0, sigma_y^2 I)``.
+
+An operator maps a batch of images ``(B, *in_shape)`` to a batch of measurements ``(B, *out_shape)``
+(:meth:`LinearOperator.forward`) and back with the adjoint ``A^H`` (:meth:`LinearOperator.adjoint`).
+That is all a sampler may assume. Two regularised solves that the samplers need have generic
+conjugate-gradient implementations here and exact ones where an operator knows its structure:
+
+- :meth:`LinearOperator.gram_solve`: ``(alpha I + beta A A^H) u = r`` in measurement space (the
+  covariance of a Gaussian twist ``N(y; A x0_hat, sigma_y^2 I + r^2 A A^H)``);
+- :meth:`LinearOperator.normal_solve`: ``(alpha I + beta A^H A) x = b`` in image space (the proximal
+  step of the likelihood and the Gaussian ``N(0, rho^2 I) exp(-||Ax - y||^2 / 2 sigma_y^2)``).
+
+:class:`MatrixOperator` wraps a dense real ``(m, d)`` matrix for tests and exact-posterior benchmarks;
+imaging operators (MRI, CT, ...) subclass :class:`LinearOperator` the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TypeAlias
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ArrayLike", "LinearOperator", "MatrixOperator", "batch_dot", "conjugate_gradient"]
+
+ArrayLike: TypeAlias = Tensor | np.ndarray
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Real inner product ``Re <a_i, b_i>`` over all but the first (batch) dimension, shape ``(B,)``."""
+    prod = a.conj() * b if a.is_complex() else a * b
+    return prod.reshape(prod.shape[0], -1).sum(1).real
+
+
+def conjugate_gradient(
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    *,
+    tol: float = 1e-8,
+    max_iter: int = 500,
+) -> Tensor:
+    """Solve ``M u = rhs`` for a self-adjoint positive-definite ``M``, one system per batch row.
+
+    Hestenes-Stiefel conjugate gradients, batched: every row runs its own step sizes and stops
+    contributing once its residual falls below ``tol * ||rhs_i||``.
+
+    Args:
+        apply: ``u -> M u`` on a batch ``(B, ...)``.
+        rhs: right-hand sides ``(B, ...)``.
+        tol: relative residual at which a row is converged.
+        max_iter: iteration cap; a row still above ``tol`` then raises.
+
+    Returns:
+        The solutions, shaped like ``rhs``.
+
+    Raises:
+        RuntimeError: if some row has not converged after ``max_iter`` iterations.
+    """
+    u = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rr = batch_dot(r, r)
+    stop = (tol**2) * rr.clamp_min(torch.finfo(rr.dtype).tiny)
+    view = (-1,) + (1,) * (rhs.ndim - 1)
+    for _ in range(max_iter):
+        active = rr > stop
+        if not bool(active.any()):
+            return u
+        Mp = apply(p)
+        pMp = batch_dot(p, Mp)
+        alpha = torch.where(active, rr / torch.where(active, pMp, torch.ones_like(pMp)), torch.zeros_like(rr))
+        u = u + alpha.reshape(view).to(u.dtype) * p
+        r = r - alpha.reshape(view).to(r.dtype) * Mp
+        rr_new = batch_dot(r, r)
+        beta = torch.where(
+            active, rr_new / torch.where(active, rr, torch.ones_like(rr)), torch.zeros_like(rr)
+        )
+        p = r + beta.reshape(view).to(p.dtype) * p
+        rr = rr_new
+    if bool((rr > stop).any()):
+        worst = float((rr / stop.clamp_min(1e-300)).max().sqrt()) * tol
+        raise RuntimeError(
+            f"conjugate gradients did not converge in {max_iter} iterations (relative residual {worst:.2e}); "
+            "raise max_iter or check that the operator is positive definite."
+        )
+    return u
+
+
+class LinearOperator:
+    """A linear map ``A`` from images ``(B, *in_shape)`` to measurements ``(B, *out_shape)``.
+
+    Subclasses implement :meth:`forward` and :meth:`adjoint` (and may override the two solves with
+    exact methods). The adjoint must satisfy ``<A x, y> = <x, A^H y>``; the tests check it for every
+    operator.
+
+    Args:
+        in_shape: shape of one image (without the batch dimension).
+        out_shape: shape of one measurement (without the batch dimension).
+        cg_tol: relative tolerance of the generic conjugate-gradient solves.
+        cg_max_iter: iteration cap of the generic conjugate-gradient solves.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        *,
+        cg_tol: float = 1e-8,
+        cg_max_iter: int = 500,
+    ) -> None:
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.out_shape = tuple(int(s) for s in out_shape)
+        if not self.in_shape or not self.out_shape or min(self.in_shape + self.out_shape) < 1:
+            raise ValueError(f"shapes must be non-empty and positive; got {in_shape} -> {out_shape}.")
+        self.cg_tol = float(cg_tol)
+        self.cg_max_iter = int(cg_max_iter)
+
+    # -- to implement ------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x`` for a batch ``(B, *in_shape) -> (B, *out_shape)``."""
+        raise NotImplementedError
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``A^H y`` for a batch ``(B, *out_shape) -> (B, *in_shape)``."""
+        raise NotImplementedError
+
+    # -- derived -----------------------------------------------------------------------------
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+    @property
+    def in_size(self) -> int:
+        """Number of values in one image."""
+        return math.prod(self.in_shape)
+
+    @property
+    def out_size(self) -> int:
+        """Number of values in one measurement."""
+        return math.prod(self.out_shape)
+
+    @property
+    def is_complex(self) -> bool:
+        """Whether measurements are complex (e.g. k-space); real operators return False."""
+        return False
+
+    def gram_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
+        """Solve ``(alpha I + beta A A^H) u = r`` for a batch of measurements ``r`` (``alpha > 0, beta >= 0``)."""
+        _check_alpha_beta(alpha, beta)
+        return conjugate_gradient(
+            lambda u: alpha * u + beta * self.forward(self.adjoint(u)),
+            r,
+            tol=self.cg_tol,
+            max_iter=self.cg_max_iter,
+        )
+
+    def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
+        """Solve ``(alpha I + beta A^H A) x = b`` for a batch of images ``b`` (``alpha > 0, beta >= 0``)."""
+        _check_alpha_beta(alpha, beta)
+        return conjugate_gradient(
+            lambda x: alpha * x + beta * self.adjoint(self.forward(x)),
+            b,
+            tol=self.cg_tol,
+            max_iter=self.cg_max_iter,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.in_shape} -> {self.out_shape})"
+
+
+def _check_alpha_beta(alpha: float, beta: float) -> None:
+    if not (math.isfinite(alpha) and alpha > 0 and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"need alpha > 0 and beta >= 0 (finite); got alpha={alpha}, beta={beta}.")
+
+
+class MatrixOperator(LinearOperator):
+    """A dense real matrix ``A`` of shape ``(m, d)`` acting on flat vectors ``(B, d) -> (B, m)``.
+
+    Both regularised solves are exact, through the thin SVD ``A = U diag(s) V^T`` computed once
+    (``A A^T = U s^2 U^T``, ``A^T A = V s^2 V^T`` plus zero on the complement of ``V``).
+
+    Args:
+        A: the matrix, a tensor or array of shape ``(m, d)`` with finite real entries.
+
+    Example:
+        ``MatrixOperator(torch.eye(3)[:2]).forward(torch.ones(5, 3)).shape == (5, 2)``.
+    """
+
+    def __init__(self, A: ArrayLike) -> None:
+        t = A if isinstance(A, Tensor) else torch.as_tensor(np.asarray(A))
+        if t.ndim != 2:
+            raise ValueError(f"A must be a matrix of shape (m, d); got shape {tuple(t.shape)}.")
+        if t.is_complex() or not t.is_floating_point():
+            raise TypeError(f"A must be a real floating-point matrix; got dtype {t.dtype}.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("A contains NaN or infinite values.")
+        super().__init__((t.shape[1],), (t.shape[0],))
+        self._A = t.detach().to(torch.float64).clone()
+        U, s, Vh = torch.linalg.svd(self._A, full_matrices=False)
+        self._U, self._s, self._V = U, s, Vh.T
+        self._cache: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    @property
+    def matrix(self) -> Tensor:
+        """The matrix ``A`` (float64, CPU, a copy)."""
+        return self._A.clone()
+
+    def _params(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        key = (str(like.device), like.dtype)
+        if key not in self._cache:
+            dev, dt = like.device, like.dtype
+            self._cache[key] = tuple(t.to(device=dev, dtype=dt) for t in (self._A, self._U, self._s, self._V))  # type: ignore[assignment]
+        return self._cache[key]
+
+    def _check(self, t: Tensor, shape: tuple[int, ...], what: str) -> None:
+        if t.ndim != 2 or tuple(t.shape[1:]) != shape:
+            raise ValueError(f"{what} must have shape (B, {shape[0]}); got {tuple(t.shape)}.")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x`` for ``x`` of shape ``(B, d)``."""
+        self._check(x, self.in_shape, "x")
+        return x @ self._params(x)[0].T
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``A^T y`` for ``y`` of shape ``(B, m)``."""
+        self._check(y, self.out_shape, "y")
+        return y @ self._params(y)[0]
+
+    def gram_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
+        """Exact ``(alpha I + beta A A^T)^{-1} r`` through ``A A^T = U s^2 U^T``."""
+        _check_alpha_beta(alpha, beta)
+        self._check(r, self.out_shape, "r")
+        _, U, s, _ = self._params(r)
+        m = self.out_shape[0]
+        coef = r @ U
+        u = (coef / (alpha + beta * s**2)) @ U.T
+        if U.shape[1] < m:  # A has fewer columns than rows: A A^T is singular on the complement of U
+            u = u + (r - coef @ U.T) / alpha
+        return u
+
+    def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
+        """Exact ``(alpha I + beta A^T A)^{-1} b`` through ``A^T A = V s^2 V^T``."""
+        _check_alpha_beta(alpha, beta)
+        self._check(b, self.in_shape, "b")
+        _, _, s, V = self._params(b)
+        coef = b @ V
+        return b / alpha + (coef * (1.0 / (alpha + beta * s**2) - 1.0 / alpha)) @ V.T
+
+    def __repr__(self) -> str:
+        return f"MatrixOperator(m={self.out_shape[0]}, d={self.in_shape[0]})"
