@@ -1,6 +1,7 @@
 """Reconstruction as posterior sampling with a diffusion prior (``shared/design/SMC.md``).
 
-Forward operators (:class:`LinearOperator`, :class:`MatrixOperator`), three samplers behind one entry
+Forward operators (:class:`LinearOperator`, :class:`MatrixOperator`, MRI, CT, super-resolution,
+inpainting, identity), classical baselines (zero-filled, FBP, TV least squares), three samplers behind one entry
 point (:func:`reconstruct` with ``method`` in ``{"smc", "afdps", "dps"}``) and the weighted-particle
 result (:class:`PosteriorResult`). The compute core imports only numpy and torch.
 """
@@ -10,18 +11,39 @@ from __future__ import annotations
 from medidiff.inverse._common import PosteriorResult
 from medidiff.inverse.afdps import sample_afdps
 from medidiff.inverse.api import METHODS, reconstruct
+from medidiff.inverse.baselines import tv_least_squares, zero_filled
+from medidiff.inverse.ct import ParallelBeamCT, fbp, uniform_angles
 from medidiff.inverse.dps import sample_dps
+from medidiff.inverse.masks import achieved_acceleration, equispaced_mask, poisson_disc_mask, random_mask
+from medidiff.inverse.mri import CartesianMRI, MultiCoilMRI, synthetic_coil_maps
 from medidiff.inverse.operators import LinearOperator, MatrixOperator, conjugate_gradient
+from medidiff.inverse.simple_ops import Downsampling, Identity, Inpainting, measure
 from medidiff.inverse.smc import sample_smc
 
 __all__ = [
     "METHODS",
+    "CartesianMRI",
+    "Downsampling",
+    "Identity",
+    "Inpainting",
     "LinearOperator",
     "MatrixOperator",
+    "MultiCoilMRI",
+    "ParallelBeamCT",
     "PosteriorResult",
+    "achieved_acceleration",
     "conjugate_gradient",
+    "equispaced_mask",
+    "fbp",
+    "measure",
+    "poisson_disc_mask",
+    "random_mask",
     "reconstruct",
     "sample_afdps",
     "sample_dps",
     "sample_smc",
+    "synthetic_coil_maps",
+    "tv_least_squares",
+    "uniform_angles",
+    "zero_filled",
 ]

@@ -132,7 +132,8 @@ def sample_smc(
     sig = [float(s) for s in sigmas]
     steps = len(sig) - 1
     y_b = y.unsqueeze(0)
-    y64 = y.reshape(1, m).to(_F64)
+    # Only the linearized proposal uses y64, and it refuses complex operators (e.g. MRI).
+    y64 = None if y.is_complex() else y.reshape(1, m).to(_F64)
     sy2 = float(sigma_y) ** 2
     adaptive = data_var is None
 
