@@ -13,21 +13,27 @@
    spread (mean norms up to ~140 at d = 80) is not negligible against the initial noise, and every
    sampler inherits that bias. Metric: sliced Wasserstein (100 fixed directions) to 10,000 exact
    posterior samples; floor: N exact samples.
-3. Peer implementation: deepinv's DPS on the same denoiser, if deepinv imports here (see ``peer``).
+3. Peer implementation (``--peer``): deepinv 0.5's DPS and DiffPIR on the same problems and the same exact
+   denoisers, run by ``peer_deepinv.py`` in the separate venv ``.venv-peer`` (``setup_peer_env.sh``);
+   rows "deepinv-dps" and "deepinv-diffpir" join the tables above.
 
 DPS uses the step size (zeta on the gradient of ||y - A D(x)||) that did best in a small sweep on each
 benchmark's middle setting; the sweep is reported.
 
-Run: ``.venv/bin/python benchmarks/bench_posterior.py [--quick] [--markdown PATH]``; prints JSON.
-The full run takes a few minutes on 2 CPU cores.
+Run: ``.venv/bin/python benchmarks/bench_posterior.py [--quick] [--peer] [--markdown PATH]``; prints JSON.
+The full run takes a few minutes on 2 CPU cores (the peer adds about as much again).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +80,14 @@ def gmm_problem(d: int, m: int, seed: int = 0) -> dict[str, Any]:
     x = den.sample(1, g)[0]
     y = A @ x + sigma_y * torch.randn(m, generator=g, dtype=F64)
     return {"denoiser": den, "A": A, "y": y, "sigma_y": sigma_y, "posterior": den.posterior(A, y, sigma_y)}
+
+
+def gmm_reference(prob: dict[str, Any], n_ref: int) -> tuple[Tensor, Tensor]:
+    """Exact posterior samples and the 100 fixed projection directions of the sliced-W metric (seeded, so the
+    peer benchmark in ``peer_deepinv.py`` scores against the very same reference)."""
+    ref = prob["posterior"].sample(n_ref, torch.Generator().manual_seed(5))
+    dirs = random_directions(prob["A"].shape[1], 100, torch.Generator().manual_seed(6))
+    return ref, dirs
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -189,8 +203,7 @@ def gmm_benchmark(
     }
     for d in dims:
         prob = gmm_problem(d, 2)
-        ref = prob["posterior"].sample(n_ref, torch.Generator().manual_seed(5))
-        dirs = random_directions(d, 100, torch.Generator().manual_seed(6))
+        ref, dirs = gmm_reference(prob, n_ref)
 
         def sw(res: PosteriorResult, dirs: Tensor = dirs, ref: Tensor = ref) -> float:
             if not bool(torch.isfinite(res.samples).all()) or res.info.get("diverged", False):
@@ -227,26 +240,58 @@ def gmm_benchmark(
     return out
 
 
-def peer_benchmark() -> dict[str, Any]:
-    """deepinv's DPS on the same denoiser when deepinv can be imported; otherwise say why not."""
+PEER_VENV_PYTHON = Path(__file__).resolve().parent.parent / ".venv-peer" / "bin" / "python"
+PEER_METHODS = ("deepinv-dps", "deepinv-diffpir")
+
+
+def _skipped(reason: str) -> dict[str, Any]:
+    return {"peer": "deepinv.sampling.DPS / DiffPIR", "status": "skipped", "reason": reason}
+
+
+def peer_benchmark(cfg: dict[str, Any], threads: int, requested: bool) -> dict[str, Any]:
+    """deepinv's DPS and DiffPIR on the same problems and denoiser (``peer_deepinv.py``), or why not.
+
+    deepinv 0.5 imports torchvision, and no torchvision wheel reachable here loads beside the project's
+    CPU build of torch 2.13, so the peer runs in a separate venv (``.venv-peer``, built by
+    ``benchmarks/setup_peer_env.sh``) as a subprocess; its JSON is returned as is (rows included).
+    """
+    if not requested:
+        return _skipped("not requested (pass --peer; needs .venv-peer from benchmarks/setup_peer_env.sh).")
+    if PEER_VENV_PYTHON.exists():
+        python = str(PEER_VENV_PYTHON)
+    elif importlib.util.find_spec("deepinv") is not None:
+        python = sys.executable
+    else:
+        return _skipped(
+            f"{PEER_VENV_PYTHON} does not exist and deepinv is not installed here: run "
+            "`bash benchmarks/setup_peer_env.sh` first. (deepinv 0.5 imports torchvision at import time; the "
+            "torchvision wheels reachable from this machine fail to load their compiled ops against the "
+            "project's CPU build of torch 2.13, hence a separate venv with torch 2.14.1 + torchvision 0.29.1.)"
+        )
+    script = Path(__file__).resolve().parent / "peer_deepinv.py"
+    cmd = [python, str(script), "--config", json.dumps(cfg), "--threads", str(threads)]
     try:
-        import deepinv  # noqa: F401
-    except Exception as exc:  # ImportError, or torchvision failing to load its compiled ops
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    except subprocess.TimeoutExpired:
+        return {**_skipped("peer_deepinv.py ran past 3600 s."), "status": "failed"}
+    if proc.returncode != 0:
         return {
-            "peer": "deepinv.sampling.DPS",
-            "status": "skipped",
-            "reason": (
-                f"deepinv cannot be imported here ({type(exc).__name__}: {str(exc)[:160]}). deepinv 0.5.0 "
-                "imports torchvision at import time; the only torchvision wheels reachable from this machine "
-                "are CUDA builds, which fail to load their compiled ops against the CPU build of torch 2.13 "
-                "('operator torchvision::nms does not exist'), and the CPU wheel index is not reachable."
-            ),
+            **_skipped(f"peer_deepinv.py exited {proc.returncode}: {proc.stderr[-2000:]}"),
+            "status": "failed",
         }
-    return {
-        "peer": "deepinv.sampling.DPS",
-        "status": "skipped",
-        "reason": "deepinv imports, but the side-by-side adapter is not written yet (see report).",
-    }
+    return json.loads(proc.stdout)
+
+
+def merge_peer(result: dict[str, Any], peer: dict[str, Any]) -> None:
+    """Move the peer's rows into the Gaussian and GMM tables, next to medidiff's rows of the same setting."""
+    for kind in ("gaussian", "gmm"):
+        rows = peer.get(kind, {}).pop("rows", [])
+        if not rows:
+            continue
+        merged = result[kind]["rows"] + rows
+        # Stable sort: exact first, then medidiff's methods and the peer's, per (d, N, steps).
+        merged.sort(key=lambda r: (r["d"], r["N"], -1 if r["steps"] is None else r["steps"]))
+        result[kind]["rows"] = merged
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:
@@ -289,9 +334,30 @@ def to_markdown(result: dict[str, Any]) -> str:
     for key, val in m.items():
         if key.startswith(("dps_step_sweep", "posterior_weights")):
             lines.append(f"- {key}: {val}")
-    p = result["peer"]
-    lines += ["", f"## Peer: {p['peer']}", "", f"{p['status']}: {p['reason']}", ""]
+    lines += ["", *peer_markdown(result["peer"]), ""]
     return "\n".join(lines)
+
+
+def peer_markdown(p: dict[str, Any]) -> list[str]:
+    """The peer section: what ran, the convention checks and the step-size sweeps (rows are in the tables)."""
+    lines = [f"## Peer: {p['peer']}", ""]
+    if p["status"] != "ok":
+        return [*lines, f"{p['status']}: {p['reason']}"]
+    v = p["versions"]
+    lines += [
+        f"deepinv {v['deepinv']} (torch {v['torch']}, separate venv `.venv-peer`), rows `deepinv-dps` and "
+        "`deepinv-diffpir` in the tables above: N independent deepinv samples (one batch), the same problems, "
+        "measurements and exact denoisers, the problem mapped exactly onto deepinv's [0, 1] image range "
+        "(`peer_deepinv.py`). DPS: `deepinv.sampling.DPS` defaults (VP schedule uniform in t, DDPM solver), "
+        "`steps` denoiser evaluations with back-propagation; DiffPIR: `deepinv.sampling.DiffPIR` with the L2 "
+        "data fidelity, `steps` iterations. The 1000-step DPS rows are deepinv's default step count.",
+        "",
+        f"- Convention checks: {p['checks']}",
+    ]
+    for kind in ("gaussian", "gmm"):
+        for key, val in p.get(kind, {}).items():
+            lines.append(f"- {kind} {key}: {val}")
+    return lines
 
 
 def main() -> None:
@@ -303,6 +369,11 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)"
     )
     ap.add_argument("--markdown", default=None, help="also write the tables as markdown to this path")
+    ap.add_argument(
+        "--peer",
+        action="store_true",
+        help="also run deepinv's DPS and DiffPIR (peer_deepinv.py in .venv-peer; see setup_peer_env.sh)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -320,7 +391,8 @@ def main() -> None:
     result: dict[str, Any] = {"config": {**cfg, "threads": args.threads, "dtype": "float64", "seed": 7}}
     result["gaussian"] = gaussian_benchmark(cfg["gauss_d"], cfg["ns"], cfg["steps"], dps_steps)
     result["gmm"] = gmm_benchmark(cfg["gmm_d"], cfg["ns"], cfg["steps"], dps_steps, cfg["n_ref"])
-    result["peer"] = peer_benchmark()
+    result["peer"] = peer_benchmark(cfg, args.threads, args.peer)
+    merge_peer(result, result["peer"])
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=1))
     if args.markdown:
