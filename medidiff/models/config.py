@@ -1,0 +1,331 @@
+"""Typed configs of the latent diffusion model and its training (pydantic, loaded from YAML).
+
+A :class:`ModelConfig` ties together the autoencoder (MONAI ``AutoencoderKL``), the latent denoising
+network (MONAI ``DiffusionModelUNet``), its DDPM noise schedule and one :class:`TrainConfig` per
+training stage. It also states the patch size and voxel spacing the model works at, so shapes are
+checked once, here, instead of failing deep inside a convolution::
+
+    cfg = load_model_config("configs/model_tiny.yaml")
+    ae = build_autoencoder(cfg.autoencoder)
+
+Conditioning of the latent network (see :class:`DiffusionUNetConfig`):
+
+- modality: ``num_class_embeds`` turns on MONAI's class embedding (added to the time embedding);
+  the class label is the batch's ``"modality"`` code (0 = CT, 1 = MR, 2 = other).
+- voxel spacing: ``spacing_conditioning="channels"`` appends three constant input channels holding
+  ``log2(spacing_mm / spacing_reference_mm)`` per axis (0 at the reference spacing, +1 per doubling).
+  MONAI's UNet takes them as ordinary input channels; a continuous code needs no binning and works
+  the same in 2D and 3D (a 2D slice still has a slice thickness).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medidiff.config import ConfigError, load_config
+
+__all__ = [
+    "MODALITY_CODES",
+    "SPACING_CHANNELS",
+    "AutoencoderConfig",
+    "ConfigError",
+    "DiffusionUNetConfig",
+    "DiscriminatorConfig",
+    "ModelConfig",
+    "NoiseScheduleConfig",
+    "TrainConfig",
+    "load_model_config",
+]
+
+# Codes of the batch's "modality" tensor (fixed by the data pipeline).
+MODALITY_CODES: dict[str, int] = {"CT": 0, "MR": 1, "OT": 2}
+SPACING_CHANNELS = 3  # one log-spacing channel per physical axis, also for 2D slices
+
+Stage = Literal["autoencoder", "latent"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_levels(
+    name: str,
+    channels: tuple[int, ...],
+    attention_levels: tuple[bool, ...],
+    num_res_blocks: int | tuple[int, ...],
+    norm_num_groups: int,
+) -> None:
+    """Shared checks of MONAI encoder/decoder level lists (MONAI's own errors are less specific)."""
+    if len(attention_levels) != len(channels):
+        raise ValueError(
+            f"{name}: attention_levels has {len(attention_levels)} entries but channels has "
+            f"{len(channels)}; give one flag per level"
+        )
+    if isinstance(num_res_blocks, tuple) and len(num_res_blocks) != len(channels):
+        raise ValueError(
+            f"{name}: num_res_blocks has {len(num_res_blocks)} entries but channels has {len(channels)}; "
+            "give one count per level or a single integer"
+        )
+    bad = [c for c in channels if c % norm_num_groups]
+    if bad:
+        raise ValueError(
+            f"{name}: channels {bad} are not multiples of norm_num_groups={norm_num_groups} "
+            "(GroupNorm needs whole groups)"
+        )
+
+
+class AutoencoderConfig(_Strict):
+    """Arguments of MONAI's ``AutoencoderKL`` (KL-regularised VAE of the latent diffusion model).
+
+    The encoder halves the resolution ``len(channels) - 1`` times (see :attr:`downsample_factor`).
+    """
+
+    spatial_dims: Literal[2, 3] = 3
+    in_channels: int = Field(1, ge=1)
+    out_channels: int = Field(1, ge=1)
+    channels: tuple[int, ...] = Field((32, 64, 64), min_length=1)
+    latent_channels: int = Field(3, ge=1)
+    num_res_blocks: int | tuple[int, ...] = 1
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = Field(16, ge=1)
+    norm_eps: float = Field(1e-6, gt=0)
+    with_encoder_nonlocal_attn: bool = False
+    with_decoder_nonlocal_attn: bool = False
+    use_checkpoint: bool = Field(False, description="gradient checkpointing (less memory, slower)")
+    use_convtranspose: bool = False
+    use_flash_attention: bool = False
+
+    @model_validator(mode="after")
+    def _levels(self) -> Self:
+        _check_levels(
+            "autoencoder", self.channels, self.attention_levels, self.num_res_blocks, self.norm_num_groups
+        )
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """Ratio of image size to latent size along each axis."""
+        return 2 ** (len(self.channels) - 1)
+
+
+class DiffusionUNetConfig(_Strict):
+    """Arguments of MONAI's ``DiffusionModelUNet`` plus the conditioning it receives.
+
+    ``in_channels`` counts the channels of the diffused data (the autoencoder's latent channels);
+    the network predicts the same number of channels. With ``spacing_conditioning="channels"`` the
+    network itself takes :data:`SPACING_CHANNELS` more input channels (see the module docstring).
+    """
+
+    spatial_dims: Literal[2, 3] = 3
+    in_channels: int = Field(3, ge=1, description="channels of the diffused data (latent channels)")
+    channels: tuple[int, ...] = Field((64, 128, 128), min_length=1)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int | tuple[int, ...] = 1
+    norm_num_groups: int = Field(16, ge=1)
+    norm_eps: float = Field(1e-6, gt=0)
+    resblock_updown: bool = False
+    num_head_channels: int | tuple[int, ...] = 16
+    transformer_num_layers: int = Field(1, ge=1)
+    upcast_attention: bool = True
+    use_flash_attention: bool = False
+    num_class_embeds: int | None = Field(
+        None, description="modality conditioning: number of classes (>= 3 for CT/MR/other); None = off"
+    )
+    spacing_conditioning: Literal["none", "channels"] = "none"
+    spacing_reference_mm: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> Self:
+        _check_levels("unet", self.channels, self.attention_levels, self.num_res_blocks, self.norm_num_groups)
+        heads = (
+            self.num_head_channels
+            if isinstance(self.num_head_channels, tuple)
+            else (self.num_head_channels,) * len(self.channels)
+        )
+        if len(heads) != len(self.channels):
+            raise ValueError("unet: num_head_channels needs one entry per level or a single integer")
+        for c, h, att in zip(self.channels, heads, self.attention_levels, strict=True):
+            if att and c % h:
+                raise ValueError(f"unet: channels {c} at an attention level is not a multiple of {h} heads")
+        if self.num_class_embeds is not None and self.num_class_embeds < len(MODALITY_CODES):
+            raise ValueError(
+                f"unet: num_class_embeds={self.num_class_embeds} cannot hold the {len(MODALITY_CODES)} "
+                f"modality codes {MODALITY_CODES}; use >= {len(MODALITY_CODES)} or null"
+            )
+        return self
+
+    @property
+    def network_in_channels(self) -> int:
+        """Input channels of the MONAI network (data channels plus conditioning channels)."""
+        return self.in_channels + (SPACING_CHANNELS if self.spacing_conditioning == "channels" else 0)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+class NoiseScheduleConfig(_Strict):
+    """MONAI ``DDPMScheduler`` used to train the latent network."""
+
+    num_train_timesteps: int = Field(1000, ge=2)
+    schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
+    beta_start: float = Field(0.0015, gt=0, lt=1)
+    beta_end: float = Field(0.0195, gt=0, lt=1)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+
+    @model_validator(mode="after")
+    def _betas(self) -> Self:
+        if self.beta_start >= self.beta_end:
+            raise ValueError(f"beta_start={self.beta_start} must be below beta_end={self.beta_end}")
+        return self
+
+
+class DiscriminatorConfig(_Strict):
+    """MONAI ``PatchDiscriminator`` of the optional adversarial autoencoder loss."""
+
+    channels: int = Field(32, ge=1)
+    num_layers_d: int = Field(3, ge=1)
+    norm: Literal["BATCH", "INSTANCE"] = "BATCH"
+
+    @property
+    def min_input_size(self) -> int:
+        """Smallest patch side it accepts: ``num_layers_d`` halvings, then two 4-wide convolutions."""
+        return 3 * 2**self.num_layers_d
+
+
+class TrainConfig(_Strict):
+    """One training stage.
+
+    The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine from ``lr``
+    down to ``lr * min_lr_ratio`` at ``steps`` (a pure function of the step; nothing to checkpoint).
+    ``batch_size`` is read by whoever builds the data loader; the training loop takes the batches it
+    is given.
+    """
+
+    stage: Stage
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null = no clipping")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="0 keeps the EMA equal to the weights")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_nonfinite: int = Field(
+        10, ge=1, description="fail after this many consecutive steps skipped for non-finite loss/gradients"
+    )
+    # autoencoder losses
+    kl_weight: float = Field(1e-6, ge=0)
+    perceptual_weight: float = Field(0.0, ge=0)
+    perceptual_network: Literal["resnet50"] = "resnet50"
+    perceptual_weights: Path | None = Field(
+        None, description="local weights file of the perceptual network; never downloaded"
+    )
+    adversarial_weight: float = Field(0.0, ge=0)
+    adversarial_start: int = Field(0, ge=0, description="step from which the adversarial loss is used")
+    discriminator: DiscriminatorConfig = DiscriminatorConfig()
+    eval_batches: int = Field(4, ge=0, description="batches for the final EMA reconstruction PSNR")
+    # latent stage
+    scale_factor_batches: int = Field(
+        8, ge=1, description="batches whose latents give the scale factor 1/std (LDM convention)"
+    )
+    # bookkeeping
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(500, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas {self.adam_betas} must lie in [0, 1)")
+        if self.stage == "latent" and (self.perceptual_weight > 0 or self.adversarial_weight > 0):
+            raise ValueError("perceptual and adversarial losses belong to the autoencoder stage")
+        return self
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimisation step ``step`` (0-based): linear warmup, then cosine."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+
+
+class ModelConfig(_Strict):
+    """The whole latent diffusion model: networks, noise schedule, input geometry and training.
+
+    ``patch_size`` is the spatial size of the training crops (voxels) and ``spacing_mm`` the voxel
+    spacing they are resampled to; both go into the model card as the model's working resolution.
+    """
+
+    name: str = Field("medidiff-ldm", min_length=1)
+    patch_size: tuple[int, ...] = (32, 32, 32)
+    spacing_mm: float = Field(2.0, gt=0)
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    unet: DiffusionUNetConfig = DiffusionUNetConfig()
+    scheduler: NoiseScheduleConfig = NoiseScheduleConfig()
+    autoencoder_training: TrainConfig = TrainConfig(stage="autoencoder")
+    latent_training: TrainConfig = TrainConfig(stage="latent")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        ae, unet = self.autoencoder, self.unet
+        if unet.spatial_dims != ae.spatial_dims:
+            raise ValueError(f"unet.spatial_dims={unet.spatial_dims} but autoencoder has {ae.spatial_dims}")
+        if len(self.patch_size) != ae.spatial_dims:
+            raise ValueError(
+                f"patch_size {self.patch_size} has {len(self.patch_size)} axes; spatial_dims is {ae.spatial_dims}"
+            )
+        if unet.in_channels != ae.latent_channels:
+            raise ValueError(
+                f"unet.in_channels={unet.in_channels} must equal autoencoder.latent_channels={ae.latent_channels}"
+            )
+        f = ae.downsample_factor * unet.downsample_factor
+        if any(s % f for s in self.patch_size):
+            raise ValueError(
+                f"patch_size {self.patch_size} must be divisible by {f} (autoencoder downsamples by "
+                f"{ae.downsample_factor}, the UNet by {unet.downsample_factor})"
+            )
+        at = self.autoencoder_training
+        if at.adversarial_weight > 0 and min(self.patch_size) < at.discriminator.min_input_size:
+            raise ValueError(
+                f"patch_size {self.patch_size} is too small for a discriminator with num_layers_d="
+                f"{at.discriminator.num_layers_d} (needs >= {at.discriminator.min_input_size}); lower num_layers_d"
+            )
+        if self.autoencoder_training.stage != "autoencoder":
+            raise ValueError("autoencoder_training.stage must be 'autoencoder'")
+        if self.latent_training.stage != "latent":
+            raise ValueError("latent_training.stage must be 'latent'")
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(latent_channels, *spatial)`` of one encoded patch."""
+        f = self.autoencoder.downsample_factor
+        return (self.autoencoder.latent_channels, *(s // f for s in self.patch_size))
+
+    def training(self, stage: Stage) -> TrainConfig:
+        """The :class:`TrainConfig` of ``stage``."""
+        if stage == "autoencoder":
+            return self.autoencoder_training
+        if stage == "latent":
+            return self.latent_training
+        raise ValueError(f"stage must be 'autoencoder' or 'latent', got {stage!r}")
+
+
+def load_model_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """Load and validate a :class:`ModelConfig` from YAML/JSON (``None`` gives the defaults).
+
+    Raises:
+        ConfigError: missing or unparsable file, or a field failing validation (named in the message).
+    """
+    return load_config(path, ModelConfig, overrides)
