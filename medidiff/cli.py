@@ -171,6 +171,49 @@ def demo_data(
     console.print(f"Demo cohort written to [bold]{dst}[/bold]: {result}")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  medidiff train configs/model_demo.yaml configs/data_demo.yaml runs/demo\n\n"
+        "  medidiff train configs/model_demo.yaml configs/data_demo.yaml runs/demo --stage latent\n\n"
+        "Run it again on the same folder to resume from the latest checkpoint."
+    )
+)
+def train(
+    model_config: Annotated[Path, typer.Argument(help="Model YAML (networks, schedule, training).")],
+    data_config: Annotated[
+        Path, typer.Argument(help="Data YAML (manifest, spacing, patches, normalisation).")
+    ],
+    out: Annotated[Path, typer.Argument(help="Run folder; resumed if it holds checkpoints.")],
+    stage: Annotated[str, typer.Option(help="autoencoder, latent or both.")] = "both",
+    until_step: Annotated[int | None, typer.Option(help="Stop each stage after this step.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
+    ] = None,
+) -> None:
+    """Train the 3D autoencoder and the latent diffusion model on an ingest manifest."""
+    from medidiff.config import ConfigError
+    from medidiff.stages.train import train_stage
+
+    if stage not in ("autoencoder", "latent", "both"):
+        console.print(f"[red]error:[/red] --stage must be autoencoder, latent or both, not {stage!r}")
+        raise typer.Exit(2)
+    try:
+        result = train_stage(
+            model_config, data_config, out, stage=stage, until_step=until_step, device=device
+        )  # type: ignore[arg-type]
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    table = Table(title="Training")
+    for col in ("stage", "step", "last loss", "skipped", "checkpoint"):
+        table.add_column(col)
+    for name, r in result.items():
+        last = next((f"{x:.4g}" for x in reversed(r.losses) if x == x), "-")
+        table.add_row(name, str(r.step), last, str(r.skipped), str(r.checkpoint))
+    console.print(table)
+
+
 def run() -> None:  # pragma: no cover - console entry point helper
     sys.exit(app())
 

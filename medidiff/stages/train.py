@@ -1,0 +1,155 @@
+"""Train stage: an ingest manifest and two YAML configs to autoencoder and latent-diffusion checkpoints.
+
+``train_stage`` wires :mod:`medidiff.data` (manifest, subject split, MONAI pipeline) to
+:func:`medidiff.train.loop.train`. Layout of ``out_dir``::
+
+    split.json                  subject-level train/val/test split
+    autoencoder/ckpt-<step>/    autoencoder checkpoints (+ model card, provenance)
+    autoencoder/data.json       the training data: config, split sizes, normalisation, data card
+    latent/ckpt-<step>/         latent diffusion checkpoints (carry the autoencoder weights)
+    latent/data.json
+
+Calling it again on the same folder resumes from the latest checkpoint of each stage (exactly,
+on a deterministic device), so a retried Prefect task continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from medidiff.io.atomic import atomic_write_json
+
+__all__ = ["EpochData", "TrainStageResult", "train_stage"]
+
+StageName = Literal["autoencoder", "latent", "both"]
+
+
+class EpochData:
+    """A re-iterable of batches whose content depends only on (seed, epoch).
+
+    The training loop calls :meth:`set_epoch` before each pass, which is what exact resume needs:
+    the epoch replays identically and the loop skips the batches it has already seen.
+    """
+
+    def __init__(self, cfg: Any, split: str, dataset: Any) -> None:
+        self.cfg = cfg
+        self.split = split
+        self.dataset = dataset
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _generator(self) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.cfg.seed}:{self.split}:{self.epoch}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from medidiff.data import build_loader
+
+        return iter(build_loader(self.cfg, self.split, self._generator(), dataset=self.dataset))  # type: ignore[arg-type]
+
+
+class TrainStageResult(dict):
+    """``{"autoencoder": TrainResult, "latent": TrainResult}`` for the stages that ran."""
+
+
+def _check_compatible(model_cfg: Any, data_cfg: Any) -> None:
+    if tuple(model_cfg.patch_size) != tuple(data_cfg.patch_size):
+        raise ValueError(
+            f"the model config's patch_size {tuple(model_cfg.patch_size)} differs from the data config's "
+            f"{tuple(data_cfg.patch_size)}; set both to the same size"
+        )
+    if data_cfg.target_spacing is not None and any(
+        abs(s - float(model_cfg.spacing_mm)) > 1e-6 for s in data_cfg.target_spacing
+    ):
+        raise ValueError(
+            f"the model is configured for {model_cfg.spacing_mm} mm voxels but the data config resamples to "
+            f"{tuple(data_cfg.target_spacing)} mm; make them agree"
+        )
+
+
+def train_stage(
+    model_config: str | Path,
+    data_config: str | Path,
+    out_dir: str | Path,
+    *,
+    stage: StageName = "both",
+    until_step: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> TrainStageResult:
+    """Train the autoencoder and/or the latent diffusion model on an ingest manifest.
+
+    Args:
+        model_config: YAML model config (e.g. ``configs/model_demo.yaml``).
+        data_config: YAML data config (e.g. ``configs/data_demo.yaml``).
+        out_dir: run folder (see the module docstring).
+        stage: ``"autoencoder"``, ``"latent"`` (needs ``out_dir/autoencoder``) or ``"both"``.
+        until_step: stop each stage after this step (a later call continues).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available.
+        progress: show progress bars.
+
+    Raises:
+        ConfigError: a config file does not validate.
+        ValueError: the two configs disagree (patch size, spacing).
+        ManifestError: the manifest is missing, inconsistent, or its files changed since ingest.
+    """
+    from medidiff.config import load_config
+    from medidiff.data import (
+        DataConfig,
+        build_dataset,
+        data_summary,
+        datacard_ref,
+        manifest_file,
+        read_manifest,
+        resolve_splits,
+    )
+    from medidiff.data.split import write_splits
+    from medidiff.models.config import load_model_config
+    from medidiff.train.loop import train
+
+    model_cfg = load_model_config(model_config)
+    data_cfg = load_config(data_config, DataConfig)
+    _check_compatible(model_cfg, data_cfg)
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    entries = read_manifest(data_cfg.manifest, verify=data_cfg.verify_hashes)
+    card = datacard_ref(data_cfg.manifest)
+    splits = resolve_splits(data_cfg, entries, datacard=card)
+    write_splits(splits, run / "split.json")
+    summary = data_summary(data_cfg, splits, datacard=card)
+    card_path = Path(card.path) if card is not None else None
+    train_set = build_dataset(data_cfg, "train", entries=entries, splits=splits)
+    train_data = EpochData(data_cfg, "train", train_set)
+    eval_data = None
+    if splits.subjects("val"):
+        eval_data = EpochData(data_cfg, "val", build_dataset(data_cfg, "val", entries=entries, splits=splits))
+
+    result = TrainStageResult()
+    stages = ["autoencoder", "latent"] if stage == "both" else [stage]
+    for st in stages:
+        stage_dir = run / st
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            stage_dir / "data.json",
+            {**summary, "manifest": str(manifest_file(data_cfg.manifest)), "model_config": str(model_config)},
+        )
+        result[st] = train(
+            model_cfg,
+            train_data,
+            stage_dir,
+            stage=st,  # type: ignore[arg-type]
+            autoencoder=run / "autoencoder" if st == "latent" else None,
+            device=device,
+            datacard=card_path,
+            eval_data=eval_data if st == "autoencoder" else None,
+            until_step=until_step,
+            progress=progress,
+        )
+    return result
