@@ -48,7 +48,7 @@ def montage(
         paths: NIfTI files (any orientation; reoriented to RAS first).
         out_png: the picture to write (atomically).
         titles: one label per row (default: the file names).
-        scale: nearest-neighbour magnification of the pixels.
+        scale: magnification (pixels per smallest voxel size); slices keep their physical aspect.
         percentiles: intensity window per volume.
 
     Raises:
@@ -64,25 +64,34 @@ def montage(
     labels = list(titles) if titles is not None else [Path(p).name for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"{len(labels)} titles for {len(paths)} volumes")
-    rows: list[list[np.ndarray]] = []
+    rows: list[list[Image.Image]] = []
     for p in paths:
         img = nib.as_closest_canonical(nib.load(str(p)))
         arr = np.asarray(img.dataobj, dtype=np.float32)
         lo, hi = np.percentile(arr[np.isfinite(arr)], percentiles)
-        rows.append([_to_uint8(s, lo, hi) for s in mid_slices(arr)])
-    cell_h = max(s.shape[0] for r in rows for s in r) * scale
-    cell_w = max(s.shape[1] for r in rows for s in r) * scale
+        zi, zj, zk = (float(z) for z in img.header.get_zooms()[:3])
+        unit = min(zi, zj, zk)
+        # (row, column) voxel sizes of the axial, coronal and sagittal pictures: square millimetres
+        sizes = [(zj, zi), (zk, zi), (zk, zj)]
+        tiles = []
+        for sl, (zr, zc) in zip(mid_slices(arr), sizes, strict=True):
+            h = max(1, round(sl.shape[0] * zr / unit * scale))
+            w = max(1, round(sl.shape[1] * zc / unit * scale))
+            tiles.append(Image.fromarray(_to_uint8(sl, lo, hi)).resize((w, h), Image.NEAREST))
+        rows.append(tiles)
+    row_h = [max(t.size[1] for t in r) for r in rows]
+    cell_w = max(t.size[0] for r in rows for t in r)
     label_w, pad = 150, 4
-    canvas = Image.new("L", (label_w + 3 * (cell_w + pad), len(rows) * (cell_h + pad) + 16), 0)
+    canvas = Image.new("L", (label_w + 3 * (cell_w + pad), sum(row_h) + pad * len(rows) + 16), 0)
     draw = ImageDraw.Draw(canvas)
     for c, name in enumerate(("axial (R|L)", "coronal (R|L)", "sagittal (P|A)")):
         draw.text((label_w + c * (cell_w + pad) + 2, 2), name, fill=255)
-    for r, (label, slices) in enumerate(zip(labels, rows, strict=True)):
-        y = 16 + r * (cell_h + pad)
-        draw.text((2, y + cell_h // 2 - 6), label[:22], fill=255)
-        for c, s in enumerate(slices):
-            tile = Image.fromarray(s).resize((s.shape[1] * scale, s.shape[0] * scale), Image.NEAREST)
+    y = 16
+    for label, slices, h in zip(labels, rows, row_h, strict=True):
+        draw.text((2, y + h // 2 - 6), label[:22], fill=255)
+        for c, tile in enumerate(slices):
             canvas.paste(tile, (label_w + c * (cell_w + pad), y))
+        y += h + pad
     out = Path(out_png)
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")

@@ -36,5 +36,5 @@ def test_montage_writes_one_row_per_volume(tmp_path: Path) -> None:
         paths.append(p)
     out = montage(paths, tmp_path / "m.png", titles=["a", "b"], scale=2)
     img = Image.open(out)
-    # rows are as tall as the tallest slice: axial (j=12) for the first volume
-    assert img.size[1] == 16 + 2 * (12 * 2 + 4)
+    # each row is as tall as its tallest slice: 12 voxels (axial, j) and 8 voxels, at scale 2
+    assert img.size[1] == 16 + (12 * 2 + 4) + (8 * 2 + 4)
