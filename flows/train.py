@@ -1,0 +1,97 @@
+"""Prefect flow for the train stage: one task per training stage, checkpoints between them.
+
+Run it once::
+
+    python -m flows.train configs/model_demo.yaml configs/data_demo.yaml runs/demo
+
+A task that fails with a transient error (I/O, a lost or busy GPU, a killed worker) is retried,
+and a retry, like a rerun of the whole flow, calls :func:`medidiff.stages.train.train_stage` on the
+same run folder, which continues from the stage's latest checkpoint (``<out>/<stage>/latest``)
+instead of starting again. Configuration errors and diverged training are not retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from medidiff.stages.train import train_stage
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry I/O and runtime failures (the retry resumes); never bad configs or diverged training."""
+    from medidiff.train.loop import NonFiniteLossError
+
+    try:
+        state.result()
+    except NonFiniteLossError:
+        return False  # resuming would replay the same steps into the same NaN
+    except (OSError, RuntimeError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="train-stage",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,  # resuming is the library's job: it reads <out>/<stage>/latest
+    task_run_name="train-{stage}",
+)
+def train_task(
+    config: str,
+    data_config: str,
+    out_dir: str,
+    stage: str,
+    until_step: int | None = None,
+    device: str | None = None,
+) -> str:
+    """Train (or resume) one stage; returns the path of its last checkpoint.
+
+    ``config`` is the model YAML (a parameter named ``model_config`` would clash with pydantic,
+    which Prefect uses to validate parameters).
+    """
+    result = train_stage(
+        config, data_config, out_dir, stage=stage, until_step=until_step, device=device, progress=False
+    )  # type: ignore[arg-type]
+    return str(result[stage].checkpoint)
+
+
+@flow(name="medidiff-train", log_prints=False)
+def train_flow(
+    config: str,
+    data_config: str,
+    out_dir: str,
+    stage: str = "both",
+    until_step: int | None = None,
+    device: str | None = None,
+) -> str:
+    """Train the autoencoder, then the latent diffusion model on it; returns the last checkpoint's path."""
+    if stage not in ("autoencoder", "latent", "both"):
+        raise ValueError(f"stage must be autoencoder, latent or both, not {stage!r}")
+    stages = ["autoencoder", "latent"] if stage == "both" else [stage]
+    ckpt = ""
+    for st in stages:
+        ckpt = train_task(config, data_config, out_dir, st, until_step, device)
+    return ckpt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="model YAML")
+    p.add_argument("data_config")
+    p.add_argument("out_dir")
+    p.add_argument("--stage", default="both", choices=["autoencoder", "latent", "both"])
+    p.add_argument("--until-step", type=int, default=None)
+    p.add_argument("--device", default=None)
+    a = p.parse_args()
+    print(train_flow(a.config, a.data_config, a.out_dir, a.stage, a.until_step, a.device))
+
+
+if __name__ == "__main__":
+    main()
