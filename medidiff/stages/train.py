@@ -91,7 +91,8 @@ def train_stage(
         data_config: YAML data config (e.g. ``configs/data_demo.yaml``).
         out_dir: run folder (see the module docstring).
         stage: ``"autoencoder"``, ``"latent"`` (needs ``out_dir/autoencoder``) or ``"both"``.
-        until_step: stop each stage after this step (a later call continues).
+        until_step: stop each stage after this step (a later call continues). With ``"both"``, the
+            latent stage starts only once the autoencoder has finished all its steps.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available.
         progress: show progress bars.
 
@@ -140,6 +141,14 @@ def train_stage(
             stage_dir / "data.json",
             {**summary, "manifest": str(manifest_file(data_cfg.manifest)), "model_config": str(model_config)},
         )
+        if (
+            st == "latent"
+            and "autoencoder" in result
+            and result["autoencoder"].step < model_cfg.training("autoencoder").steps
+        ):
+            # The latent stage is bound to one autoencoder checkpoint (by hash): starting it on an
+            # unfinished autoencoder would make the next call refuse to resume. Finish that first.
+            break
         result[st] = train(
             model_cfg,
             train_data,
