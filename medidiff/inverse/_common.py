@@ -14,6 +14,7 @@ from medidiff.inverse.operators import LinearOperator, batch_dot
 
 __all__ = [
     "Denoiser",
+    "ForwardModel",
     "PosteriorResult",
     "StepCallback",
     "chunks",
@@ -54,6 +55,8 @@ class PosteriorResult:
         nfe: denoiser evaluations per particle (forward passes; backward passes are counted in ``info``).
         method: the sampler that produced it.
         sigmas: the noise levels walked, ``(steps + 1,)`` ending in 0.
+        latents: latent priors only: the latent particles ``(N, *latent_shape)`` (``samples``, ``mean``
+            and ``std`` are then decoded images); None for pixel-space priors or ``keep_samples=False``.
         info: sampler-specific diagnostics (settings used, backward passes, ...).
     """
 
@@ -68,6 +71,7 @@ class PosteriorResult:
     nfe: int
     method: str
     sigmas: Tensor
+    latents: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,7 +135,13 @@ def denoise(denoiser: Denoiser, x: Tensor, sigma: float) -> Tensor:
     return out.to(x.dtype)
 
 
-def log_likelihood(operator: LinearOperator, x: Tensor, y: Tensor, sigma_y: float) -> Tensor:
+class ForwardModel(Protocol):
+    """Anything with ``forward(x) -> measurements``: a :class:`LinearOperator` or a latent ``A o Dec``."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+
+def log_likelihood(operator: LinearOperator | ForwardModel, x: Tensor, y: Tensor, sigma_y: float) -> Tensor:
     """``-||A x - y||^2 / (2 sigma_y^2)`` per particle, float64 (constants dropped)."""
     r = operator.forward(x) - y
     return -0.5 * batch_dot(r, r).to(torch.float64) / sigma_y**2

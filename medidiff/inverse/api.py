@@ -16,10 +16,11 @@ from medidiff.diffusion.schedules import karras_sigmas
 from medidiff.inverse._common import Denoiser, PosteriorResult, StepCallback
 from medidiff.inverse.afdps import AFDPS_VARIANTS, sample_afdps
 from medidiff.inverse.dps import sample_dps
+from medidiff.inverse.latent import ComposedOperator
 from medidiff.inverse.operators import LinearOperator
-from medidiff.inverse.smc import resolve_proposal, sample_smc
+from medidiff.inverse.smc import resolve_guidance, resolve_proposal, resolve_twist_cov, sample_smc
 
-__all__ = ["METHODS", "reconstruct"]
+__all__ = ["METHODS", "method_options", "reconstruct"]
 
 _SAMPLERS: dict[str, Callable[..., PosteriorResult]] = {
     "smc": sample_smc,
@@ -37,7 +38,10 @@ _COMMON = {
 }
 
 
-def _method_options(method: str) -> set[str]:
+def method_options(method: str) -> set[str]:
+    """The names ``reconstruct(..., options=...)`` accepts for ``method``."""
+    if method not in _SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
     params = inspect.signature(_SAMPLERS[method]).parameters.values()
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY} - _COMMON
 
@@ -54,7 +58,9 @@ def _positive_float(value: object, name: str) -> float:
     return float(value)
 
 
-def _measurement(y: Tensor | np.ndarray, operator: LinearOperator, device: torch.device) -> Tensor:
+def _measurement(
+    y: Tensor | np.ndarray, operator: LinearOperator | ComposedOperator, device: torch.device
+) -> Tensor:
     t = torch.from_numpy(np.asarray(y)) if isinstance(y, np.ndarray) else y
     if not isinstance(t, Tensor):
         raise TypeError(f"y must be a torch.Tensor or numpy array; got {type(y).__name__}.")
@@ -88,7 +94,7 @@ def _schedule(sigmas: Tensor | None, steps: int, sigma_min: float, sigma_max: fl
 
 def reconstruct(
     denoiser: Denoiser,
-    operator: LinearOperator,
+    operator: LinearOperator | ComposedOperator,
     y: Tensor | np.ndarray,
     *,
     sigma_y: float,
@@ -112,7 +118,10 @@ def reconstruct(
 
     Args:
         denoiser: ``D(x, sigma) -> E[x0 | x]`` (variance-exploding) on batches ``(B, *operator.in_shape)``.
-        operator: the forward operator (e.g. :class:`medidiff.inverse.MatrixOperator`).
+        operator: the forward operator (e.g. :class:`medidiff.inverse.MatrixOperator`), or for a latent
+            prior a :class:`medidiff.inverse.ComposedOperator` ``A o Dec``: the particles are then latents
+            (the likelihood runs through the decoder) and ``samples``/``mean``/``std`` are decoded images
+            (``latents`` holds the latent particles). Latent priors work with ``smc`` and ``dps``.
         y: the measurement, shape ``operator.out_shape`` (no batch dimension). The particles take its
             real dtype (float64 for exact-posterior checks, float32 for imaging).
         sigma_y: measurement noise standard deviation, > 0.
@@ -123,13 +132,15 @@ def reconstruct(
             see ``PosteriorResult.nfe``).
         generator: the only source of randomness; particles live on its device.
         keep_samples: keep the particles in the result (False saves memory for large volumes).
-        chunk_size: particles per denoiser call to bound memory; results do not depend on it.
+        chunk_size: particles per denoiser (and decoder) call to bound memory; results do not depend on it.
         sigmas: an explicit decreasing schedule ending in 0 (overrides the Karras parameters).
         sigma_min: smallest non-zero noise level of the Karras schedule.
         sigma_max: largest noise level of the Karras schedule.
         rho: Karras warping exponent.
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
-        options: method-specific settings: ``smc``: ``proposal``, ``data_var``, ``ess_threshold``;
+        options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
+            ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``,
+            ``twist_cov``, ``decoder_gain``, ``ess_threshold``;
             ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
 
@@ -142,9 +153,15 @@ def reconstruct(
     """
     if method not in _SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    if not isinstance(operator, LinearOperator):
+    if not isinstance(operator, LinearOperator | ComposedOperator):
         raise TypeError(
-            f"operator must be a medidiff.inverse.LinearOperator (e.g. MatrixOperator); got {type(operator).__name__}."
+            "operator must be a medidiff.inverse.LinearOperator (e.g. MatrixOperator) or a ComposedOperator "
+            f"(latent prior); got {type(operator).__name__}."
+        )
+    if isinstance(operator, ComposedOperator) and method == "afdps":
+        raise ValueError(
+            "method='afdps' needs a linear operator (its Stage I and proximal likelihood steps are closed-form "
+            "Gaussian solves in x); with a latent prior (ComposedOperator) use method='smc' or 'dps'."
         )
     if not callable(denoiser):
         raise TypeError("denoiser must be callable as D(x, sigma).")
@@ -165,20 +182,26 @@ def reconstruct(
     sched = _schedule(sigmas, int(steps), float(sigma_min), float(sigma_max), float(rho))
 
     opts = dict(options or {})
-    unknown = set(opts) - _method_options(method)
+    unknown = set(opts) - method_options(method)
     if unknown:
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for method {method!r}; "
-            f"allowed: {sorted(_method_options(method))}."
+            f"allowed: {sorted(method_options(method))}."
         )
     if "ess_threshold" in opts:
         thr = opts["ess_threshold"]
         if isinstance(thr, bool) or not isinstance(thr, numbers.Real) or not 0.0 <= float(thr) <= 1.0:
             raise ValueError(f"ess_threshold must be a number in [0, 1]; got {thr!r}.")
     if method == "smc":
-        resolve_proposal(opts.get("proposal", "auto"), operator)
+        resolve_proposal(opts.get("proposal", "auto"), operator, opts.get("twist_cov", "auto"))
+        resolve_guidance(opts.get("guidance", "auto"), operator)
+        resolve_twist_cov(opts.get("twist_cov", "auto"), operator)
         if opts.get("data_var") is not None:
             _positive_float(opts["data_var"], "data_var")
+        if opts.get("decoder_gain") is not None:
+            if not isinstance(operator, ComposedOperator):
+                raise ValueError("decoder_gain applies to latent priors (a ComposedOperator) only.")
+            _positive_float(opts["decoder_gain"], "decoder_gain")
     if method == "afdps":
         if opts.get("variant", "sde") not in AFDPS_VARIANTS:
             raise ValueError(f"afdps variant must be one of {AFDPS_VARIANTS}; got {opts['variant']!r}.")

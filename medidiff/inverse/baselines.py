@@ -14,7 +14,15 @@ from torch import Tensor
 from medidiff.inverse.ct import ParallelBeamCT, fbp
 from medidiff.inverse.operators import LinearOperator
 
-__all__ = ["fbp", "gradient", "gradient_adjoint", "total_variation", "tv_least_squares", "zero_filled"]
+__all__ = [
+    "fbp",
+    "gradient",
+    "gradient_adjoint",
+    "spectral_norm",
+    "total_variation",
+    "tv_least_squares",
+    "zero_filled",
+]
 
 
 def zero_filled(op: LinearOperator, y: Tensor) -> Tensor:
@@ -141,7 +149,7 @@ def tv_least_squares(
         data_prox = type(op).normal_solve is not LinearOperator.normal_solve
     L_A = None
     if not data_prox:
-        L_A = float(op_norm) if op_norm is not None else _spectral_norm(op, dtype, yb.device)
+        L_A = float(op_norm) if op_norm is not None else spectral_norm(op, dtype, yb.device)
         if not (math.isfinite(L_A) and L_A > 0):
             raise ValueError(f"op_norm must be a finite positive number; got {L_A!r}.")
     # One problem at a time: the step sizes depend on the starting image, and a row's result must not
@@ -200,8 +208,9 @@ def _chambolle_pock(
     return x
 
 
-def _spectral_norm(op: LinearOperator, dtype: torch.dtype, device: torch.device, iters: int = 30) -> float:
-    """``||A||`` by power iteration on ``A^T A`` (real images), inflated by 5% against underestimation."""
+def spectral_norm(op: LinearOperator, dtype: torch.dtype, device: torch.device, iters: int = 30) -> float:
+    """``||A||`` by power iteration on ``A^T A`` (real images, fixed start), inflated by 5% against
+    underestimation."""
     g = torch.Generator().manual_seed(0)
     v = torch.randn(1, *op.in_shape, generator=g, dtype=dtype).to(device)
     lam = 0.0

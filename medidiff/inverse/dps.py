@@ -7,7 +7,9 @@ along the gradient of the residual norm through the denoiser:
     ``x' <- x' - zeta grad_x ||y - A D(x, sigma)||``
 
 (the paper's ``zeta_i = zeta' / ||y - A x0_hat||`` on the squared norm is the same as ``2 zeta'`` on the
-norm). All particles are independent and equally weighted; DPS is biased (it plateaus as N grows, see
+norm). With a latent prior (:class:`~medidiff.inverse.latent.ComposedOperator`) ``A`` is ``A o Dec`` and the
+gradient runs through the decoder and the network (DPS's guidance is a gradient through ``D``); the
+final latents are decoded in chunks. All particles are independent and equally weighted; DPS is biased (it plateaus as N grows, see
 ``shared/design/SMC.md``) and is the baseline the SMC sampler must beat.
 """
 
@@ -26,6 +28,7 @@ from medidiff.inverse._common import (
     denoise,
     weighted_moments,
 )
+from medidiff.inverse.latent import ComposedOperator, decoded_moments
 from medidiff.inverse.operators import LinearOperator, batch_dot
 
 __all__ = ["sample_dps"]
@@ -35,7 +38,7 @@ _F64 = torch.float64
 
 def sample_dps(
     denoiser: Denoiser,
-    operator: LinearOperator,
+    operator: LinearOperator | ComposedOperator,
     y: Tensor,
     sigmas: Tensor,
     *,
@@ -82,9 +85,17 @@ def sample_dps(
         if callback is not None:
             callback(k, float(N))
     weights = torch.full((N,), 1.0 / N, dtype=_F64, device=device)
-    mean_x, std_x = weighted_moments(x, weights)
+    latents = None
+    if isinstance(operator, ComposedOperator):
+        samples, mean_x, std_x = decoded_moments(
+            operator, x, weights, chunks(N, chunk_size), keep=keep_samples
+        )
+        latents = x if keep_samples else None
+    else:
+        mean_x, std_x = weighted_moments(x, weights)
+        samples = x if keep_samples else None
     return PosteriorResult(
-        samples=x if keep_samples else None,
+        samples=samples,
         weights=weights,
         mean=mean_x,
         std=std_x,
@@ -95,5 +106,6 @@ def sample_dps(
         nfe=len(sig) - 1,
         method="dps",
         sigmas=torch.as_tensor(sig, dtype=_F64),
+        latents=latents,
         info={"step_size": step_size},
     )

@@ -41,6 +41,7 @@ def conjugate_gradient(
     *,
     tol: float = 1e-8,
     max_iter: int = 500,
+    strict: bool = True,
 ) -> Tensor:
     """Solve ``M u = rhs`` for a self-adjoint positive-definite ``M``, one system per batch row.
 
@@ -51,13 +52,17 @@ def conjugate_gradient(
         apply: ``u -> M u`` on a batch ``(B, ...)``.
         rhs: right-hand sides ``(B, ...)``.
         tol: relative residual at which a row is converged.
-        max_iter: iteration cap; a row still above ``tol`` then raises.
+        max_iter: iteration cap; a row still above ``tol`` then raises (``strict``) or keeps its
+            ``max_iter``-th iterate.
+        strict: raise when a row has not converged; False returns the truncated iterate, a fixed
+            deterministic function of the row (for ill-conditioned systems where an approximate solve
+            serves, e.g. a sampler's twist for sparse-view CT).
 
     Returns:
         The solutions, shaped like ``rhs``.
 
     Raises:
-        RuntimeError: if some row has not converged after ``max_iter`` iterations.
+        RuntimeError: if ``strict`` and some row has not converged after ``max_iter`` iterations.
     """
     u = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -80,7 +85,7 @@ def conjugate_gradient(
         )
         p = r + beta.reshape(view).to(p.dtype) * p
         rr = rr_new
-    if bool((rr > stop).any()):
+    if strict and bool((rr > stop).any()):
         worst = float((rr / stop.clamp_min(1e-300)).max().sqrt()) * tol
         raise RuntimeError(
             f"conjugate gradients did not converge in {max_iter} iterations (relative residual {worst:.2e}); "
@@ -101,6 +106,8 @@ class LinearOperator:
         out_shape: shape of one measurement (without the batch dimension).
         cg_tol: relative tolerance of the generic conjugate-gradient solves.
         cg_max_iter: iteration cap of the generic conjugate-gradient solves.
+        cg_strict: raise when they have not converged after ``cg_max_iter`` iterations (False: return
+            the truncated iterate; see :func:`conjugate_gradient`).
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class LinearOperator:
         *,
         cg_tol: float = 1e-8,
         cg_max_iter: int = 500,
+        cg_strict: bool = True,
     ) -> None:
         self.in_shape = tuple(int(s) for s in in_shape)
         self.out_shape = tuple(int(s) for s in out_shape)
@@ -117,6 +125,7 @@ class LinearOperator:
             raise ValueError(f"shapes must be non-empty and positive; got {in_shape} -> {out_shape}.")
         self.cg_tol = float(cg_tol)
         self.cg_max_iter = int(cg_max_iter)
+        self.cg_strict = bool(cg_strict)
 
     # -- to implement ------------------------------------------------------------------------
 
@@ -148,6 +157,12 @@ class LinearOperator:
         """Whether measurements are complex (e.g. k-space); real operators return False."""
         return False
 
+    @property
+    def accurate_solves(self) -> bool:
+        """Whether :meth:`gram_solve` and :meth:`normal_solve` return converged solutions (exact, or
+        conjugate gradients to ``cg_tol``); False when the conjugate gradients may be truncated."""
+        return self.cg_strict
+
     def gram_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
         """Solve ``(alpha I + beta A A^H) u = r`` for a batch of measurements ``r`` (``alpha > 0, beta >= 0``)."""
         _check_alpha_beta(alpha, beta)
@@ -156,6 +171,7 @@ class LinearOperator:
             r,
             tol=self.cg_tol,
             max_iter=self.cg_max_iter,
+            strict=self.cg_strict,
         )
 
     def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
@@ -166,6 +182,7 @@ class LinearOperator:
             b,
             tol=self.cg_tol,
             max_iter=self.cg_max_iter,
+            strict=self.cg_strict,
         )
 
     def __repr__(self) -> str:

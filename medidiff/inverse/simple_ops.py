@@ -1,5 +1,8 @@
 """Small imaging operators with exact solves: slice-thickness downsampling, inpainting, identity.
 
+:class:`SliceAxisLast` adapts the slice-first operators (CT, per-slice MRI) to volumes stored with the
+axial axis last, as RAS-canonical NIfTI arrays are.
+
 Also :func:`measure`, which simulates ``y = A x + n`` with the noise model the samplers assume.
 """
 
@@ -13,7 +16,7 @@ from torch import Tensor
 
 from medidiff.inverse.operators import LinearOperator, _check_alpha_beta
 
-__all__ = ["Downsampling", "Identity", "Inpainting", "measure"]
+__all__ = ["Downsampling", "Identity", "Inpainting", "SliceAxisLast", "measure"]
 
 
 class Downsampling(LinearOperator):
@@ -167,6 +170,88 @@ class Identity(LinearOperator):
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         """``y`` itself."""
         return self.adjoint(y)
+
+
+class SliceAxisLast(LinearOperator):
+    """A 3D operator whose slice axis is first, applied to volumes ``(I, J, K)`` whose slice axis is last.
+
+    ``forward(x) = inner.forward(x')`` with ``x'[k, i, j] = x[i, j, k]`` (the axial axis ``K`` of a
+    RAS-canonical NIfTI array moved to the front, where :class:`~medidiff.inverse.ParallelBeamCT` and the
+    per-slice MRI masks expect it); measurements are the inner operator's. The permutation is
+    orthogonal, so ``A A^H`` is unchanged and ``(alpha I + beta A^H A)^{-1}`` is the inner one conjugated.
+    Exact solves of the inner operator are used; otherwise this wrapper's conjugate gradients run with
+    its own ``cg_*`` settings (e.g. ``cg_strict=False`` for sparse-view CT).
+
+    Args:
+        inner: the slice-first operator, ``in_shape == (K, I, J)``.
+        cg_tol, cg_max_iter, cg_strict: settings of the generic solves (see :class:`LinearOperator`).
+    """
+
+    def __init__(
+        self, inner: LinearOperator, *, cg_tol: float = 1e-8, cg_max_iter: int = 500, cg_strict: bool = True
+    ) -> None:
+        if not isinstance(inner, LinearOperator) or len(inner.in_shape) != 3:
+            raise ValueError("SliceAxisLast wraps a LinearOperator on 3D images (K, I, J).")
+        K, I, J = inner.in_shape
+        super().__init__(
+            (I, J, K), inner.out_shape, cg_tol=cg_tol, cg_max_iter=cg_max_iter, cg_strict=cg_strict
+        )
+        self.inner = inner
+
+    @staticmethod
+    def to_inner(x: Tensor) -> Tensor:
+        """``(B, I, J, K) -> (B, K, I, J)``."""
+        return x.movedim(-1, -3)
+
+    @staticmethod
+    def from_inner(x: Tensor) -> Tensor:
+        """``(B, K, I, J) -> (B, I, J, K)``."""
+        return x.movedim(-3, -1)
+
+    @property
+    def is_complex(self) -> bool:
+        """That of the inner operator."""
+        return self.inner.is_complex
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x`` for volumes ``(B, I, J, K)``."""
+        _check_batch(x, self.in_shape, "x")
+        return self.inner.forward(self.to_inner(x))
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``A^H y`` as volumes ``(B, I, J, K)``."""
+        return self.from_inner(self.inner.adjoint(y))
+
+    @property
+    def accurate_solves(self) -> bool:
+        """Exact inner solves, or strict conjugate gradients."""
+        exact = type(self.inner).gram_solve is not LinearOperator.gram_solve
+        return (exact and self.inner.accurate_solves) or self.cg_strict
+
+    def gram_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
+        """The inner operator's exact solve if it has one, else conjugate gradients."""
+        if type(self.inner).gram_solve is not LinearOperator.gram_solve:
+            return self.inner.gram_solve(r, alpha, beta)
+        return super().gram_solve(r, alpha, beta)
+
+    def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
+        """The inner operator's exact solve (conjugated by the permutation) if it has one, else CG."""
+        if type(self.inner).normal_solve is not LinearOperator.normal_solve:
+            return self.from_inner(self.inner.normal_solve(self.to_inner(b), alpha, beta))
+        return super().normal_solve(b, alpha, beta)
+
+    @property
+    def has_exact_normal_solve(self) -> bool:
+        """Whether :meth:`normal_solve` is exact (TV's proximal data step wants one)."""
+        return type(self.inner).normal_solve is not LinearOperator.normal_solve
+
+    def pseudo_inverse(self, y: Tensor) -> Tensor:
+        """The inner operator's ``A^+ y`` where it knows one, else ``A^H y`` (as :func:`zero_filled` does)."""
+        pinv = getattr(self.inner, "pseudo_inverse", None)
+        return self.from_inner(pinv(y)) if callable(pinv) else self.adjoint(y)
+
+    def __repr__(self) -> str:
+        return f"SliceAxisLast({self.inner!r})"
 
 
 def measure(op: LinearOperator, x: Tensor, *, sigma_y: float, generator: torch.Generator) -> Tensor:

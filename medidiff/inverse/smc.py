@@ -17,13 +17,31 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
 - Twists ``g_k(x) ≈ p(y | x_k) = N(y; A D(x, s_k), sigma_y^2 I + A Cov(x0 | x_k) A^T)``:
   ``proposal="linearized"`` uses the Jacobian, ``Cov(x0 | x) = s^2 dD/dx`` (exact for a Gaussian
   prior); ``proposal="gradient"`` uses the isotropic ``r_k^2 A A^T``.
-- Proposals: ``"linearized"`` linearises ``A D(., s')`` at the kernel mean (m vector-Jacobian products)
+- Proposals: ``"isotropic"`` takes the isotropic Jacobian of the variance model, ``D(x', s') ≈ D(x, s) +
+  (r_{k+1}^2 / s'^2) (x' - mean)`` (``D(mean, s') = D(x, s)`` exactly for a Gaussian prior: Tweedie's mean is
+  a martingale along the reverse chain) and draws from ``p(x' | x) g_{k+1}(x')`` exactly for that linear
+  model by Matheron's rule: no extra network call, no gradient through the network, three regularised
+  solves. It is exact for an isotropic Gaussian prior and keeps the weights even in high dimension,
+  where the gradient shift degenerates; it needs accurate solves (``operator.accurate_solves``).
+  ``"linearized"`` linearises ``A D(., s')`` at the kernel mean (m vector-Jacobian products)
   and draws from ``p(x' | x) g_{k+1}(x')`` exactly for that linearisation: the locally optimal
   proposal, exact when the denoiser is affine. ``"gradient"`` shifts the kernel mean by
   ``c^2 grad log g_k(x)`` (Wu et al. 2023, TDS) and works for any denoiser and operator.
 - Incremental weight ``p(x' | x) g_{k+1}(x') / (q(x' | x) g_k(x))``; the last step (to ``sigma = 0``)
   returns ``x0 = D(x_K, sigma_K)`` weighted by the true likelihood ``N(y; A x0, sigma_y^2 I) / g_K``.
 - Systematic resampling when the effective sample size falls below ``ess_threshold * N``.
+
+- Guidance (``"gradient"`` proposal): ``grad log g_k(x) = (dD/dx)^T grad_D log g_k``.
+  ``guidance="network"`` back-propagates through the denoiser; ``guidance="tweedie"`` uses the
+  isotropic Jacobian that the variance model already assumes, ``dD/dx ≈ (r_k^2 / s^2) I`` (Tweedie:
+  ``Cov(x0 | x) = s^2 dD/dx``), so no gradient flows through the network at all. Any shift keeps the
+  weights exact (they carry ``p / q``); a worse one only costs effective sample size.
+- Latent priors (:class:`~medidiff.inverse.latent.ComposedOperator`, ``A(Dec(z))``): particles are latents;
+  the twist is ``N(y; A Dec(D(z, s)), sigma_y^2 I + gain r_k^2 A A^H)`` with ``gain = tr(J J^T) / n_pixels``
+  of the decoder Jacobian ``J`` (Hutchinson, once, at ``D(z_0, sigma_0)``; or ``decoder_gain``), its
+  gradient pulled back through the decoder by autograd; guidance defaults to ``"tweedie"``, so gradients
+  flow through the decoder only. The final particles are decoded in chunks; ``samples``, ``mean`` and
+  ``std`` are images and ``latents`` holds the latent particles.
 
 Log-weights are float64 whatever the particles' dtype. Particles are processed in chunks of
 ``chunk_size`` to bound memory; every random number is drawn for all N particles before the chunks
@@ -51,11 +69,23 @@ from medidiff.inverse._common import (
     systematic_resample,
     weighted_moments,
 )
+from medidiff.inverse.latent import ComposedOperator, decoded_moments
 from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot
 
-__all__ = ["LINEARIZED_MAX_M", "PROPOSALS", "sample_smc"]
+__all__ = [
+    "GUIDANCE",
+    "LINEARIZED_MAX_M",
+    "PROPOSALS",
+    "TWIST_COVS",
+    "resolve_guidance",
+    "resolve_proposal",
+    "resolve_twist_cov",
+    "sample_smc",
+]
 
-PROPOSALS = ("auto", "linearized", "gradient")
+PROPOSALS = ("auto", "linearized", "gradient", "isotropic")
+GUIDANCE = ("auto", "network", "tweedie")
+TWIST_COVS = ("auto", "isotropic", "jacobian")
 LINEARIZED_MAX_M = 256
 """``proposal="auto"`` linearises when the operator is a dense matrix with at most this many rows."""
 
@@ -73,10 +103,36 @@ def _v_from_r2(r2: float, sigma: float) -> float:
     return math.inf if r2 >= s2 * (1.0 - 1e-12) else r2 * s2 / (s2 - r2)
 
 
-def resolve_proposal(proposal: str, operator: LinearOperator) -> str:
-    """``"auto"`` -> ``"linearized"`` for small dense real matrices, else ``"gradient"``."""
+def resolve_proposal(
+    proposal: str, operator: LinearOperator | ComposedOperator, twist_cov: str = "auto"
+) -> str:
+    """``"auto"`` -> ``"linearized"`` for small dense real matrices, else ``"gradient"``; for a latent prior
+    ``"isotropic"`` with the dense Jacobian twist, else ``"gradient"``.
+
+    Raises:
+        ValueError: unknown name; ``"linearized"`` for a complex or a nonlinear (decoder) operator;
+            ``"isotropic"`` without accurate solves (or, for a latent prior, without the Jacobian twist).
+    """
     if proposal not in PROPOSALS:
         raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}.")
+    if isinstance(operator, ComposedOperator):
+        if proposal == "linearized":
+            raise ValueError(
+                "proposal='linearized' draws exactly from a linear-Gaussian model and needs a linear "
+                "operator; a latent prior's forward model A(Dec(z)) is nonlinear: use proposal='gradient'."
+            )
+        dense = resolve_twist_cov(twist_cov, operator) == "jacobian"
+        if proposal == "isotropic" and not dense:
+            raise ValueError(
+                "proposal='isotropic' for a latent prior needs the linearised decoder A J (twist_cov='jacobian', "
+                "a real operator with few measurements); use proposal='gradient'."
+            )
+        return ("isotropic" if dense else "gradient") if proposal == "auto" else proposal
+    if proposal == "isotropic" and not operator.accurate_solves:
+        raise ValueError(
+            "proposal='isotropic' draws exactly from a Gaussian built with gram_solve and needs accurate "
+            "solves; this operator's conjugate gradients are truncated (cg_strict=False): use 'gradient'."
+        )
     if proposal == "auto":
         small_dense = isinstance(operator, MatrixOperator) and operator.out_size <= LINEARIZED_MAX_M
         return "linearized" if small_dense else "gradient"
@@ -85,9 +141,39 @@ def resolve_proposal(proposal: str, operator: LinearOperator) -> str:
     return proposal
 
 
+def resolve_guidance(guidance: str, operator: LinearOperator | ComposedOperator) -> str:
+    """``"auto"`` -> ``"tweedie"`` for a latent prior (no gradient through the network), else ``"network"``."""
+    if guidance not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {GUIDANCE}; got {guidance!r}.")
+    if guidance == "auto":
+        return "tweedie" if isinstance(operator, ComposedOperator) else "network"
+    return guidance
+
+
+def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperator) -> str:
+    """Latent priors: ``"auto"`` -> ``"jacobian"`` for real operators with at most :data:`LINEARIZED_MAX_M`
+    measurements, else ``"isotropic"``; pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
+    if twist_cov not in TWIST_COVS:
+        raise ValueError(f"twist_cov must be one of {TWIST_COVS}; got {twist_cov!r}.")
+    if not isinstance(operator, ComposedOperator):
+        if twist_cov == "jacobian":
+            raise ValueError("twist_cov='jacobian' is for latent priors (a ComposedOperator) only.")
+        return "isotropic"
+    small_real = not operator.is_complex and operator.out_size <= LINEARIZED_MAX_M
+    if twist_cov == "jacobian" and not small_real:
+        raise ValueError(
+            f"twist_cov='jacobian' needs a real operator with at most {LINEARIZED_MAX_M} measurements "
+            f"(it forms the m x m matrix A J J^T A^T); this one has {operator.out_size}"
+            f"{' complex' if operator.is_complex else ''}: use twist_cov='isotropic'."
+        )
+    if twist_cov == "auto":
+        return "jacobian" if small_real else "isotropic"
+    return twist_cov
+
+
 def sample_smc(
     denoiser: Denoiser,
-    operator: LinearOperator,
+    operator: LinearOperator | ComposedOperator,
     y: Tensor,
     sigmas: Tensor,
     *,
@@ -95,7 +181,10 @@ def sample_smc(
     n_particles: int,
     generator: torch.Generator,
     proposal: str = "auto",
+    guidance: str = "auto",
     data_var: float | None = None,
+    twist_cov: str = "auto",
+    decoder_gain: float | None = None,
     ess_threshold: float = 0.5,
     chunk_size: int | None = None,
     keep_samples: bool = True,
@@ -107,24 +196,39 @@ def sample_smc(
 
     Args:
         denoiser: ``D(x, sigma)`` on batches ``(B, *operator.in_shape)``.
-        operator: the forward operator ``A``.
+        operator: the forward operator ``A``, or ``A o Dec`` for a latent prior.
         y: the measurement, shape ``operator.out_shape``; its (real) dtype is the particles' dtype.
         sigmas: decreasing noise levels ending in 0, e.g. ``karras_sigmas(steps)``.
         sigma_y: measurement noise standard deviation.
         n_particles: number of particles ``N``.
         generator: the only source of randomness; particles live on its device.
-        proposal: ``"linearized"``, ``"gradient"`` or ``"auto"`` (see :func:`resolve_proposal`).
+        proposal: ``"linearized"``, ``"isotropic"``, ``"gradient"`` or ``"auto"`` (see
+            :func:`resolve_proposal` and the module docstring).
+        guidance: how the gradient proposal differentiates the twist: ``"network"``, ``"tweedie"`` or
+            ``"auto"`` (see :func:`resolve_guidance`).
         data_var: data variance per voxel ``v`` for the isotropic posterior-variance model; None
-            estimates ``r_k^2`` at every step from the particles (one extra vector-Jacobian product).
+            estimates ``r_k^2`` at every step from the particles (one extra vector-Jacobian product
+            through the network). When given, the initial particles are drawn from
+            ``N(0, (sigma_0^2 + v) I)``, the noisy marginal of a zero-mean prior of that variance.
+        twist_cov: latent priors: the twist's covariance ``sigma_y^2 I + r^2 M``: ``"jacobian"``,
+            ``M = A J J^T A^T`` with the decoder linearised once at the mean of ``D(z_0, sigma_0)`` (m
+            vector-Jacobian products; real operators with few measurements), or ``"isotropic"``,
+            ``M = gain A A^H``; ``"auto"`` picks (see :func:`resolve_twist_cov`).
+        decoder_gain: latent priors, isotropic twist: ``tr(J J^T) / n_pixels`` of the decoder; None
+            estimates it.
         ess_threshold: resample when ESS < ``ess_threshold * N``.
-        chunk_size: particles per denoiser call (None: all at once).
+        chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
 
     Returns:
         A :class:`PosteriorResult`.
     """
-    proposal = resolve_proposal(proposal, operator)
+    proposal = resolve_proposal(proposal, operator, twist_cov)
+    guidance = resolve_guidance(guidance, operator)
+    twist_cov = resolve_twist_cov(twist_cov, operator)
+    composed = isinstance(operator, ComposedOperator)
+    lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
     device = generator.device
     dtype = y.real.dtype
     shape, d, m = operator.in_shape, operator.in_size, operator.out_size
@@ -136,53 +240,148 @@ def sample_smc(
     y64 = None if y.is_complex() else y.reshape(1, m).to(_F64)
     sy2 = float(sigma_y) ** 2
     adaptive = data_var is None
+    gain = 1.0  # image-space variance per unit latent variance (1 for a pixel-space prior)
+    M_twist: Tensor | None = None  # dense A J J^T A^T (twist_cov="jacobian")
+    B_lin: Tensor | None = None  # dense A J (twist_cov="jacobian")
+    chol_cache: dict[float, Tensor] = {}
+
+    def twist_solve(r: Tensor, r2: float) -> Tensor:
+        """``(sigma_y^2 I + r2 M)^{-1} r`` for the twist's covariance model (``M = gain A A^H`` or dense)."""
+        if M_twist is None:
+            return lin.gram_solve(r, sy2, r2 * gain)
+        if r2 not in chol_cache:
+            if len(chol_cache) > 4:  # a step uses two or three levels
+                chol_cache.clear()
+            eye = torch.eye(m, dtype=_F64, device=M_twist.device)
+            chol_cache[r2] = torch.linalg.cholesky(sy2 * eye + r2 * M_twist)
+        rr = r.reshape(r.shape[0], m).to(_F64)
+        u = torch.cholesky_solve(rr.T, chol_cache[r2]).T
+        return u.reshape(r.shape).to(r.dtype)
 
     def randn(*size: int) -> Tensor:
         return torch.randn(*size, generator=generator, device=device, dtype=dtype)
 
-    def rademacher() -> Tensor:
-        bits = torch.randint(0, 2, (N, *shape), generator=generator, device=device)
+    def rademacher(*size: int) -> Tensor:
+        bits = torch.randint(0, 2, size or (N, *shape), generator=generator, device=device)
         return (2 * bits - 1).to(dtype)
 
     def evaluate(
-        xc: Tensor, s: float, r2_twist: float | None, probe: Tensor | None
+        xc: Tensor,
+        s: float,
+        r2_twist: float | None,
+        probe: Tensor | None,
+        D_known: Tensor | None = None,
+        want_grad: bool = True,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """``D(x, s)``; with ``r2_twist``, the isotropic log-twist and its gradient; with ``probe``,
-        the Hutchinson term ``probe . (dD/dx)^T probe``."""
-        if r2_twist is None and probe is None:
-            with torch.no_grad():
-                return denoise(denoiser, xc, s), None, None, None
-        xg = xc.detach().requires_grad_(True)
-        with torch.enable_grad():
-            Dg = denoise(denoiser, xg, s)
-        D = Dg.detach()
+        """``D(x, s)`` (or ``D_known``); with ``r2_twist``, the isotropic log-twist and (``want_grad``) its
+        gradient; with ``probe``, the Hutchinson term ``probe . (dD/dx)^T probe``."""
+        net_graph = probe is not None or (r2_twist is not None and want_grad and guidance == "network")
+        if not net_graph:
+            if D_known is not None:
+                D = D_known
+            else:
+                with torch.no_grad():
+                    D = denoise(denoiser, xc, s)
+            if r2_twist is None:
+                return D, None, None, None
+            if not want_grad:
+                return D, iso_log_twist(D, r2_twist), None, None
+            xg = Dg = None
+        else:
+            xg = xc.detach().requires_grad_(True)
+            with torch.enable_grad():
+                Dg = denoise(denoiser, xg, s)
+            D = Dg.detach()
         log_g = grad = h = None
-        if r2_twist is not None:
-            r = y_b - operator.forward(D)
-            u = operator.gram_solve(r, sy2, r2_twist)
+        if r2_twist is not None and not want_grad:
+            log_g = iso_log_twist(D, r2_twist)
+        elif r2_twist is not None:
+            # The guidance graph starts at x (network Jacobian) or at D (Tweedie's isotropic Jacobian).
+            root, out = (xg, Dg) if guidance == "network" else (D.detach().requires_grad_(True), None)
+            out = root if out is None else out
+            if composed:
+                with torch.enable_grad():
+                    out = operator.decode(out)  # type: ignore[union-attr]
+            r = y_b - lin.forward(out.detach())
+            u = twist_solve(r, r2_twist)
             log_g = -0.5 * batch_dot(r, u).to(_F64)
-            pull = operator.adjoint(u)
-            (grad,) = torch.autograd.grad(
-                Dg, xg, grad_outputs=pull.real.to(dtype), retain_graph=probe is not None
-            )
+            pull = lin.adjoint(u).real.to(dtype)
+            if out is root:
+                grad = pull
+            else:
+                keep = probe is not None and guidance == "network"
+                (grad,) = torch.autograd.grad(out, root, grad_outputs=pull, retain_graph=keep)
+            if guidance == "tweedie":
+                grad = grad * (r2_twist / (s * s))
         if probe is not None:
-            (jp,) = torch.autograd.grad(Dg, xg, grad_outputs=probe)
+            (jp,) = torch.autograd.grad(Dg, xg, grad_outputs=probe)  # type: ignore[arg-type]
             h = batch_dot(probe, jp).to(_F64)
         return D, log_g, grad, h
 
     def iso_log_twist(D: Tensor, r2: float) -> Tensor:
-        r = y_b - operator.forward(D)
-        return -0.5 * batch_dot(r, operator.gram_solve(r, sy2, r2)).to(_F64)
+        with torch.no_grad():
+            r = y_b - operator.forward(D)
+        return -0.5 * batch_dot(r, twist_solve(r, r2)).to(_F64)
 
-    # -- initial particles x_0 ~ N(0, sigma_0^2 I), weighted by g_0 --------------------------
+    def v_from_h(hh: Tensor, s: float) -> float:
+        """The data variance ``v`` whose variance model matches the mean Hutchinson estimate at ``s``."""
+        return _v_from_r2(s * s * min(max(float(hh.mean()) / d, 0.0), 1.0), s)
+
+    def meas(w: Tensor) -> Tensor:
+        """The linear model's ``A w``: ``A`` itself, or ``B = A J`` of a linearised decoder."""
+        if B_lin is None:
+            return lin.forward(w)
+        return (w.reshape(w.shape[0], -1).to(_F64) @ B_lin.T).reshape(w.shape[0], *lin.out_shape).to(dtype)
+
+    def meas_t(u: Tensor) -> Tensor:
+        """Its adjoint (real part: the particles are real)."""
+        if B_lin is None:
+            return lin.adjoint(u).real.to(dtype)
+        return (u.reshape(u.shape[0], -1).to(_F64) @ B_lin).reshape(u.shape[0], *shape).to(dtype)
+
+    def iso_move(
+        mu: Tensor,
+        D_prev: Tensor,
+        c: float,
+        c2: float,
+        r2n: float,
+        s_n: float,
+        z_c: Tensor,
+        n1_c: Tensor,
+        w_c: Tensor,
+        probe_c: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Exact draw from ``N(x'; mu, c^2) N(y; F + kappa A (x' - mu), Sigma')`` (Matheron's rule), with
+        ``F = A D(x, s)``, ``kappa = r2n / s_n^2``, ``Sigma' = sigma_y^2 I + r2n M``; returns
+        ``(log Z - log g_lin(x') + log g_{k+1}(x'), x', D(x'), log g_{k+1}(x'), h)``, constants dropped
+        (the same for every particle)."""
+        kappa = r2n / (s_n * s_n)
+        beta_S = r2n + c2 * kappa * kappa  # S = Sigma' + c^2 kappa^2 M
+        with torch.no_grad():
+            R0 = y_b - operator.forward(D_prev)
+        cz = c * z_c
+        eta = math.sqrt(sy2) * n1_c + math.sqrt(r2n) * meas(w_c)  # ~ N(0, Sigma')
+        u = twist_solve(R0 - kappa * meas(cz) - eta, beta_S)
+        x_new = mu + cz + c2 * kappa * meas_t(u)
+        r_lin = R0 - kappa * meas(x_new - mu)
+        log_Z = -0.5 * batch_dot(R0, twist_solve(R0, beta_S)).to(_F64)
+        log_g_lin = -0.5 * batch_dot(r_lin, twist_solve(r_lin, r2n)).to(_F64)
+        D_new, lg, _, h_new = evaluate(x_new, s_n, r2n, probe_c, want_grad=False)
+        return log_Z - log_g_lin + lg, x_new, D_new, lg, h_new  # type: ignore[operator]
+
+    # -- initial particles x_0 ~ N(0, sigma_0^2 I) (+ v I when v is given), weighted by g_0 -----------
     s0 = sig[0]
-    x = s0 * randn(N, *shape)
+    x = (s0 if adaptive else math.sqrt(s0 * s0 + float(data_var))) * randn(N, *shape)  # type: ignore[arg-type]
     probe0 = rademacher() if adaptive and steps > 1 else None
     Dx = torch.empty_like(x)
     gx = torch.empty_like(x) if proposal == "gradient" else None
     h = torch.zeros(N, dtype=_F64, device=device)
-    # The proposal only needs *some* gradient; at sigma_0 (before v is known) a flat twist serves.
-    r2_grad0 = s0 * s0 if proposal == "gradient" else None
+    nfe = 1
+    n_backward = 1 if probe0 is not None else 0
+    # The pixel-space network path takes D and a guidance gradient in one pass; at sigma_0 (before v
+    # is known) a flat twist serves. Latent priors and Tweedie guidance first need D (and v, gain).
+    one_pass = proposal == "gradient" and guidance == "network" and not composed
+    r2_grad0 = s0 * s0 if one_pass else None
     for ch in chunks(N, chunk_size):
         D_c, _, g_c, h_c = evaluate(x[ch], s0, r2_grad0, None if probe0 is None else probe0[ch])
         Dx[ch] = D_c
@@ -190,17 +389,38 @@ def sample_smc(
             gx[ch] = g_c
         if h_c is not None:
             h[ch] = h_c
-    nfe = 1
-    n_backward = (1 if proposal == "gradient" else 0) + (1 if probe0 is not None else 0)
-    if adaptive:
-        v = (
-            _v_from_r2(s0 * s0 * min(max(float(h.mean()) / d, 0.0), 1.0), s0)
-            if probe0 is not None
-            else math.inf
-        )
+    if one_pass:
+        n_backward += 1
+    v = float(data_var) if data_var is not None else (v_from_h(h, s0) if probe0 is not None else math.inf)
+    if isinstance(operator, ComposedOperator) and twist_cov == "jacobian":
+        B_lin = operator.measurement_jacobian(Dx.mean(0), chunk_size).to(_F64)
+        M_twist = B_lin @ B_lin.T
+        n_backward += 1  # m products for the whole cloud, about one per particle when N ~ m
+    elif composed:
+        if decoder_gain is not None:
+            gain = float(decoder_gain)
+        else:
+            gprobe = rademacher(N, *operator.image_shape)  # type: ignore[union-attr]
+            per = torch.cat(
+                [operator.jacobian_gain(Dx[ch], gprobe[ch]) for ch in chunks(N, chunk_size)]  # type: ignore[union-attr]
+            )
+            gain = float(per.mean())
+            n_backward += 1
+        if not (math.isfinite(gain) and gain > 0):
+            raise FloatingPointError(
+                f"the decoder's Jacobian gain came out as {gain}; the decoder returns non-finite or "
+                "constant images at the initial latents (check the checkpoint, or pass decoder_gain)."
+            )
+    r2_0 = _var_model(s0, v)
+    if proposal == "gradient" and not one_pass:
+        logg = torch.empty(N, dtype=_F64, device=device)
+        for ch in chunks(N, chunk_size):
+            _, lg_c, g_c, _ = evaluate(x[ch], s0, r2_0, None, D_known=Dx[ch])
+            logg[ch], gx[ch] = lg_c, g_c  # type: ignore[index]
+        nfe += 1 if guidance == "network" else 0
+        n_backward += 1 if guidance == "network" or composed else 0
     else:
-        v = float(data_var)  # type: ignore[arg-type]
-    logg = torch.cat([iso_log_twist(Dx[ch], _var_model(s0, v)) for ch in chunks(N, chunk_size)])
+        logg = torch.cat([iso_log_twist(Dx[ch], r2_0) for ch in chunks(N, chunk_size)])
     logw = logg.clone()
 
     ess_trace: list[float] = []
@@ -223,9 +443,10 @@ def sample_smc(
         if s_next == 0.0:
             # Last step: x0 = D(x_K, sigma_K), reweighted from the twist to the true likelihood.
             x = Dx
-            logL = torch.cat(
-                [log_likelihood(operator, x[ch], y_b, float(sigma_y)) for ch in chunks(N, chunk_size)]
-            )
+            with torch.no_grad():
+                logL = torch.cat(
+                    [log_likelihood(operator, x[ch], y_b, float(sigma_y)) for ch in chunks(N, chunk_size)]  # type: ignore[arg-type]
+                )
             logw = logw + logL - logg
             ess_trace.append(ess_of(logw))
             if callback is not None:
@@ -242,6 +463,11 @@ def sample_smc(
             if proposal == "linearized"
             else None
         )
+        if proposal == "isotropic":
+            n1 = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
+            if lin.is_complex:
+                n1 = torch.complex(n1, torch.randn(n1.shape, generator=generator, device=device, dtype=dtype))
+            w_img = randn(N, *shape)
         need_probe = adaptive and k + 2 <= steps and sig[k + 2] > 0.0
         probe = rademacher() if need_probe else None
         r2_next = _var_model(s_next, v)
@@ -256,16 +482,20 @@ def sample_smc(
             if proposal == "linearized":
                 inc, x_c, D_c, lg_c, h_c = _linearized_move(
                     denoiser,
-                    operator,
+                    lin,
                     mean[ch],
                     s_next,
                     c2,
                     z[ch],
-                    eta[ch],
-                    y64,
+                    eta[ch],  # type: ignore[index]
+                    y64,  # type: ignore[arg-type]
                     sy2,
                     evaluate,
-                    p_c,  # type: ignore[index]
+                    p_c,
+                )
+            elif proposal == "isotropic":
+                inc, x_c, D_c, lg_c, h_c = iso_move(
+                    mean[ch], Dx[ch], c, c2, r2_next, s_next, z[ch], n1[ch], w_img[ch], p_c
                 )
             else:
                 shift = c2 * gx[ch]  # type: ignore[index]
@@ -281,16 +511,24 @@ def sample_smc(
                 h_new[ch] = h_c
             logw[ch] = logw[ch] + inc - logg[ch]
         nfe += 2 if proposal == "linearized" else 1
-        n_backward += (m if proposal == "linearized" else 1) + (1 if need_probe else 0)
+        n_backward += {"linearized": m, "gradient": 1}.get(proposal, 0) + (1 if need_probe else 0)
         x, Dx, logg, h, gx = x_new, D_new, logg_new, h_new, g_new
         ess_trace.append(ess_of(logw))
         if callback is not None:
             callback(k, ess_trace[-1])
 
     weights = normalise(logw)
-    mean_x, std_x = weighted_moments(x, weights)
+    latents = None
+    if isinstance(operator, ComposedOperator):
+        images, mean_x, std_x = decoded_moments(
+            operator, x, weights, chunks(N, chunk_size), keep=keep_samples
+        )
+        samples, latents = images, (x if keep_samples else None)
+    else:
+        mean_x, std_x = weighted_moments(x, weights)
+        samples = x if keep_samples else None
     return PosteriorResult(
-        samples=x if keep_samples else None,
+        samples=samples,
         weights=weights,
         mean=mean_x,
         std=std_x,
@@ -301,9 +539,13 @@ def sample_smc(
         nfe=nfe,
         method="smc",
         sigmas=torch.as_tensor(sig, dtype=_F64),
+        latents=latents,
         info={
             "proposal": proposal,
+            "guidance": guidance if proposal == "gradient" else None,
             "data_var": data_var,
+            "twist_cov": twist_cov if composed else None,
+            "decoder_gain": gain if composed and twist_cov == "isotropic" else None,
             "ess_threshold": ess_threshold,
             "backward_per_particle": n_backward,
         },

@@ -1,0 +1,686 @@
+"""Reconstruct stage: a measurement (or a reference volume to simulate one from) and a prior to a
+posterior mean, a per-voxel uncertainty map and a JSON record.
+
+Inputs, one of:
+
+- a raw measurement: Cartesian k-space (``.npy``/``.npz``/``.h5`` with a ``mask``) or a parallel-beam
+  sinogram (with ``angles`` in radians); optionally a ``reference`` NIfTI for geometry and metrics;
+- ``simulate="mri"`` (``acceleration``, ``mask_kind``, ``center_fraction``) or ``simulate="ct"``
+  (``views``) from a ``reference`` NIfTI (an ingested volume): the research-evaluation path.
+
+Layout of measurement arrays (what :func:`reconstruct_volume` writes for ``simulate`` and reads back):
+the volume grid ``(I, J, K)`` of the RAS-canonical NIfTI with the axial axis ``K`` moved to the front,
+``(K, I, J)``. K-space is centred (DC at ``n // 2``), zero-filled, unitary (``norm="ortho"``) 3D DFT
+of that array, ``(K, I, J)`` complex, with a boolean ``mask`` ``(K, I, J)`` or one ``(I, J)`` mask for
+every slice (the readout runs along ``K``, so a mask constant along ``K`` is per-slice undersampling).
+Sinograms are ``(K, n_views, n_detectors)`` line integrals per axial slice in voxel units (the
+:class:`~medidiff.inverse.ParallelBeamCT` convention).
+
+Method: ``smc``, ``afdps``, ``dps`` (need a prior: a latent diffusion checkpoint or a pixel-space
+denoiser callable ``D(x, sigma)`` on ``(B, I, J, K)``) or a classical baseline ``zero_filled`` (MRI),
+``fbp`` (CT), ``tv``. ``afdps`` needs a pixel-space prior (it refuses a decoder). A baseline given the
+checkpoint as ``prior`` reconstructs the same patch, for side-by-side comparison. ``smc`` defaults: a
+latent prior uses the gradient-guided proposal with Tweedie guidance (gradients through the decoder
+only) and ``data_var=1``; a pixel-space prior with exact solves (MRI) the ``"isotropic"`` proposal; CT
+twists use truncated conjugate gradients (:data:`~medidiff.stages._reconstruct_io.CT_CG_ITERS`).
+
+Normalisation: the prior works in the intensity scale of its training data. A checkpoint's
+``data.json`` (written beside its ``ckpt-*`` folders by the train stage) names it: CT clip-and-scale,
+MR percentile scaling. It is applied to the reference before simulating; raw measurements are mapped
+linearly (``y' = s y + o A 1``, ``sigma_y' = s sigma_y``) with the reference's parameters or, without a
+reference, those of the zero-filled / FBP image. Outputs are mapped back to the input's units;
+metrics (PSNR, SSIM, chi^2, coverage) are computed in the normalised scale, in float64.
+
+Whole volumes (a stated limitation): a latent prior was trained on patches of ``patch_size`` voxels at
+``spacing_mm``. The reference is reoriented to RAS, resampled to that spacing, normalised, then
+centre-cropped (or padded with its minimum) to one patch; that patch is simulated and reconstructed,
+and every output lies on its grid (``reference.nii.gz`` is the reference on the same grid and affine).
+A raw measurement must already be on the patch grid. Patch-wise reconstruction of larger volumes is
+not done here. A pixel-space prior reconstructs the reference's grid (or ``grid``/``spacing_mm``).
+
+Layout of ``out_dir``::
+
+    mean.nii.gz              posterior mean (or the baseline image), in the input's units
+    std.nii.gz               per-voxel posterior standard deviation (sampling methods)
+    samples.nii.gz           4D, the particles (keep_samples=True); their weights are in the JSON
+    reference.nii.gz         the reference on the reconstruction grid (when there is one)
+    kspace.npy + mask.npy    the simulated measurement, raw units (simulate="mri"; CT: sinogram.npy +
+                             angles.npy); rerun from them with measurement=..., mask=.../angles=...
+    reconstruction.json      settings, grid, normalisation, metrics, ESS trace, weights
+    <file>.prov.json         provenance of every file; provenance.prov.json for the run
+
+Every input is checked before any network call: a bad request fails at once with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from medidiff import __version__
+from medidiff.inverse.operators import LinearOperator
+from medidiff.stages._reconstruct_io import (
+    Geometry,
+    RawMeasurement,
+    acceleration_of,
+    build_operator,
+    callable_name,
+    compute_metrics,
+    jsonable,
+    load_measurement,
+    load_reference,
+    normalization_config,
+    write_samples,
+    write_simulated,
+)
+
+__all__ = [
+    "BASELINES",
+    "METHODS",
+    "SAMPLING_METHODS",
+    "ProgressCallback",
+    "ReconstructSettings",
+    "ReconstructionResult",
+    "reconstruct_volume",
+]
+
+SAMPLING_METHODS = ("smc", "afdps", "dps")
+BASELINES = ("zero_filled", "fbp", "tv")
+METHODS = SAMPLING_METHODS + BASELINES
+SIDECAR = "reconstruction.json"
+
+ProgressCallback = Callable[[int, int, float], None]
+"""``progress(step, total, ess)`` after each sampler step (``step`` counts from 1 to ``total``)."""
+
+
+class ReconstructSettings(BaseModel):
+    """The scalar settings of :func:`reconstruct_volume` (validated; recorded in the sidecar and provenance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["smc", "afdps", "dps", "zero_filled", "fbp", "tv"] = "smc"
+    simulate: Literal["mri", "ct"] | None = None
+    modality: str | None = Field(None, description="DICOM modality code; default MR for MRI, CT for CT")
+    acceleration: float = Field(4.0, ge=1.0, allow_inf_nan=False)
+    mask_kind: Literal["equispaced", "random", "poisson"] = "equispaced"
+    center_fraction: float = Field(0.08, ge=0.0, le=1.0)
+    views: int = Field(60, ge=1)
+    sigma_y: float = Field(0.01, gt=0.0, allow_inf_nan=False)
+    n_particles: int = Field(16, ge=1)
+    steps: int = Field(50, ge=1)
+    seed: int = Field(0, ge=0)
+    chunk_size: int | None = Field(None, ge=1)
+    keep_samples: bool = False
+    tv_lambda: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    tv_iters: int = Field(300, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    grid: tuple[int, int, int] | None = None
+    spacing_mm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class ReconstructionResult:
+    """What :func:`reconstruct_volume` wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        files: written files by role (``"mean"``, ``"std"``, ``"samples"``, ``"reference"``,
+            ``"kspace"``, ``"mask"``, ``"sinogram"``, ``"angles"``, ``"sidecar"``, ``"provenance"``).
+        metrics: the metrics of the sidecar (``psnr_db``, ``ssim``, ``chi2_mean``, ...).
+        sidecar: the whole JSON record.
+    """
+
+    out_dir: Path
+    files: dict[str, Path]
+    metrics: dict[str, Any]
+    sidecar: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class _Prior:
+    kind: Literal["latent", "pixel", "none"]
+    checkpoint: Any = None  # medidiff.train.checkpoint.Checkpoint
+    denoiser: Any = None  # a pixel-space callable
+    grid: tuple[int, int, int] | None = None
+    spacing_mm: float | None = None
+    normalization: Any = None  # NormalizationConfig
+    warnings: list[str] = field(default_factory=list)
+
+
+def reconstruct_volume(
+    out_dir: str | Path,
+    *,
+    prior: str | Path | Callable[[Tensor, Any], Tensor] | None = None,
+    reference: str | Path | None = None,
+    simulate: Literal["mri", "ct"] | None = None,
+    measurement: str | Path | None = None,
+    mask: str | Path | None = None,
+    angles: str | Path | None = None,
+    method: str = "smc",
+    modality: str | None = None,
+    acceleration: float = 4.0,
+    mask_kind: str = "equispaced",
+    center_fraction: float = 0.08,
+    views: int = 60,
+    sigma_y: float = 0.01,
+    n_particles: int = 16,
+    steps: int = 50,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    keep_samples: bool = False,
+    tv_lambda: float | None = None,
+    tv_iters: int = 300,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    grid: tuple[int, int, int] | None = None,
+    spacing_mm: float | None = None,
+    normalization: Any = None,
+    options: Mapping[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    run_id: str | None = None,
+) -> ReconstructionResult:
+    """Reconstruct one volume (one prior patch, see the module docstring) and write the results.
+
+    Args:
+        out_dir: output folder (created).
+        prior: a latent diffusion checkpoint (``ckpt-*`` folder or its run folder), or a pixel-space
+            denoiser ``D(x, sigma)`` on ``(B, I, J, K)`` volumes; None for the classical baselines.
+        reference: a NIfTI volume: the ground truth to simulate from / compare with.
+        simulate: ``"mri"`` or ``"ct"``: simulate the measurement from ``reference``.
+        measurement: a raw measurement file (``.npy``, ``.npz``, ``.h5``; see the module docstring).
+        mask: k-space mask file (``.npy``) when ``measurement`` does not hold one.
+        angles: view angles file (``.npy``, radians) when ``measurement`` does not hold them.
+        method: one of :data:`METHODS`.
+        modality: DICOM modality code of the volume (default MR for MRI, CT for CT).
+        acceleration: MRI undersampling factor (simulate).
+        mask_kind: ``"equispaced"`` or ``"random"`` (phase-encode lines in every axial slice), or
+            ``"poisson"`` (variable-density points in the slice plane).
+        center_fraction: fully sampled k-space centre fraction (simulate).
+        views: number of CT views uniform over ``[0, pi)`` (simulate).
+        sigma_y: measurement noise standard deviation: in the file's units for a raw measurement; in
+            the prior's normalised image units for ``simulate`` (e.g. 0.01 = 1% of the [0, 1] MR range).
+        n_particles: particles of the sampler.
+        steps: sampler steps (noise levels).
+        seed: seeds the mask, the noise and the sampler.
+        chunk_size: particles per network call (bounds memory; results do not depend on it).
+        keep_samples: also write the particles (``samples.nii.gz``).
+        tv_lambda: TV weight (``tv``); default ``sigma_y * ||A||``.
+        tv_iters: TV iterations.
+        precision: network precision policy (:mod:`medidiff.train.precision`): ``"fp32"``, ``"bf16"``,
+            ``"fp16"``, ``"auto"``. Weights and metrics stay in float64.
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        grid: reconstruction grid ``(I, J, K)`` for a pixel-space prior or a baseline (default: the
+            reference's); a latent prior's grid is its patch.
+        spacing_mm: resample the reference to this isotropic spacing first (pixel-space priors and
+            baselines; a latent prior uses its own).
+        normalization: the prior's :class:`~medidiff.transforms.NormalizationConfig` (or its dict) when
+            no ``data.json`` sits beside the checkpoint; default medidiff's.
+        options: sampler options (see :func:`medidiff.inverse.reconstruct`); latent ``smc`` defaults to
+            ``data_var=1`` (scaled latents have unit variance).
+        progress: ``progress(step, total, ess)`` after every sampler step.
+        run_id: provenance run id (default a random one).
+
+    Returns:
+        A :class:`ReconstructionResult`.
+
+    Raises:
+        ValueError / TypeError / FileNotFoundError: a bad request or input (before any compute).
+        CheckpointError: ``prior`` is not a latent diffusion checkpoint.
+    """
+    from medidiff.provenance import ModelRef, ProvenanceTracker, utc_now
+    from medidiff.train.precision import resolve_precision
+
+    started = utc_now()
+    t0 = time.perf_counter()
+    s = ReconstructSettings(
+        method=method,  # type: ignore[arg-type]
+        simulate=simulate,
+        modality=modality,
+        acceleration=acceleration,
+        mask_kind=mask_kind,  # type: ignore[arg-type]
+        center_fraction=center_fraction,
+        views=views,
+        sigma_y=sigma_y,
+        n_particles=n_particles,
+        steps=steps,
+        seed=seed,
+        chunk_size=chunk_size,
+        keep_samples=keep_samples,
+        tv_lambda=tv_lambda,
+        tv_iters=tv_iters,
+        precision=precision,  # type: ignore[arg-type]
+        grid=grid,
+        spacing_mm=spacing_mm,
+        options=dict(options or {}),
+    )
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    prec = resolve_precision(s.precision, dev)
+    _check_sources(s, reference, measurement, mask, angles)
+    pri = _resolve_prior(prior, s, normalization)
+    kind: Literal["mri", "ct"]
+    raw: RawMeasurement | None = None
+    if measurement is not None:
+        raw = load_measurement(Path(measurement), mask=mask, angles=angles)
+        kind = raw.kind
+    else:
+        kind = s.simulate  # type: ignore[assignment]
+    _check_method(s, pri, kind)
+    mod = (s.modality or ("MR" if kind == "mri" else "CT")).strip().upper()
+    seeds = _seeds(s.seed)
+
+    # -- inputs on the reconstruction grid, in the prior's normalised units (no network yet) --------
+    ref = None
+    if reference is not None:
+        ref = load_reference(
+            Path(reference),
+            modality=mod,
+            spacing_mm=pri.spacing_mm if pri.kind == "latent" else s.spacing_mm,
+            grid=pri.grid if pri.kind == "latent" else s.grid,
+            normalization=pri.normalization,
+        )
+    geom = _geometry(s, pri, ref, raw)
+    op = build_operator(kind, geom.grid, s, raw, mask_seed=seeds["mask"])
+    y, sy, norm_params = _measurement_in_model_units(kind, op, s, raw, ref, geom, mod, pri, seeds["noise"])
+
+    # -- compute ------------------------------------------------------------------------------------
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {}
+    samples = weights = None
+    std = None
+    if s.method in BASELINES:
+        mean = _baseline(s, op, y, sy)
+    else:
+        res = _sample(s, pri, op, y, sy, mod, dev, prec, seeds["sampler"], progress)
+        mean, std = res.mean, res.std
+        samples, weights = res.samples, res.weights
+        info = {
+            "ess": [float(v) for v in res.ess],
+            "n_resamples": res.n_resamples,
+            "resample_steps": list(res.resample_steps),
+            "nfe": res.nfe,
+            "sampler_info": jsonable(res.info),
+            "weights": [float(w) for w in res.weights],
+        }
+    metrics = compute_metrics(op, y, sy, mean, samples, weights, ref)
+    seconds = time.perf_counter() - t0
+
+    # -- outputs --------------------------------------------------------------------------------------
+    from medidiff.io.atomic import atomic_write_json
+    from medidiff.io.nifti_write import write_nifti
+    from medidiff.volume import Volume
+
+    scale, offset = float(norm_params["scale"]), float(norm_params["offset"])
+
+    def to_units(a: Tensor) -> np.ndarray:
+        return ((a.detach().to(torch.float64).cpu().numpy() - offset) / scale).astype(np.float32)
+
+    files: dict[str, Path] = {}
+    files["mean"] = write_nifti(Volume(to_units(mean), geom.affine, modality=mod), out / "mean.nii.gz")
+    if std is not None:
+        std_arr = (std.detach().to(torch.float64).cpu().numpy() / abs(scale)).astype(np.float32)
+        files["std"] = write_nifti(Volume(std_arr, geom.affine, modality=mod), out / "std.nii.gz")
+    if samples is not None and s.keep_samples:
+        files["samples"] = write_samples(to_units(samples), geom.affine, out / "samples.nii.gz")
+    if ref is not None:
+        files["reference"] = write_nifti(ref.volume_in_units(), out / "reference.nii.gz")
+    inputs = [Path(p) for p in (reference, measurement, mask, angles) if p is not None]
+    if raw is None:
+        files.update(write_simulated(kind, op, y, scale, offset, out))
+    sidecar = {
+        "medidiff_version": __version__,
+        "stage": "reconstruct",
+        "settings": s.model_dump(mode="json"),
+        "measurement": {
+            "kind": kind,
+            "source": "simulated" if raw is None else str(measurement),
+            "shape": list(op.out_shape),
+            "n_measurements": op.out_size,
+            "complex": op.is_complex,
+            "sigma_y_normalised": sy,
+            "sigma_y_raw_units": sy / abs(scale),
+            **({"acceleration": acceleration_of(op)} if kind == "mri" else {"views": int(op.inner.n_angles)}),  # type: ignore[attr-defined]
+        },
+        "prior": _prior_record(pri),
+        "modality": mod,
+        "grid": {"shape": list(geom.grid), "affine_ras": geom.affine.tolist(), "how": geom.how},
+        "normalization": jsonable(norm_params),
+        "metrics": jsonable(metrics),
+        "seeds": seeds,
+        "device": str(dev),
+        "precision": prec.label,
+        "seconds": round(seconds, 3),
+        "warnings": pri.warnings
+        + (ref.warnings if ref is not None else [])
+        + (raw.warnings if raw is not None else [])
+        + geom.warnings,
+        **jsonable(info),
+    }
+    files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
+    model = None
+    if pri.kind == "latent":
+        ck = pri.checkpoint
+        model = ModelRef(
+            name=str(ck.config.name), weights_sha256=ck.weights_sha256, weights_path=str(ck.path)
+        )
+    elif pri.kind == "pixel":
+        model = ModelRef(name=callable_name(pri.denoiser))
+    config = {
+        **s.model_dump(mode="json"),
+        "prior": _prior_record(pri),
+        "reference": str(reference) if reference is not None else None,
+        "measurement": str(measurement) if measurement is not None else None,
+    }
+    tracker = ProvenanceTracker(
+        "reconstruct",
+        out,
+        config=config,
+        seeds={"seed": s.seed, **seeds},
+        precision=prec.label,
+        device=dev,
+        model=model,
+        run_id=run_id,
+    )
+    tracker.started = started
+    for role, path in files.items():
+        tracker.add_output(path, inputs, warnings=sidecar["warnings"] if role == "mean" else ())
+    files["provenance"] = tracker.finish()
+    return ReconstructionResult(out_dir=out, files=files, metrics=metrics, sidecar=sidecar)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _check_sources(s: ReconstructSettings, reference: Any, measurement: Any, mask: Any, angles: Any) -> None:
+    if measurement is not None and s.simulate is not None:
+        raise ValueError("pass either measurement=... (raw data) or simulate=... (from reference), not both.")
+    if measurement is None and s.simulate is None:
+        raise ValueError(
+            "nothing to reconstruct: pass measurement=<k-space or sinogram file>, or reference=<NIfTI> with "
+            "simulate='mri' or 'ct'."
+        )
+    if s.simulate is not None and reference is None:
+        raise ValueError(
+            f"simulate={s.simulate!r} needs reference=<an ingested NIfTI volume> to simulate from."
+        )
+    if s.simulate is not None and (mask is not None or angles is not None):
+        raise ValueError("mask/angles describe a raw measurement; with simulate=... the stage draws them.")
+    for name, p in (
+        ("reference", reference),
+        ("measurement", measurement),
+        ("mask", mask),
+        ("angles", angles),
+    ):
+        if p is not None and not Path(p).is_file():
+            raise FileNotFoundError(f"{name} file {p} does not exist.")
+
+
+def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _Prior:
+    if s.method in BASELINES:
+        if prior is not None and not isinstance(prior, str | Path):
+            prior = None  # a callable prior plays no part in a baseline
+        if prior is None:
+            return _Prior("none", normalization=normalization_config(normalization, None)[0])
+    if prior is None:
+        raise ValueError(
+            f"method={s.method!r} needs a prior: a latent diffusion checkpoint folder or a denoiser callable."
+        )
+    if isinstance(prior, str | Path):
+        from medidiff.train.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(prior, expect_stage="latent")  # CheckpointError for anything else
+        if len(ck.config.patch_size) != 3:
+            raise ValueError(
+                f"{ck.path} is a 2D (axial-slice) prior; reconstruct_volume reconstructs 3D patches only."
+            )
+        norm, warnings = normalization_config(normalization, ck.path.parent / "data.json")
+        grid = tuple(int(v) for v in ck.config.patch_size)
+        if s.grid is not None and tuple(s.grid) != grid:
+            raise ValueError(f"grid={s.grid} differs from the prior's patch {grid}; leave grid unset.")
+        return _Prior(
+            "latent", checkpoint=ck, grid=grid, spacing_mm=float(ck.config.spacing_mm), normalization=norm,
+            warnings=warnings,
+        )  # fmt: skip
+    if callable(prior):
+        return _Prior("pixel", denoiser=prior, normalization=normalization_config(normalization, None)[0])
+    raise TypeError(f"prior must be a checkpoint path or a denoiser callable; got {type(prior).__name__}.")
+
+
+def _check_method(s: ReconstructSettings, pri: _Prior, kind: str) -> None:
+    if s.method == "afdps" and pri.kind == "latent":
+        raise ValueError(
+            "method='afdps' needs a pixel-space prior (its closed-form likelihood steps need a linear "
+            "model); with a latent checkpoint use method='smc' or 'dps'."
+        )
+    if s.method == "fbp" and kind != "ct":
+        raise ValueError("method='fbp' is the CT baseline; for MRI use 'zero_filled' or 'tv'.")
+    if s.method == "zero_filled" and kind != "mri":
+        raise ValueError("method='zero_filled' is the MRI baseline; for CT use 'fbp' or 'tv'.")
+    if s.method in SAMPLING_METHODS:
+        from medidiff.inverse.api import method_options
+
+        unknown = set(s.options) - method_options(s.method)
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {s.method!r}.")
+
+
+def _seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for the mask, the noise and the sampler, from one number."""
+    kids = np.random.SeedSequence(seed).spawn(3)
+    return {
+        name: int(k.generate_state(1, dtype=np.uint32)[0])
+        for name, k in zip(("mask", "noise", "sampler"), kids, strict=True)
+    }
+
+
+def _geometry(s: ReconstructSettings, pri: _Prior, ref: Any, raw: RawMeasurement | None) -> Geometry:
+    """The reconstruction grid ``(I, J, K)`` and its affine, checked against the measurement and prior."""
+    if ref is not None:
+        geom = Geometry(tuple(ref.array.shape), ref.affine, ref.how)  # type: ignore[arg-type]
+    elif raw is None:
+        raise ValueError("a reference or a measurement is needed to fix the grid.")
+    else:
+        grid = raw.grid or (pri.grid if pri.kind == "latent" else s.grid)
+        if grid is None:
+            raise ValueError("a sinogram does not fix the slice size: pass grid=(I, J, K) or a reference.")
+        sp = pri.spacing_mm if pri.kind == "latent" else (s.spacing_mm or 1.0)
+        geom = Geometry(
+            tuple(int(v) for v in grid),  # type: ignore[arg-type]
+            np.diag([sp, sp, sp, 1.0]),
+            "measurement grid",
+            ["no reference: the affine is diag(spacing) at the origin"],
+        )
+    if raw is not None and raw.grid is not None and tuple(raw.grid) != geom.grid:
+        raise ValueError(
+            f"the measurement's image grid {raw.grid} (I, J, K) differs from the reference's {geom.grid}; "
+            "pass a reference on the measurement's grid."
+        )
+    if raw is not None and raw.kind == "ct" and raw.data.shape[0] != geom.grid[2]:
+        raise ValueError(
+            f"the sinogram has {raw.data.shape[0]} slices but the grid {geom.grid} has {geom.grid[2]}."
+        )
+    if pri.kind == "latent" and tuple(geom.grid) != tuple(pri.grid):  # type: ignore[arg-type]
+        raise ValueError(
+            f"the measurement's image grid {geom.grid} (I, J, K) differs from the prior's patch {pri.grid}; "
+            "reconstruct_volume reconstructs one patch of the prior's grid."
+        )
+    return geom
+
+
+def _measurement_in_model_units(
+    kind: str,
+    op: LinearOperator,
+    s: ReconstructSettings,
+    raw: RawMeasurement | None,
+    ref: Any,
+    geom: Geometry,
+    modality: str,
+    pri: _Prior,
+    noise_seed: int,
+) -> tuple[Tensor, float, dict[str, Any]]:
+    """``(y, sigma_y, normalisation params)`` with ``y`` in the prior's normalised units."""
+    from medidiff.inverse import measure
+
+    if raw is None:
+        x = torch.from_numpy(np.ascontiguousarray(ref.array, dtype=np.float32))
+        y = measure(op, x, sigma_y=s.sigma_y, generator=torch.Generator().manual_seed(noise_seed))
+        return y, float(s.sigma_y), dict(ref.params)
+    y_raw = raw.measurement(op)
+    if ref is not None:
+        params = dict(ref.params)
+    else:
+        from medidiff.transforms import normalize
+        from medidiff.volume import Volume
+
+        base = _direct(kind, op, y_raw).to(torch.float64).numpy()
+        _, params = normalize(Volume(base, geom.affine, modality=modality), pri.normalization)
+    scale, offset = float(params["scale"]), float(params["offset"])
+    ones = torch.ones(
+        1,
+        *op.in_shape,
+        dtype=torch.float64 if y_raw.dtype in (torch.float64, torch.complex128) else torch.float32,
+    )
+    y = scale * y_raw + offset * op.forward(ones)[0].to(y_raw.dtype)
+    return y, float(s.sigma_y) * abs(scale), params
+
+
+def _direct(kind: str, op: LinearOperator, y: Tensor) -> Tensor:
+    """Zero-filled (MRI) or FBP (CT) image of ``y``."""
+    from medidiff.inverse import fbp, zero_filled
+
+    if kind == "ct":
+        return op.from_inner(fbp(y.unsqueeze(0), op.inner))[0]  # type: ignore[attr-defined]
+    return zero_filled(op, y.unsqueeze(0))[0].real
+
+
+# ------------------------------------------------------------------------------------------ compute
+def _baseline(s: ReconstructSettings, op: LinearOperator, y: Tensor, sy: float) -> Tensor:
+    from medidiff.inverse.baselines import spectral_norm, tv_least_squares
+
+    if s.method in ("zero_filled", "fbp"):
+        return _direct("mri" if s.method == "zero_filled" else "ct", op, y).to(torch.float32)
+    exact = bool(getattr(op, "has_exact_normal_solve", False))
+    norm = spectral_norm(op, torch.float32, y.device)
+    lam = s.tv_lambda if s.tv_lambda is not None else sy * norm
+    return tv_least_squares(
+        op, y, lam=lam, iters=s.tv_iters, data_prox=exact, op_norm=None if exact else norm
+    )
+
+
+class _ConditionedDenoiser:
+    """A latent checkpoint's denoiser with its modality and spacing bound, under the precision policy."""
+
+    def __init__(self, net: Any, modality_code: int, spacing_mm: float, autocast: torch.dtype | None) -> None:
+        self.net = net
+        self.code = int(modality_code)
+        self.spacing = float(spacing_mm)
+        self.autocast = autocast
+
+    def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        b = x.shape[0]
+        modality = torch.full((b,), self.code, dtype=torch.long, device=x.device)
+        spacing = torch.full((b, 3), self.spacing, dtype=torch.float32, device=x.device)
+        if self.autocast is None:
+            return self.net(x, sigma, modality=modality, spacing=spacing)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+            out = self.net(x, sigma, modality=modality, spacing=spacing)
+        return out.to(x.dtype)
+
+
+def _sample(
+    s: ReconstructSettings,
+    pri: _Prior,
+    op: LinearOperator,
+    y: Tensor,
+    sy: float,
+    modality: str,
+    dev: torch.device,
+    prec: Any,
+    sampler_seed: int,
+    progress: ProgressCallback | None,
+) -> Any:
+    from medidiff.inverse import ComposedOperator, reconstruct
+
+    options = dict(s.options)
+    sigma_kw: dict[str, float] = {}
+    if pri.kind == "latent":
+        from medidiff.models.config import MODALITY_CODES
+        from medidiff.train.checkpoint import load_models
+
+        models = load_models(pri.checkpoint.path, device=dev, expect_stage="latent")
+        net = models.denoiser()
+        denoiser: Any = _ConditionedDenoiser(
+            net,
+            MODALITY_CODES.get(modality, MODALITY_CODES["OT"]),
+            float(pri.spacing_mm),
+            prec.autocast_dtype,  # type: ignore[arg-type]
+        )
+        forward: Any = ComposedOperator(
+            op,
+            models.autoencoder,
+            models.config.latent_shape,
+            scale=float(models.latent_scale_factor or 1.0),
+            autocast=prec.autocast_dtype,
+        )
+        sigma_kw = {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
+        if s.method == "smc":
+            options.setdefault("data_var", 1.0)  # the scale factor gives the latents unit variance
+    else:
+        denoiser = pri.denoiser
+        forward = op
+        if s.method == "smc" and op.accurate_solves:
+            # The exact draw under the isotropic-Jacobian model keeps the weights in high dimension,
+            # where the gradient shift degenerates (see medidiff.inverse.smc).
+            options.setdefault("proposal", "isotropic")
+        for key in ("sigma_min", "sigma_max"):
+            if isinstance(getattr(denoiser, key, None), int | float):
+                sigma_kw[key] = float(getattr(denoiser, key))
+
+    def callback(k: int, ess: float) -> None:
+        if progress is not None:
+            progress(k + 1, s.steps, ess)
+
+    return reconstruct(
+        denoiser,
+        forward,
+        y.to(dev),
+        sigma_y=sy,
+        method=s.method,
+        n_particles=s.n_particles,
+        steps=s.steps,
+        generator=torch.Generator(device=dev).manual_seed(sampler_seed),
+        keep_samples=True,  # coverage needs them; written only with keep_samples
+        chunk_size=s.chunk_size,
+        callback=callback,
+        options=options,
+        **sigma_kw,  # type: ignore[arg-type]
+    )
+
+
+def _prior_record(pri: _Prior) -> dict[str, Any]:
+    if pri.kind == "latent":
+        ck = pri.checkpoint
+        return {
+            "kind": "latent",
+            "checkpoint": str(ck.path),
+            "weights_sha256": ck.weights_sha256,
+            "step": ck.step,
+            "model": ck.config.name,
+            "patch_size": list(ck.config.patch_size),
+            "spacing_mm": ck.config.spacing_mm,
+        }
+    if pri.kind == "pixel":
+        return {"kind": "pixel", "denoiser": callable_name(pri.denoiser)}
+    return {"kind": "none"}

@@ -1,0 +1,266 @@
+"""The reconstruct stage: simulate or read a measurement, run a prior or a baseline, write NIfTI + JSON + provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from medidiff.io.nifti_write import write_nifti
+from medidiff.provenance import read_record, record_path
+from medidiff.stages.reconstruct import reconstruct_volume
+from medidiff.train.checkpoint import CheckpointError
+from medidiff.volume import Volume
+from tests.train.conftest import blob_batches, tiny_config
+
+
+@pytest.fixture(scope="module")
+def latent_prior(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny latent diffusion model (16^3 patches at 2 mm) trained for two steps per stage, with the
+    data.json the train stage writes beside its checkpoints (MR percentile normalisation)."""
+    from medidiff.train.loop import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("prior")
+    cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=1, scale_factor_batches=1)
+    ae = train(cfg, blob_batches(2, (16, 16, 16)), root / "autoencoder", stage="autoencoder", progress=False)
+    lat = train(
+        cfg,
+        blob_batches(2, (16, 16, 16)),
+        root / "latent",
+        stage="latent",
+        autoencoder=ae.checkpoint,
+        progress=False,
+    )
+    norm = {"by_modality": {"MR": {"kind": "mr", "percentiles": [1.0, 99.0]}, "CT": {"kind": "ct"}}}
+    (root / "latent" / "data.json").write_text(json.dumps({"config": {"normalization": norm}}))
+    assert lat.checkpoint is not None and ae.checkpoint is not None
+    return {"latent": lat.checkpoint, "autoencoder": ae.checkpoint}
+
+
+def _phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """A bright ellipsoid and a dim one on a background, plus a little noise (MR-like units)."""
+    rng = np.random.default_rng(seed)
+    ii, jj, kk = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    arr = 100 + 400 * np.exp(-((ii - 0.2) ** 2 + (jj + 0.1) ** 2 + kk**2) / 0.2)
+    arr += 150 * ((ii + 0.4) ** 2 + (jj - 0.3) ** 2 + (kk / 2) ** 2 < 0.1)
+    return (arr + 5 * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.fixture
+def reference(tmp_path: Path) -> Path:
+    """An 'ingested' MR volume at 1.5 mm, 20 x 24 x 18 voxels, off-origin (resampling and cropping both run)."""
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-10.0, 5.0, 3.0]
+    path = tmp_path / "ref.nii.gz"
+    write_nifti(Volume(_phantom((20, 24, 18)), affine, modality="MR"), path)
+    return path
+
+
+class GaussianPixelPrior:
+    """Exact denoiser of an iid Gaussian prior ``N(m, v)`` per voxel; counts its calls."""
+
+    def __init__(self, m: float = 0.3, v: float = 0.1) -> None:
+        self.m, self.v, self.calls = m, v, 0
+
+    def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        self.calls += 1
+        s2 = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))) ** 2
+        return self.m + self.v / (self.v + s2) * (x - self.m)
+
+
+def _expected_files(out: Path, names: list[str]) -> None:
+    for name in names:
+        assert (out / name).is_file(), name
+        if not name.endswith(".prov.json") and name != "provenance.prov.json":
+            assert record_path(out / name).is_file(), name
+    assert (out / "provenance.prov.json").is_file()
+
+
+@pytest.mark.parametrize(("simulate", "method"), [("mri", "smc"), ("ct", "dps")])
+def test_latent_prior_simulate_paths_write_everything(
+    latent_prior, reference, tmp_path, simulate, method
+) -> None:
+    out = tmp_path / "out"
+    seen: list[tuple[int, int, float]] = []
+    res = reconstruct_volume(
+        out,
+        prior=latent_prior["latent"],
+        reference=reference,
+        simulate=simulate,
+        method=method,
+        acceleration=4,
+        views=12,
+        sigma_y=0.02,
+        n_particles=4,
+        steps=5,
+        chunk_size=3,
+        keep_samples=True,
+        progress=lambda step, total, ess: seen.append((step, total, ess)),
+    )
+    raw = ["kspace.npy", "mask.npy"] if simulate == "mri" else ["sinogram.npy", "angles.npy"]
+    _expected_files(out, ["mean.nii.gz", "std.nii.gz", "samples.nii.gz", "reference.nii.gz", *raw])
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5] and all(s[1] == 5 and 1 <= s[2] <= 4 for s in seen)
+    # One 16^3 patch at the prior's 2 mm; every output on the reference's (processed) grid and affine.
+    mean = nib.load(out / "mean.nii.gz")
+    ref = nib.load(out / "reference.nii.gz")
+    assert mean.shape == ref.shape == (16, 16, 16)
+    np.testing.assert_allclose(mean.affine, ref.affine)
+    np.testing.assert_allclose(np.abs(np.diag(mean.affine)[:3]), 2.0)
+    assert nib.load(out / "samples.nii.gz").shape == (16, 16, 16, 4)
+    m = res.metrics
+    for key in ("psnr_db", "ssim", "chi2_mean", "chi2_samples", "coverage90"):
+        assert np.isfinite(m[key]), key
+    assert 0.0 <= m["coverage90"] <= 1.0 and -1.0 <= m["ssim"] <= 1.0
+    side = json.loads((out / "reconstruction.json").read_text())
+    assert len(side["ess"]) == 5 and abs(sum(side["weights"]) - 1.0) < 1e-9
+    assert side["prior"]["kind"] == "latent"
+    norm = side["normalization"]  # the prior's data.json: its MR percentiles, CT's clip-and-scale
+    assert norm["percentiles"] == [1.0, 99.0] if simulate == "mri" else norm["method"] == "ct_clip_scale"
+    record = read_record(record_path(out / "mean.nii.gz"))
+    ckpt = json.loads((latent_prior["latent"] / "checkpoint.json").read_text())
+    assert record.stage == "reconstruct" and record.model is not None
+    assert record.model.weights_sha256 == ckpt["files"]["weights.safetensors"]
+    assert (record.config["method"], record.config["n_particles"], record.config["steps"]) == (method, 4, 5)
+    assert record.seeds["seed"] == 0
+
+
+def test_pixel_prior_smc_is_data_consistent(reference, tmp_path) -> None:
+    """An exact iid Gaussian prior: posterior draws explain the k-space down to the noise (chi^2 ~ 1),
+    which checks that the normalisation, the simulation and sigma_y agree."""
+    prior = GaussianPixelPrior()
+    res = reconstruct_volume(
+        tmp_path / "out",
+        prior=prior,
+        reference=reference,
+        simulate="mri",
+        method="smc",
+        mask_kind="poisson",
+        acceleration=3,
+        sigma_y=0.05,
+        n_particles=8,
+        steps=10,
+        options={"data_var": prior.v},
+    )
+    m = res.metrics
+    assert 0.5 < m["chi2_samples"] < 2.0, m
+    assert nib.load(tmp_path / "out" / "mean.nii.gz").shape == (20, 24, 18)  # the reference's own grid
+    assert res.sidecar["prior"]["kind"] == "pixel" and 0.0 <= m["coverage90"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("simulate", "method"), [("mri", "zero_filled"), ("mri", "tv"), ("ct", "fbp"), ("ct", "tv")]
+)
+def test_baselines_and_raw_round_trip(reference, tmp_path, simulate, method) -> None:
+    """A simulated run's measurement files, read back as raw input, give the same reconstruction."""
+    sim = reconstruct_volume(
+        tmp_path / "sim",
+        reference=reference,
+        simulate=simulate,
+        method=method,
+        views=20,
+        sigma_y=0.01,
+        tv_iters=30,
+    )
+    _expected_files(tmp_path / "sim", ["mean.nii.gz", "reference.nii.gz"])
+    assert not (tmp_path / "sim" / "std.nii.gz").exists()
+    assert np.isfinite(sim.metrics["psnr_db"]) and np.isfinite(sim.metrics["chi2_mean"])
+    raw = (
+        {"measurement": sim.files["kspace"], "mask": sim.files["mask"]}
+        if simulate == "mri"
+        else {"measurement": sim.files["sinogram"], "angles": sim.files["angles"]}
+    )
+    sigma_raw = sim.sidecar["measurement"]["sigma_y_raw_units"]
+    again = reconstruct_volume(
+        tmp_path / "raw", reference=reference, method=method, sigma_y=sigma_raw, tv_iters=30, **raw
+    )
+    a = nib.load(tmp_path / "sim" / "mean.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "raw" / "mean.nii.gz").get_fdata()
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+    assert again.metrics["psnr_db"] == pytest.approx(sim.metrics["psnr_db"], abs=0.05)
+
+
+def test_h5_measurement_without_reference(reference, tmp_path) -> None:
+    h5py = pytest.importorskip("h5py")
+    sim = reconstruct_volume(tmp_path / "sim", reference=reference, simulate="mri", method="zero_filled")
+    path = tmp_path / "meas.h5"
+    with h5py.File(path, "w") as f:
+        f["kspace"] = np.load(sim.files["kspace"])
+        f["mask"] = np.load(sim.files["mask"])
+    res = reconstruct_volume(
+        tmp_path / "raw", measurement=path, method="zero_filled", sigma_y=10.0, spacing_mm=1.5
+    )
+    img = nib.load(tmp_path / "raw" / "mean.nii.gz")
+    assert img.shape == (20, 24, 18) and "psnr_db" not in res.metrics
+    np.testing.assert_allclose(np.diag(img.affine), [1.5, 1.5, 1.5, 1.0])
+    # Without a reference the MR normalisation comes from the zero-filled image itself: same image back.
+    np.testing.assert_allclose(
+        img.get_fdata(), nib.load(tmp_path / "sim" / "mean.nii.gz").get_fdata(), rtol=1e-3, atol=0.5
+    )
+
+
+# ----------------------------------------------------------------------- bad input, before any compute
+def _save(path: Path, arr: np.ndarray) -> Path:
+    np.save(path, arr)
+    return path
+
+
+def _bad_cases(tmp: Path, reference: Path) -> list[tuple[dict, type[Exception], str]]:
+    k = np.zeros((18, 20, 24), np.complex64)
+    k[:, :, ::2] = 1.0 + 1.0j
+    mask = np.abs(k) > 0
+    nan_k = k.copy()
+    nan_k[0, 0, 0] = np.nan
+    arr = _phantom((20, 24, 18))
+    arr[3, 3, 3] = np.nan
+    nan_ref = tmp / "nan_ref.nii.gz"
+    write_nifti(Volume(arr, np.eye(4), modality="MR"), nan_ref)
+    good = {"measurement": _save(tmp / "k.npy", k), "mask": _save(tmp / "m.npy", mask)}
+    return [
+        ({"measurement": _save(tmp / "k2.npy", k[0]), "mask": good["mask"]}, ValueError, "3D array"),
+        ({**good, "mask": _save(tmp / "m2.npy", mask[:, :10])}, ValueError, "mask/measurement mismatch"),
+        ({"measurement": _save(tmp / "kn.npy", nan_k), "mask": good["mask"]}, ValueError, "NaN"),
+        ({"reference": nan_ref, "simulate": "mri"}, ValueError, "NaN"),
+        ({**good, "sigma_y": 0.0}, ValueError, "sigma_y"),
+        ({**good, "sigma_y": -1.0}, ValueError, "sigma_y"),
+        ({**good, "reference": tmp / "small.nii.gz"}, ValueError, "differs from the reference"),
+        ({**good, "simulate": "mri", "reference": reference}, ValueError, "not both"),
+        ({}, ValueError, "nothing to reconstruct"),
+        ({"measurement": good["measurement"]}, ValueError, "mask="),
+        ({**good, "method": "fbp"}, ValueError, "CT baseline"),
+        ({**good, "method": "ddrm"}, ValueError, "method"),
+        ({**good, "options": {"step_size": 1.0}}, ValueError, "unknown option"),
+        ({"reference": tmp / "missing.nii.gz", "simulate": "ct"}, FileNotFoundError, "does not exist"),
+    ]
+
+
+def test_bad_inputs_raise_before_any_compute(reference, tmp_path) -> None:
+    write_nifti(Volume(_phantom((8, 8, 8)), np.eye(4), modality="MR"), tmp_path / "small.nii.gz")
+    for change, error, match in _bad_cases(tmp_path, reference):
+        prior = GaussianPixelPrior()
+        out = tmp_path / "never"
+        kwargs = {"prior": prior, "method": "smc", "sigma_y": 0.1, "n_particles": 2, "steps": 2, **change}
+        with pytest.raises(error, match=match):
+            reconstruct_volume(out, **kwargs)
+        assert prior.calls == 0, change
+        assert not out.exists(), change
+
+
+def test_checkpoint_refusals_before_any_compute(latent_prior, reference, tmp_path) -> None:
+    kw = {"reference": reference, "simulate": "mri", "n_particles": 2, "steps": 2}
+    with pytest.raises(CheckpointError, match="latent diffusion model"):
+        reconstruct_volume(tmp_path / "a", prior=latent_prior["autoencoder"], **kw)
+    with pytest.raises(CheckpointError, match="not a medidiff checkpoint"):
+        reconstruct_volume(tmp_path / "b", prior=tmp_path, **kw)
+    with pytest.raises(ValueError, match=r"afdps.*pixel-space"):
+        reconstruct_volume(tmp_path / "c", prior=latent_prior["latent"], method="afdps", **kw)
+    k = np.ones((16, 16, 8), np.complex64)
+    bad = {"measurement": _save(tmp_path / "k.npy", k), "mask": _save(tmp_path / "m.npy", np.abs(k) > 0)}
+    with pytest.raises(ValueError, match="prior's patch"):
+        reconstruct_volume(tmp_path / "d", prior=latent_prior["latent"], sigma_y=0.1, **bad)
+    assert not any((tmp_path / n).exists() for n in "abcd")
