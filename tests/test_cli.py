@@ -58,3 +58,50 @@ def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "src" / "out"))
     assert out.returncode == 2 and "inside the input folder" in out.stderr
+
+
+def _mr_reference(path: Path) -> Path:
+    from medidiff.io.nifti_write import write_nifti
+
+    ii, jj, kk = np.meshgrid(*[np.linspace(-1, 1, 16)] * 3, indexing="ij")
+    arr = (100 + 300 * ((ii**2 + jj**2 + kk**2) < 0.4)).astype(np.float32)
+    write_nifti(Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]), "MR"), path)
+    return path
+
+
+def test_reconstruct_baseline_and_bad_input(tmp_path: Path) -> None:
+    ref = _mr_reference(tmp_path / "ref.nii.gz")
+    out = _run(
+        "reconstruct",
+        "--out",
+        str(tmp_path / "rec"),
+        "--reference",
+        str(ref),
+        "--simulate",
+        "mri",
+        "--accel",
+        "4",
+        "--method",
+        "zero_filled",
+        "--modality",
+        "MR",
+    )
+    assert out.returncode == 0, out.stderr
+    rec = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
+    assert rec["metrics"]["psnr_db"] > 10
+    assert (tmp_path / "rec" / "mean.nii.gz").is_file()
+    bad = _run(
+        "reconstruct",
+        "--out",
+        str(tmp_path / "bad"),
+        "--reference",
+        str(ref),
+        "--simulate",
+        "mri",
+        "--method",
+        "zero_filled",
+        "--sigma-y",
+        "-1",
+    )
+    assert bad.returncode == 2 and "sigma_y" in bad.stderr
+    assert not (tmp_path / "bad" / "mean.nii.gz").exists()
