@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-def pytest_configure(config) -> None:  # noqa: ANN001 - pytest hook
+def pytest_configure(config) -> None:
     # The suite runs on 2 cores with 2 xdist workers: one intra-op thread per worker avoids
     # oversubscription, which slows small FFT/sparse/conv work in torch by an order of magnitude.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
