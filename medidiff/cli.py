@@ -261,6 +261,9 @@ def synthesize(
         int | None,
         typer.Option(help="Decode in tiles of this many latent voxels per side (default: only if needed)."),
     ] = None,
+    graph: Annotated[
+        str, typer.Option(help="jit: frozen TorchScript UNet (faster, same result); eager: the module as is.")
+    ] = "jit",
 ) -> None:
     """Synthesize volumes from a latent diffusion checkpoint, marked synthetic, with provenance."""
     from medidiff.diffusion.samplers import SAMPLERS
@@ -290,6 +293,7 @@ def synthesize(
                 precision=precision,
                 device=device,
                 decode_tile=decode_tile,
+                graph=graph,
                 progress=_RichProgress(bar),
             )
         except NonFiniteSampleError as e:

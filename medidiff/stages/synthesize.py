@@ -198,6 +198,7 @@ def _plan(
     precision: str,
     device: str | None,
     decode_tile: int | Sequence[int] | None,
+    graph: str = "jit",
 ) -> _Plan:
     from medidiff.diffusion.samplers import expected_nfe
     from medidiff.diffusion.schedules import karras_sigmas
@@ -206,6 +207,8 @@ def _plan(
     from medidiff.train.precision import resolve_precision
 
     _check_args(n, steps, sampler, seed, batch_size)
+    if graph not in ("jit", "eager"):
+        raise ValueError(f"graph must be 'jit' or 'eager', got {graph!r}")
     dev = _device(device)
     prec = resolve_precision(precision, dev)
     models = load_models(resolve_checkpoint_path(ckpt), device=dev, expect_stage="latent")
@@ -226,7 +229,13 @@ def _plan(
     if tile is not None and all(a >= b for a, b in zip(tile, latent_shape[1:], strict=True)):
         tile = None  # one tile covers the latent: decode it whole
     # The schedule spans the noise levels the network was trained on (its DDPM's alphas_cumprod).
-    denoiser = models.denoiser()
+    if graph == "jit":
+        from medidiff.diffusion.precond import from_monai_scheduler
+        from medidiff.models.inference import FrozenUNet
+
+        denoiser = from_monai_scheduler(FrozenUNet(models.unet), models.scheduler)
+    else:
+        denoiser = models.denoiser()
     sigma_min, sigma_max = float(denoiser.sigma_min), float(denoiser.sigma_max)
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, RHO)
     spacing = training_spacing(cfg.spacing_mm, data)
@@ -363,6 +372,7 @@ def synthesize(
     device: str | None = None,
     decode_tile: int | Sequence[int] | None = None,
     progress: Progress | None = None,
+    graph: str = "jit",
 ) -> SynthesisResult:
     """Synthesize ``n`` volumes from a latent diffusion checkpoint (see the module docstring).
 
@@ -384,6 +394,9 @@ def synthesize(
             whole volume would not fit in memory).
         progress: ``progress(phase, done, total)`` with phases ``"sample"`` (sampler steps over all
             batches) and ``"write"`` (volumes written).
+        graph: ``"jit"`` (default) runs the latent UNet as a frozen TorchScript graph per batch shape
+            (:class:`medidiff.models.inference.FrozenUNet`: same weights, about half the time per call
+            on CPU); ``"eager"`` runs the module as it is.
 
     Raises:
         CheckpointError: not a latent diffusion checkpoint (an autoencoder, a foreign file...).
@@ -405,6 +418,7 @@ def synthesize(
         precision=precision,
         device=device,
         decode_tile=decode_tile,
+        graph=graph,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
