@@ -383,7 +383,8 @@ def _tiled_decode(
             r = [n // (wb - wa) for n, (wa, wb) in zip(y.shape[2:], win, strict=True)]
             dst = tuple(slice(a * k, b * k) for (a, b), k in zip(c, r, strict=True))
             out[(slice(None), slice(None), *dst)] = y[(slice(None), slice(None), *crop(win, c, y.shape[2:]))]
-        assert out is not None  # at least one tile: spatial sizes are >= 1
+        if out is None:  # cannot happen for spatial sizes >= 1, which callers validate
+            raise RuntimeError("tiled decoding produced no tiles")
         return out
     finally:
         for norm in norms:
