@@ -425,10 +425,14 @@ def sample_smc(
 
     ess_trace: list[float] = []
     resample_steps: list[int] = []
+    unique_after: list[int] = []
     for k in range(steps):
         s, s_next = sig[k], sig[k + 1]
         if ess_of(logw) < ess_threshold * N:
             idx = systematic_resample(normalise(logw), generator)
+            # ESS is N right after resampling even when every copy comes from one survivor; the
+            # number of distinct survivors is what shows a collapse.
+            unique_after.append(int(torch.unique(idx).numel()))
             x, Dx, logg, h = x[idx], Dx[idx], logg[idx], h[idx]
             gx = None if gx is None else gx[idx]
             logw = torch.zeros(N, dtype=_F64, device=device)
@@ -541,6 +545,7 @@ def sample_smc(
         sigmas=torch.as_tensor(sig, dtype=_F64),
         latents=latents,
         info={
+            "unique_after_resampling": unique_after,
             "proposal": proposal,
             "guidance": guidance if proposal == "gradient" else None,
             "data_var": data_var,

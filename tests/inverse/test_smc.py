@@ -150,3 +150,36 @@ def test_smc_gaussian_mixture_posterior_d8() -> None:
     sw_dps = sliced_wasserstein(dps.samples, ref, directions=directions)
     assert sw_smc <= 2.5 * floor, (sw_smc, floor)
     assert sw_smc <= 0.25 * sw_dps, (sw_smc, sw_dps)
+
+
+def test_distinct_survivors_reveal_a_collapse() -> None:
+    """With a likelihood far sharper than the twist expects, resampling keeps few distinct particles,
+    although ESS reads N right after it; ``info["unique_after_resampling"]`` shows the collapse."""
+    prob = gaussian_problem(d=16, m=4, sigma_y=0.3)
+    healthy = reconstruct(
+        prob.denoiser,
+        MatrixOperator(prob.A),
+        prob.y,
+        sigma_y=prob.sigma_y,
+        method="smc",
+        n_particles=256,
+        steps=20,
+        generator=torch.Generator().manual_seed(3),
+        options={"proposal": "gradient"},
+    )
+    info = healthy.info["unique_after_resampling"]
+    assert len(info) == healthy.n_resamples and all(1 <= u <= 256 for u in info)
+    # the same data, but the sampler is told sigma_y is 100x smaller than the twist's model allows
+    sharp = reconstruct(
+        prob.denoiser,
+        MatrixOperator(prob.A),
+        prob.y,
+        sigma_y=prob.sigma_y / 100,
+        method="smc",
+        n_particles=256,
+        steps=20,
+        generator=torch.Generator().manual_seed(3),
+        options={"proposal": "gradient", "data_var": 1e-6},
+    )
+    u = sharp.info["unique_after_resampling"]
+    assert sharp.n_resamples >= 1 and min(u) < 0.1 * 256
