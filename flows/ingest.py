@@ -17,26 +17,16 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows._retry import retry_on_io
 from medidiff.config import IngestConfig, load_config
 from medidiff.stages import ingest as stage
-
-
-def _retry_on_io(task, task_run, state) -> bool:
-    """Retry only transient I/O failures (network shares, busy files), not bad data or bugs."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 @task(
     name="plan-ingest",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_on_io,
+    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
 )
 def plan_task(src: str, dst: str, config: str | None) -> str:
@@ -49,7 +39,7 @@ def plan_task(src: str, dst: str, config: str | None) -> str:
     name="convert-series",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_on_io,
+    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,  # the content cache lives in the library, keyed on input SHA-256
     task_run_name="convert-{item_id}",
 )
@@ -61,7 +51,7 @@ def convert_task(plan_path: str, item_id: str) -> str:
     name="finalize-ingest",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_on_io,
+    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
 )
 def finalize_task(plan_path: str, result_paths: list[str]) -> str:

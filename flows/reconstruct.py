@@ -18,17 +18,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows._retry import retry_on_io
 from medidiff.stages.reconstruct import reconstruct_volume
-
-
-def _retry_on_io(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 def _name(path: str) -> str:
@@ -40,7 +31,7 @@ def _name(path: str) -> str:
     name="reconstruct-volume",
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_on_io,
+    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
     task_run_name="reconstruct-{name}",
 )

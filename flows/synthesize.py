@@ -16,25 +16,15 @@ import argparse
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows._retry import retry_on_io
 from medidiff.stages.synthesize import synthesize
-
-
-def _retry_on_io(task, task_run, state) -> bool:
-    """Retry only transient I/O failures (network shares, busy files), not bad arguments or bugs."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
-    return False
 
 
 @task(
     name="synthesize",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_retry_on_io,
+    retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
 )
 def synthesize_task(

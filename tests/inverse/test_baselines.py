@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from medidiff.inverse.operators import LinearOperator, batch_dot
 from medidiff.inverse.simple_ops import Downsampling, Identity, Inpainting, measure
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny problems: torch's intra-op threads only add synchronisation cost on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _g(seed: int) -> torch.Generator:

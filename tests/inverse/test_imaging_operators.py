@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -14,15 +14,6 @@ from medidiff.inverse.operators import LinearOperator, batch_dot
 from medidiff.inverse.simple_ops import Downsampling, Identity, Inpainting, measure
 
 F64, C128 = torch.float64, torch.complex128
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny problems: torch's intra-op threads only add synchronisation cost on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _g(seed: int = 0) -> torch.Generator:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,15 +21,6 @@ LAYOUTS = {
     "2d-plane": ((32, 32), (0, 1)),
 }
 MAKERS = {"equispaced": equispaced_mask, "random": random_mask}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny problems: torch's intra-op threads only add synchronisation cost on a shared 2-core runner."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _make(kind: str, shape, R: float, axes, seed: int, cf: float = 0.08) -> torch.Tensor:
