@@ -135,6 +135,8 @@ def run_method(
             ess=[round(v, 3) for v in ess],
             sampler_info=sc.get("sampler_info"),
         )
+        lam = (sc.get("sampler_info") or {}).get("tempering") or []
+        row["min_lambda"] = min(lam) if lam else None
     return row
 
 
@@ -149,6 +151,13 @@ def _operator_of(run_dir: Path) -> Any:
     angles = torch.from_numpy(np.load(run_dir / "angles.npy"))
     n_det = int(np.load(run_dir / "sinogram.npy", mmap_mode="r").shape[-1])
     return SliceAxisLast(ParallelBeamCT((K, I, J), angles, n_detectors=n_det))
+
+
+def pixel_space(ck: Path) -> bool:
+    """True for a pixel-space checkpoint (``autoencoder.kind: identity``)."""
+    from medidiff.train.checkpoint import load_checkpoint
+
+    return bool(load_checkpoint(ck).config.autoencoder.is_identity)
 
 
 def ae_ceiling(ck: Path, run_dir: Path, sigma_y: float) -> dict[str, Any]:
@@ -192,7 +201,8 @@ def run_setting(
             file=sys.stderr,
             flush=True,
         )
-    rows["ae_ceiling"] = ae_ceiling(ck, base / direct, args.sigma_y)
+    if not pixel_space(ck):  # a pixel-space prior has no autoencoder to lose detail in
+        rows["ae_ceiling"] = ae_ceiling(ck, base / direct, args.sigma_y)
     return {
         "setting": f"{kind}:{level}",
         "kind": kind,
@@ -285,24 +295,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"dps step size {cfg['dps_step']}; {cfg['torch_threads']} torch threads; total {result['seconds']:.0f} s.",
         "",
         "| setting | subject (split) | method | PSNR dB | SSIM | 90% coverage | chi2 mean | s/volume | min ESS "
-        "| resamplings |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| resamplings | min lambda |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
         for method, r in run["methods"].items():
             lines.append(
                 f"| {run['setting']} | {run['subject'][:12]} ({run['split']}) | {method} | {_f(r.get('psnr_db'))} "
                 f"| {_f(r.get('ssim'), 3)} | {_f(r.get('coverage90'), 3)} | {_f(r.get('chi2_mean'), 1)} "
-                f"| {_f(r.get('seconds'), 1)} | {_f(r.get('min_ess'), 2)} | {r.get('n_resamples', '-')} |"
+                f"| {_f(r.get('seconds'), 1)} | {_f(r.get('min_ess'), 2)} | {r.get('n_resamples', '-')} "
+                f"| {_f(r.get('min_lambda'), 3)} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/demo/latent")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/pixel/latent")
     ap.add_argument("--manifest", type=Path, default=ROOT / "demo_out/ingested")
-    ap.add_argument("--split", type=Path, default=ROOT / "runs/demo/split.json")
+    ap.add_argument("--split", type=Path, default=None, help="default: split.json of the checkpoint's run")
     ap.add_argument(
         "--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="kind:level, e.g. mri:8 ct:30"
     )
@@ -323,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.particles, args.steps, args.settings = 4, 10, ["mri:8", "ct:30"]
     torch.set_num_threads(args.threads)
     ck = resolve_checkpoint(args.checkpoint)
+    if args.split is None:
+        args.split = ck.parent.parent / "split.json"
     ck_info = json.loads((ck / "checkpoint.json").read_text())
     if args.workdir.exists():
         shutil.rmtree(args.workdir)

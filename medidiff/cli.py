@@ -346,7 +346,8 @@ def synthesize(
 def reconstruct(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     prior: Annotated[
-        Path | None, typer.Option(help="Latent diffusion checkpoint or training run folder.")
+        Path | None,
+        typer.Option(help="Diffusion checkpoint (latent or pixel-space) or its training run folder."),
     ] = None,
     reference: Annotated[
         Path | None, typer.Option(help="Reference NIfTI (ground truth / to simulate from).")
@@ -370,10 +371,32 @@ def reconstruct(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     keep_samples: Annotated[bool, typer.Option(help="Also write the posterior samples (4D NIfTI).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            help="I,J,K: reconstruction grid (pixel-space priors: any block up to the whole volume)."
+        ),
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+    ] = "auto",
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Particles per network call (bounds memory; same result).")
+    ] = None,
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
     from medidiff.stages.reconstruct import reconstruct_volume
     from medidiff.train.checkpoint import CheckpointError
+
+    grid_t = None
+    if grid is not None:
+        try:
+            grid_t = tuple(int(v) for v in grid.split(","))
+            if len(grid_t) != 3 or min(grid_t) < 1:
+                raise ValueError
+        except ValueError:
+            console.print(f"[red]error:[/red] --grid must be three positive integers I,J,K; got {grid!r}.")
+            raise typer.Exit(2) from None
 
     with _progress_bar() as bar:
         task = bar.add_task("Sampling (ESS -)", total=steps)
@@ -401,11 +424,17 @@ def reconstruct(
                 seed=seed,
                 keep_samples=keep_samples,
                 device=device,
+                grid=grid_t,  # type: ignore[arg-type]
+                precision=precision,
+                chunk_size=chunk_size,
                 progress=cb,
             )
         except (ValueError, FileNotFoundError, CheckpointError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from e
+        except FloatingPointError as e:
+            console.print(f"[red]failed:[/red] {e}")
+            raise typer.Exit(1) from e
     table = Table(title="Reconstruction")
     table.add_column("metric")
     table.add_column("value")

@@ -105,3 +105,15 @@ def test_reconstruct_baseline_and_bad_input(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2 and "sigma_y" in bad.stderr
     assert not (tmp_path / "bad" / "mean.nii.gz").exists()
+
+
+def test_reconstruct_grid_option(tmp_path: Path) -> None:
+    """--grid sets the reconstruction block (a baseline here); a malformed one is a usage error."""
+    ref = _mr_reference(tmp_path / "ref.nii.gz")
+    common = ["reconstruct", "--reference", str(ref), "--simulate", "mri", "--method", "zero_filled"]
+    out = _run(*common, "--out", str(tmp_path / "rec"), "--grid", "12,16,8")
+    assert out.returncode == 0, out.stderr
+    rec = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
+    assert rec["grid"]["shape"] == [12, 16, 8]
+    bad = _run(*common, "--out", str(tmp_path / "bad"), "--grid", "12,16")
+    assert bad.returncode == 2 and "--grid must be three positive integers" in bad.stderr

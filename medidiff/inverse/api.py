@@ -140,7 +140,7 @@ def reconstruct(
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
         options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
             ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``,
-            ``twist_cov``, ``decoder_gain``, ``ess_threshold``;
+            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``;
             ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
 
@@ -192,6 +192,10 @@ def reconstruct(
         thr = opts["ess_threshold"]
         if isinstance(thr, bool) or not isinstance(thr, numbers.Real) or not 0.0 <= float(thr) <= 1.0:
             raise ValueError(f"ess_threshold must be a number in [0, 1]; got {thr!r}.")
+    if opts.get("temper_ess") is not None:
+        te = opts["temper_ess"]
+        if isinstance(te, bool) or not isinstance(te, numbers.Real) or not 0.0 < float(te) <= 1.0:
+            raise ValueError(f"temper_ess must be None or a number in (0, 1]; got {te!r}.")
     if method == "smc":
         resolve_proposal(opts.get("proposal", "auto"), operator, opts.get("twist_cov", "auto"))
         resolve_guidance(opts.get("guidance", "auto"), operator)

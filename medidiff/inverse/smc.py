@@ -97,6 +97,13 @@ def _var_model(sigma: float, v: float) -> float:
     return sigma * sigma if math.isinf(v) else sigma * sigma * v / (v + sigma * sigma)
 
 
+def _non_finite_message(step: int, steps: int, sigma: float) -> str:
+    return (
+        f"smc: every particle became non-finite at step {step} of {steps} (sigma {sigma:.4g}): the denoiser "
+        "returns NaN/inf there. Check the checkpoint, or run with precision='fp32'."
+    )
+
+
 def _v_from_r2(r2: float, sigma: float) -> float:
     """Invert :func:`_var_model`: the data variance that gives posterior variance ``r2`` at ``sigma``."""
     s2 = sigma * sigma
@@ -186,6 +193,7 @@ def sample_smc(
     twist_cov: str = "auto",
     decoder_gain: float | None = None,
     ess_threshold: float = 0.5,
+    temper_ess: float | None = None,
     chunk_size: int | None = None,
     keep_samples: bool = True,
     callback: StepCallback | None = None,
@@ -217,6 +225,12 @@ def sample_smc(
         decoder_gain: latent priors, isotropic twist: ``tr(J J^T) / n_pixels`` of the decoder; None
             estimates it.
         ess_threshold: resample when ESS < ``ess_threshold * N``.
+        temper_ess: None (default): exact weights. A fraction in (0, 1]: when a step's incremental
+            log-weights would leave fewer than ``temper_ess * N`` effective particles, they are scaled by the
+            largest ``lambda`` in [0, 1] that keeps that many (bisection; ``info["tempering"]`` records it
+            per step). A high-dimensional prior whose twist is only approximate otherwise puts all the
+            weight on one particle at every step; tempering keeps the cloud's diversity at the price of
+            exactness (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
@@ -391,6 +405,8 @@ def sample_smc(
             h[ch] = h_c
     if one_pass:
         n_backward += 1
+    if not bool(torch.isfinite(Dx.reshape(N, -1)).all(1).any()):
+        raise FloatingPointError(_non_finite_message(0, steps, s0))
     v = float(data_var) if data_var is not None else (v_from_h(h, s0) if probe0 is not None else math.inf)
     if isinstance(operator, ComposedOperator) and twist_cov == "jacobian":
         B_lin = operator.measurement_jacobian(Dx.mean(0), chunk_size).to(_F64)
@@ -426,6 +442,26 @@ def sample_smc(
     ess_trace: list[float] = []
     resample_steps: list[int] = []
     unique_after: list[int] = []
+    lambdas: list[float] = []
+
+    def add_increment(logw: Tensor, incr: Tensor, k: int, x_step: Tensor) -> Tensor:
+        """``logw + lambda * incr`` with non-finite particles dropped and ``lambda`` from ``temper_ess``."""
+        bad = ~torch.isfinite(incr) | ~torch.isfinite(x_step.reshape(N, -1)).all(1)
+        if bool(bad.all()):
+            raise FloatingPointError(_non_finite_message(k + 1, steps, sig[k]))
+        incr = torch.where(bad, torch.full_like(incr, -math.inf), incr)
+        lam = 1.0
+        if temper_ess is not None and ess_of(logw + incr) < temper_ess * N:
+            lo, hi = 0.0, 1.0
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if ess_of(logw + mid * incr) >= temper_ess * N else (lo, mid)
+            lam = lo
+            # a dropped (non-finite) particle stays dropped whatever lambda is
+            incr = torch.where(bad, incr, lam * incr)
+        lambdas.append(lam)
+        return logw + incr
+
     for k in range(steps):
         s, s_next = sig[k], sig[k + 1]
         if ess_of(logw) < ess_threshold * N:
@@ -439,7 +475,10 @@ def sample_smc(
             resample_steps.append(k)
         W = normalise(logw)
         if adaptive:
-            r2 = s * s * min(max(float((W * h).sum()) / d, 0.0), 1.0)
+            hw = float((W * h).sum())
+            if not math.isfinite(hw):
+                raise FloatingPointError(_non_finite_message(k, steps, s))
+            r2 = s * s * min(max(hw / d, 0.0), 1.0)
             v = _v_from_r2(r2, s)
         else:
             r2 = _var_model(s, v)
@@ -451,7 +490,7 @@ def sample_smc(
                 logL = torch.cat(
                     [log_likelihood(operator, x[ch], y_b, float(sigma_y)) for ch in chunks(N, chunk_size)]  # type: ignore[arg-type]
                 )
-            logw = logw + logL - logg
+            logw = add_increment(logw, logL - logg, k, x)
             ess_trace.append(ess_of(logw))
             if callback is not None:
                 callback(k, ess_trace[-1])
@@ -479,6 +518,7 @@ def sample_smc(
         x_new = torch.empty_like(x)
         D_new = torch.empty_like(x)
         logg_new = torch.empty(N, dtype=_F64, device=device)
+        incr = torch.empty(N, dtype=_F64, device=device)
         h_new = torch.zeros(N, dtype=_F64, device=device)
         g_new = torch.empty_like(x) if proposal == "gradient" else None
         for ch in chunks(N, chunk_size):
@@ -513,7 +553,8 @@ def sample_smc(
             x_new[ch], D_new[ch], logg_new[ch] = x_c, D_c, lg_c
             if h_c is not None:
                 h_new[ch] = h_c
-            logw[ch] = logw[ch] + inc - logg[ch]
+            incr[ch] = inc - logg[ch]
+        logw = add_increment(logw, incr, k, x_new)
         nfe += 2 if proposal == "linearized" else 1
         n_backward += {"linearized": m, "gradient": 1}.get(proposal, 0) + (1 if need_probe else 0)
         x, Dx, logg, h, gx = x_new, D_new, logg_new, h_new, g_new
@@ -552,6 +593,8 @@ def sample_smc(
             "twist_cov": twist_cov if composed else None,
             "decoder_gain": gain if composed and twist_cov == "isotropic" else None,
             "ess_threshold": ess_threshold,
+            "temper_ess": temper_ess,
+            "tempering": lambdas,
             "backward_per_particle": n_backward,
         },
     )

@@ -24,6 +24,7 @@ from medidiff.models.config import (
 
 __all__ = [
     "ConditionalUNet",
+    "IdentityAutoencoder",
     "build_autoencoder",
     "build_discriminator",
     "build_scheduler",
@@ -47,8 +48,35 @@ def seeded_init(seed: int | None) -> Iterator[None]:
         yield
 
 
+class IdentityAutoencoder(nn.Module):
+    """The "autoencoder" of a pixel-space diffusion model (``autoencoder.kind: identity``).
+
+    It has MONAI ``AutoencoderKL``'s interface (``encode`` returns ``(mu, sigma)`` with ``sigma = 0``,
+    so a posterior sample is the image itself; ``decode`` and the ``*_stage_2_*`` helpers are the
+    identity) and no parameters, so the latent stage, synthesis and reconstruction run unchanged.
+    """
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, torch.zeros_like(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+    def encode_stage_2_inputs(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode_stage_2_outputs(self, z: Tensor) -> Tensor:
+        return z
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return x, x, torch.zeros_like(x)
+
+
 def build_autoencoder(cfg: AutoencoderConfig, *, seed: int | None = None) -> nn.Module:
-    """MONAI ``AutoencoderKL`` from ``cfg``; ``seed`` makes the initial weights reproducible."""
+    """MONAI ``AutoencoderKL`` from ``cfg`` (:class:`IdentityAutoencoder` for ``kind: identity``);
+    ``seed`` makes the initial weights reproducible."""
+    if cfg.is_identity:
+        return IdentityAutoencoder()
     from monai.networks.nets import AutoencoderKL
 
     with seeded_init(seed):

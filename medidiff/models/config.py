@@ -82,8 +82,15 @@ class AutoencoderConfig(_Strict):
     """Arguments of MONAI's ``AutoencoderKL`` (KL-regularised VAE of the latent diffusion model).
 
     The encoder halves the resolution ``len(channels) - 1`` times (see :attr:`downsample_factor`).
+    ``kind: identity`` makes the model a *pixel-space* diffusion model: the "latent" is the image itself
+    (no autoencoder is trained; ``latent_channels`` must equal ``in_channels`` and ``out_channels``, and
+    ``channels`` and the other network fields are ignored). A pixel-space prior keeps every detail a
+    decoder would lose and lets reconstruction use exact linear-operator steps.
     """
 
+    kind: Literal["kl", "identity"] = Field(
+        "kl", description="'kl': MONAI AutoencoderKL (latent diffusion); 'identity': pixel-space diffusion"
+    )
     spatial_dims: Literal[2, 3] = 3
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(1, ge=1)
@@ -101,15 +108,28 @@ class AutoencoderConfig(_Strict):
 
     @model_validator(mode="after")
     def _levels(self) -> Self:
+        if self.kind == "identity":
+            if not self.in_channels == self.out_channels == self.latent_channels:
+                raise ValueError(
+                    "autoencoder.kind=identity (pixel-space diffusion) needs in_channels == out_channels == "
+                    f"latent_channels; got {self.in_channels}, {self.out_channels}, {self.latent_channels}. "
+                    "Set latent_channels (and unet.in_channels) to the image channels, usually 1."
+                )
+            return self
         _check_levels(
             "autoencoder", self.channels, self.attention_levels, self.num_res_blocks, self.norm_num_groups
         )
         return self
 
     @property
+    def is_identity(self) -> bool:
+        """True for a pixel-space model (no autoencoder)."""
+        return self.kind == "identity"
+
+    @property
     def downsample_factor(self) -> int:
-        """Ratio of image size to latent size along each axis."""
-        return 2 ** (len(self.channels) - 1)
+        """Ratio of image size to latent size along each axis (1 for ``kind: identity``)."""
+        return 1 if self.is_identity else 2 ** (len(self.channels) - 1)
 
 
 class DiffusionUNetConfig(_Strict):

@@ -133,7 +133,13 @@ def train_stage(
         eval_data = EpochData(data_cfg, "val", build_dataset(data_cfg, "val", entries=entries, splits=splits))
 
     result = TrainStageResult()
-    stages = ["autoencoder", "latent"] if stage == "both" else [stage]
+    pixel = model_cfg.autoencoder.is_identity
+    if pixel and stage == "autoencoder":
+        raise ValueError(
+            f"{model_config} is a pixel-space model (autoencoder.kind: identity): it has no autoencoder "
+            "stage; use stage='latent' or 'both'"
+        )
+    stages = (["latent"] if pixel else ["autoencoder", "latent"]) if stage == "both" else [stage]
     for st in stages:
         stage_dir = run / st
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +160,7 @@ def train_stage(
             train_data,
             stage_dir,
             stage=st,  # type: ignore[arg-type]
-            autoencoder=run / "autoencoder" if st == "latent" else None,
+            autoencoder=run / "autoencoder" if st == "latent" and not pixel else None,
             device=device,
             datacard=card_path,
             eval_data=eval_data if st == "autoencoder" else None,

@@ -316,12 +316,23 @@ def _build_stage(
     generator = torch.Generator().manual_seed(_rank_seed(tc.seed, info.rank, 0))
     frozen = scheduler = None
     extra: dict[str, Any] = {}
+    if stage == "autoencoder" and cfg.autoencoder.is_identity:
+        raise ValueError(
+            "autoencoder.kind is 'identity' (a pixel-space model): there is no autoencoder to train; "
+            "train the 'latent' stage, which then diffuses the images themselves"
+        )
     if stage == "autoencoder":
         model = build_autoencoder(cfg.autoencoder, seed=tc.seed).to(dev)
         forward = ddp.wrap_ddp(VAEForward(model), info)
     else:
         frozen = build_autoencoder(cfg.autoencoder, seed=tc.seed)
-        if prev is not None:
+        if cfg.autoencoder.is_identity:
+            if autoencoder is not None:
+                raise ValueError(
+                    "autoencoder.kind is 'identity' (a pixel-space model); do not pass an autoencoder checkpoint"
+                )
+            extra["autoencoder_checkpoint"] = {"kind": "identity"}
+        elif prev is not None:
             frozen.load_state_dict(prev.weights("autoencoder"))
             recorded = prev.training_state.get("autoencoder_checkpoint") or {}
             if autoencoder is not None:

@@ -283,7 +283,7 @@ def checkpoint_card_writer(
         if data_card is not None and data_card.get("sha256"):
             inputs.append(InputRef(path=str(data_card["path"]), sha256=str(data_card["sha256"])))
         model = None
-        if autoencoder_ref:
+        if autoencoder_ref and autoencoder_ref.get("sha256"):  # none for a pixel-space model
             inputs.append(InputRef(path=str(autoencoder_ref["path"]), sha256=str(autoencoder_ref["sha256"])))
             model = ModelRef(
                 name="autoencoder",

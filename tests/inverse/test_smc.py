@@ -183,3 +183,55 @@ def test_distinct_survivors_reveal_a_collapse() -> None:
     )
     u = sharp.info["unique_after_resampling"]
     assert sharp.n_resamples >= 1 and min(u) < 0.1 * 256
+
+
+def test_tempering_is_a_no_op_while_the_ess_holds_and_a_floor_when_it_does_not() -> None:
+    """``temper_ess``: on a well-specified problem lambda stays 1 and the result equals the exact sampler's;
+    with a twist far too flat for the likelihood, every step keeps at least temper_ess * N effective
+    particles (the exact sampler collapses to a handful of distinct survivors there)."""
+    prob = gaussian_problem(d=16, m=4, sigma_y=0.3)
+    kw = dict(sigma_y=prob.sigma_y, method="smc", n_particles=256, steps=20)
+    opts = {"proposal": "gradient"}
+    exact = reconstruct(prob.denoiser, MatrixOperator(prob.A), prob.y,
+                        generator=torch.Generator().manual_seed(3), options=opts, **kw)  # fmt: skip
+    loose = reconstruct(prob.denoiser, MatrixOperator(prob.A), prob.y, generator=torch.Generator().manual_seed(3),
+                        options={**opts, "temper_ess": 0.05}, **kw)  # fmt: skip
+    assert min(loose.info["tempering"]) == 1.0 and len(loose.info["tempering"]) == 20
+    torch.testing.assert_close(loose.mean, exact.mean, rtol=0, atol=0)
+    sharp_kw = {**kw, "sigma_y": prob.sigma_y / 30}
+    sharp_opts = {**opts, "data_var": 1e-3}  # the twist believes the prior is 1000x tighter than it is
+    collapsed = reconstruct(prob.denoiser, MatrixOperator(prob.A), prob.y, generator=torch.Generator().manual_seed(3),
+                            options=sharp_opts, **sharp_kw)  # fmt: skip
+    tempered = reconstruct(prob.denoiser, MatrixOperator(prob.A), prob.y, generator=torch.Generator().manual_seed(3),
+                           options={**sharp_opts, "temper_ess": 0.5}, **sharp_kw)  # fmt: skip
+    lam = tempered.info["tempering"]
+    assert min(lam) < 1.0 and all(0.0 <= v <= 1.0 for v in lam)
+    assert float(tempered.ess.min()) >= 0.5 * 256 * (1 - 1e-6)
+    assert float(collapsed.ess.min()) < 0.1 * 256
+    assert torch.isfinite(tempered.samples).all()
+    # only the initial twist's weights (before any step) can ask for a resampling
+    assert tempered.resample_steps in ([], [0]) and collapsed.n_resamples > 5
+
+
+def test_non_finite_particles_are_dropped_or_fail_clearly() -> None:
+    prob = gaussian_problem(d=16, m=4, sigma_y=0.3)
+    calls = {"n": 0}
+
+    def half_nan(x: torch.Tensor, sigma):
+        out = prob.denoiser(x, sigma)
+        calls["n"] += 1
+        if calls["n"] == 3:  # one step's denoiser output: NaN for the first half of the particles
+            out = out.clone()
+            out[: x.shape[0] // 2] = float("nan")
+        return out
+
+    res = reconstruct(half_nan, MatrixOperator(prob.A), prob.y, sigma_y=0.3, method="smc", n_particles=64,
+                      steps=10, generator=torch.Generator().manual_seed(0), options={"proposal": "gradient"})  # fmt: skip
+    assert torch.isfinite(res.mean).all() and torch.isfinite(res.weights).all()
+
+    def all_nan(x: torch.Tensor, sigma):
+        return x * float("nan")
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        reconstruct(all_nan, MatrixOperator(prob.A), prob.y, sigma_y=0.3, method="smc", n_particles=8, steps=5,
+                    generator=torch.Generator().manual_seed(0), options={"proposal": "gradient"})  # fmt: skip

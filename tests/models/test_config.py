@@ -15,7 +15,7 @@ from medidiff.models.config import ModelConfig, TrainConfig, load_model_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["model_tiny.yaml", "model_demo.yaml"])
+@pytest.mark.parametrize("name", ["model_tiny.yaml", "model_demo.yaml", "model_pixel_demo.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_model_config(ROOT / "configs" / name)
     assert cfg.unet.in_channels == cfg.autoencoder.latent_channels

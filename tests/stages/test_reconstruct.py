@@ -153,6 +153,50 @@ def test_pixel_prior_smc_is_data_consistent(reference, tmp_path) -> None:
     assert res.sidecar["prior"]["kind"] == "pixel" and 0.0 <= m["coverage90"] <= 1.0
 
 
+@pytest.fixture(scope="module")
+def pixel_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pixel-space diffusion checkpoint (autoencoder.kind: identity; UNet halves once)."""
+    from medidiff.train.loop import train
+    from tests.train.test_pixel_space import pixel_config
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pixel_prior")
+    cfg = pixel_config(steps=2, log_every=1, ckpt_every=2, scale_factor_batches=1)
+    res = train(cfg, blob_batches(2, (16, 16, 16)), root / "latent", stage="latent", progress=False)
+    norm = {"by_modality": {"MR": {"kind": "mr", "percentiles": [1.0, 99.0]}, "CT": {"kind": "ct"}}}
+    (root / "latent" / "data.json").write_text(json.dumps({"config": {"normalization": norm}}))
+    assert res.checkpoint is not None
+    return res.checkpoint
+
+
+@pytest.mark.parametrize(("method", "grid"), [("smc", None), ("afdps", (16, 20, 16))])
+def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_path, method, grid) -> None:
+    """A pixel-space checkpoint runs the pixel path (exact k-space proposal, afdps allowed) on its patch
+    or, being convolutional, on any grid its UNet can halve."""
+    out = tmp_path / "out"
+    res = reconstruct_volume(
+        out, prior=pixel_prior, reference=reference, simulate="mri", method=method, acceleration=4,
+        sigma_y=0.02, n_particles=3, steps=4, grid=grid,
+    )  # fmt: skip
+    assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
+    side = res.sidecar
+    assert side["prior"]["kind"] == "latent" and side["prior"]["space"] == "pixel"
+    if method == "smc":
+        assert side["sampler_info"]["proposal"] == "isotropic"  # exact k-space solves, no decoder
+    for key in ("psnr_db", "coverage90", "chi2_mean"):
+        assert np.isfinite(res.metrics[key]), key
+
+
+def test_pixel_space_checkpoint_refuses_a_grid_its_unet_cannot_halve(
+    pixel_prior, reference, tmp_path
+) -> None:
+    with pytest.raises(ValueError, match="multiple of 2"):
+        reconstruct_volume(
+            tmp_path / "out", prior=pixel_prior, reference=reference, simulate="mri", grid=(15, 16, 16)
+        )
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("simulate", "method"), [("mri", "zero_filled"), ("mri", "tv"), ("ct", "fbp"), ("ct", "tv")]
 )

@@ -1,0 +1,81 @@
+"""Pixel-space diffusion (``autoencoder.kind: identity``): config rules, the identity "autoencoder",
+training without an autoencoder stage, and the trained checkpoint as a reconstruction prior."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medidiff.models.build import IdentityAutoencoder, build_autoencoder
+from medidiff.models.config import ModelConfig
+from medidiff.train.checkpoint import load_checkpoint, load_models
+from medidiff.train.loop import train
+from tests.train.conftest import blob_batches, tiny_config
+
+
+def pixel_config(**training) -> ModelConfig:
+    """The tiny test model made pixel-space: the UNet diffuses 16^3 single-channel images."""
+    data = tiny_config(3, **training).model_dump(mode="json")
+    data["autoencoder"] = {"kind": "identity", "in_channels": 1, "out_channels": 1, "latent_channels": 1}
+    data["unet"]["in_channels"] = 1
+    return ModelConfig.model_validate(data)
+
+
+def test_identity_config_rules() -> None:
+    cfg = pixel_config()
+    assert cfg.autoencoder.is_identity and cfg.autoencoder.downsample_factor == 1
+    assert cfg.latent_shape == (1, 16, 16, 16)
+    data = cfg.model_dump(mode="json")
+    data["autoencoder"]["latent_channels"] = 2
+    with pytest.raises(ValueError, match="in_channels == out_channels == latent_channels"):
+        ModelConfig.model_validate(data)
+    data = cfg.model_dump(mode="json")
+    data["unet"]["in_channels"] = 2
+    with pytest.raises(ValueError, match=r"unet\.in_channels=2 must equal"):
+        ModelConfig.model_validate(data)
+
+
+def test_identity_autoencoder_is_the_identity_with_no_weights() -> None:
+    ae = build_autoencoder(pixel_config().autoencoder)
+    assert isinstance(ae, IdentityAutoencoder) and not list(ae.parameters()) and not ae.state_dict()
+    x = torch.randn(2, 1, 4, 4, 4)
+    mu, sigma = ae.encode(x)
+    assert torch.equal(mu, x) and torch.equal(sigma, torch.zeros_like(x))
+    assert torch.equal(ae.decode_stage_2_outputs(x), x) and torch.equal(ae.encode_stage_2_inputs(x), x)
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pixel")
+    cfg = pixel_config(steps=3, log_every=1, ckpt_every=3, scale_factor_batches=2)
+    res = train(cfg, blob_batches(3, (16, 16, 16)), root / "latent", stage="latent", progress=False)
+    assert res.checkpoint is not None
+    return res.checkpoint
+
+
+def test_pixel_training_scales_images_to_unit_variance(pixel_ckpt: Path) -> None:
+    """The scale factor is 1 / std of the images themselves (the identity encoder adds no noise)."""
+    images = torch.cat([b["image"] for b in blob_batches(3, (16, 16, 16))[:2]]).double()
+    models = load_models(pixel_ckpt, expect_stage="latent")
+    assert models.latent_scale_factor == pytest.approx(1.0 / math.sqrt(images.var(unbiased=False)), rel=1e-9)
+    assert isinstance(models.autoencoder, IdentityAutoencoder)
+    ck = load_checkpoint(pixel_ckpt)
+    assert ck.training_state.get("autoencoder_checkpoint") == {"kind": "identity"}
+    # The network denoises images directly: a (B, 1, 16^3) input gives a (B, 1, 16^3) estimate.
+    net = models.denoiser()
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = net(x, 1.0, modality=torch.ones(2, dtype=torch.long), spacing=torch.full((2, 3), 2.0))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_pixel_model_refuses_autoencoder_stage_and_checkpoint(tmp_path: Path, pixel_ckpt: Path) -> None:
+    cfg = pixel_config(steps=2)
+    with pytest.raises(ValueError, match="no autoencoder to train"):
+        train(cfg, blob_batches(1, (16, 16, 16)), tmp_path / "ae", stage="autoencoder", progress=False)
+    with pytest.raises(ValueError, match="do not pass an autoencoder checkpoint"):
+        train(cfg, blob_batches(1, (16, 16, 16)), tmp_path / "lat", stage="latent", autoencoder=pixel_ckpt,
+              progress=False)  # fmt: skip
