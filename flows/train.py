@@ -17,7 +17,7 @@ import argparse
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from medidiff.stages.train import train_stage
+from medidiff.stages.train import planned_stages, train_stage
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -71,12 +71,10 @@ def train_flow(
     until_step: int | None = None,
     device: str | None = None,
 ) -> str:
-    """Train the autoencoder, then the latent diffusion model on it; returns the last checkpoint's path."""
-    if stage not in ("autoencoder", "latent", "both"):
-        raise ValueError(f"stage must be autoencoder, latent or both, not {stage!r}")
-    stages = ["autoencoder", "latent"] if stage == "both" else [stage]
+    """Train the autoencoder, then the latent diffusion model on it (a pixel-space model: the diffusion
+    model alone); returns the last checkpoint's path."""
     ckpt = ""
-    for st in stages:
+    for st in planned_stages(config, stage):  # type: ignore[arg-type]
         ckpt = train_task(config, data_config, out_dir, st, until_step, device)
     return ckpt
 

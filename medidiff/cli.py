@@ -196,7 +196,7 @@ def train(
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
     ] = None,
 ) -> None:
-    """Train the 3D autoencoder and the latent diffusion model on an ingest manifest."""
+    """Train the 3D autoencoder and the latent diffusion model (or a pixel-space model) on an ingest manifest."""
     from medidiff.config import ConfigError
     from medidiff.stages.train import train_stage
 

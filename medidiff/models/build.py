@@ -54,7 +54,12 @@ class IdentityAutoencoder(nn.Module):
     It has MONAI ``AutoencoderKL``'s interface (``encode`` returns ``(mu, sigma)`` with ``sigma = 0``,
     so a posterior sample is the image itself; ``decode`` and the ``*_stage_2_*`` helpers are the
     identity) and no parameters, so the latent stage, synthesis and reconstruction run unchanged.
+    ``decoder`` is an ``nn.Identity`` (tiled decoding reads the decoder's layers: none, no halo needed).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Identity()
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, torch.zeros_like(x)

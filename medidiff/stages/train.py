@@ -24,7 +24,7 @@ import torch
 
 from medidiff.io.atomic import atomic_write_json
 
-__all__ = ["EpochData", "TrainStageResult", "train_stage"]
+__all__ = ["EpochData", "TrainStageResult", "planned_stages", "train_stage"]
 
 StageName = Literal["autoencoder", "latent", "both"]
 
@@ -72,6 +72,30 @@ def _check_compatible(model_cfg: Any, data_cfg: Any) -> None:
             f"the model is configured for {model_cfg.spacing_mm} mm voxels but the data config resamples to "
             f"{tuple(data_cfg.target_spacing)} mm; make them agree"
         )
+
+
+def planned_stages(model_config: str | Path, stage: StageName = "both") -> list[str]:
+    """The stages ``train_stage(model_config, ..., stage=stage)`` runs, in order.
+
+    A pixel-space model (``autoencoder.kind: identity``) has only the ``"latent"`` stage.
+
+    Raises:
+        ConfigError: the model config does not validate.
+        ValueError: an unknown stage, or ``"autoencoder"`` for a pixel-space model.
+    """
+    from medidiff.models.config import load_model_config
+
+    if stage not in ("autoencoder", "latent", "both"):
+        raise ValueError(f"stage must be autoencoder, latent or both, not {stage!r}")
+    pixel = load_model_config(model_config).autoencoder.is_identity
+    if pixel and stage == "autoencoder":
+        raise ValueError(
+            f"{model_config} is a pixel-space model (autoencoder.kind: identity): it has no autoencoder "
+            "stage; use stage='latent' or 'both'"
+        )
+    if stage != "both":
+        return [stage]
+    return ["latent"] if pixel else ["autoencoder", "latent"]
 
 
 def train_stage(
@@ -134,12 +158,7 @@ def train_stage(
 
     result = TrainStageResult()
     pixel = model_cfg.autoencoder.is_identity
-    if pixel and stage == "autoencoder":
-        raise ValueError(
-            f"{model_config} is a pixel-space model (autoencoder.kind: identity): it has no autoencoder "
-            "stage; use stage='latent' or 'both'"
-        )
-    stages = (["latent"] if pixel else ["autoencoder", "latent"]) if stage == "both" else [stage]
+    stages = planned_stages(model_config, stage)
     for st in stages:
         stage_dir = run / st
         stage_dir.mkdir(parents=True, exist_ok=True)

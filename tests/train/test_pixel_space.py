@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,3 +80,29 @@ def test_pixel_model_refuses_autoencoder_stage_and_checkpoint(tmp_path: Path, pi
     with pytest.raises(ValueError, match="do not pass an autoencoder checkpoint"):
         train(cfg, blob_batches(1, (16, 16, 16)), tmp_path / "lat", stage="latent", autoencoder=pixel_ckpt,
               progress=False)  # fmt: skip
+
+
+def test_planned_stages() -> None:
+    from medidiff.stages.train import planned_stages
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    assert planned_stages(root / "model_demo.yaml") == ["autoencoder", "latent"]
+    assert planned_stages(root / "model_pixel_demo.yaml") == ["latent"]
+    assert planned_stages(root / "model_pixel_demo.yaml", "latent") == ["latent"]
+    with pytest.raises(ValueError, match="no autoencoder stage"):
+        planned_stages(root / "model_pixel_demo.yaml", "autoencoder")
+    with pytest.raises(ValueError, match="stage must be"):
+        planned_stages(root / "model_demo.yaml", "decoder")  # type: ignore[arg-type]
+
+
+def test_pixel_checkpoint_synthesizes_whole_patches(pixel_ckpt: Path, tmp_path: Path) -> None:
+    """Synthesis runs unchanged on a pixel-space model: the 'decoded' latent is the image itself."""
+    from medidiff.stages.synthesize import synthesize
+
+    res = synthesize(pixel_ckpt, tmp_path, n=2, steps=3, seed=4, batch_size=2, modality="MR")
+    import nibabel as nib
+
+    for nii in res.outputs:
+        img = nib.load(nii)
+        assert img.shape == (16, 16, 16)
+        assert np.isfinite(np.asarray(img.dataobj)).all()
