@@ -44,10 +44,29 @@ def reconstruct_task(name: str, out_dir: str, reference: str, settings: dict[str
 def reconstruct_flow(
     out_dir: str, references: list[str], settings: dict[str, Any] | None = None
 ) -> list[str]:
-    """Reconstruct every reference volume; returns the paths of the ``reconstruction.json`` files."""
+    """Reconstruct every reference volume; returns the paths of the ``reconstruction.json`` files.
+
+    A volume that fails (bad file, bad settings, non-finite network output) does not stop the others:
+    it is listed with its reason in ``OUT_DIR/failures.json``. The flow fails only when every volume
+    failed.
+    """
+    from medidiff.io.atomic import atomic_write_json
+
     opts = dict(settings or {})
     futures = [reconstruct_task.submit(_name(r), out_dir, r, opts) for r in references]
-    return [f.result() for f in futures]
+    done: list[str] = []
+    failures: list[dict[str, str]] = []
+    for ref, fut in zip(references, futures, strict=True):
+        res = fut.result(raise_on_failure=False)
+        if isinstance(res, BaseException):
+            failures.append({"reference": ref, "error": f"{type(res).__name__}: {res}"})
+        else:
+            done.append(res)
+    if failures:
+        atomic_write_json(Path(out_dir) / "failures.json", {"failures": failures})
+    if references and not done:
+        raise RuntimeError(f"every volume failed; reasons in {Path(out_dir) / 'failures.json'}")
+    return done
 
 
 def main() -> None:
