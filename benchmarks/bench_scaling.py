@@ -1,10 +1,11 @@
-"""Particle scaling of the smc sampler with a latent prior: time and peak memory for N in {1, 4, 16, 64}.
+"""Particle scaling of the smc sampler: time and peak memory for N in {1, 4, 16, 64}.
 
 One volume (the first held-out MR volume of the demo cohort, the prior's 32^3 patch as the reconstruct
 stage prepares it), MRI 4x (equispaced mask, fixed seed), sigma_y 0.01, a fixed number of steps (default
-10). The sampler runs through :func:`medidiff.inverse.reconstruct` (``method="smc"``, the reconstruct stage's
-latent defaults: gradient proposal, Tweedie guidance, ``data_var=1``; likelihood through the decoder), so
-the timing is the sampler alone: no file I/O, no metrics.
+10). The sampler runs through :func:`medidiff.inverse.reconstruct` (``method="smc"``) with the reconstruct
+stage's defaults for the checkpoint: a latent prior (gradient proposal, Tweedie guidance, ``data_var=1``;
+likelihood through the decoder) or a pixel-space one (the same proposal, ``data_var = 1/c^2``, tempering),
+so the timing is the sampler alone: no file I/O, no metrics.
 
 Each (N, precision) runs in a fresh subprocess: it builds the networks, runs one warm-up pass (N=1, 2
 steps: one-time kernel selection and allocator growth are not charged to N), resets the peak-RSS counter
@@ -101,22 +102,34 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     models = load_models(args.checkpoint, device=dev, expect_stage="latent")
     net = models.denoiser()
-    den = _BoundDenoiser(net, MODALITY_CODES["MR"], float(models.config.spacing_mm), prec.autocast_dtype)
-    fwd = ComposedOperator(
-        op,  # operators move their buffers to the input's device
-        models.autoencoder,
-        models.config.latent_shape,
-        scale=float(models.latent_scale_factor or 1.0),
-        autocast=prec.autocast_dtype,
-    )
+    den: Any = _BoundDenoiser(net, MODALITY_CODES["MR"], float(models.config.spacing_mm), prec.autocast_dtype)
+    scale = float(models.latent_scale_factor or 1.0)
+    if models.config.autoencoder.is_identity:
+        # pixel-space prior: the reconstruct stage's wrapper and smc defaults (no decoder)
+        from medidiff.stages.reconstruct import PIXEL_TEMPER_ESS, _PixelDenoiser
+
+        den = _PixelDenoiser(den, scale)
+        fwd: Any = op
+        sig = {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max}
+        options: dict[str, Any] = {"proposal": "gradient", "guidance": "tweedie", "data_var": 1.0 / scale**2,
+                                   "temper_ess": PIXEL_TEMPER_ESS}  # fmt: skip
+    else:
+        fwd = ComposedOperator(
+            op,  # operators move their buffers to the input's device
+            models.autoencoder,
+            models.config.latent_shape,
+            scale=scale,
+            autocast=prec.autocast_dtype,
+        )
+        sig = {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
+        options = {"data_var": 1.0}
     common = {
         "sigma_y": args.sigma_y,
         "method": "smc",
         "keep_samples": False,
         "chunk_size": args.chunk_size,
-        "sigma_min": float(net.sigma_min),
-        "sigma_max": float(net.sigma_max),
-        "options": {"data_var": 1.0},
+        **sig,
+        "options": options,
     }
     y = y.to(dev)
 
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/demo/latent")
     ap.add_argument("--manifest", type=Path, default=ROOT / "demo_out/ingested")
-    ap.add_argument("--split", type=Path, default=ROOT / "runs/demo/split.json")
+    ap.add_argument("--split", type=Path, default=None, help="default: split.json of the checkpoint's run")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--steps", type=int, default=10)
@@ -230,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bench_imaging import resolve_checkpoint
 
     ck = resolve_checkpoint(args.checkpoint)
+    if args.split is None:
+        args.split = ck.parent.parent / "split.json"
     if args.child:
         args.checkpoint = ck
         print(json.dumps(child(args)))
