@@ -327,6 +327,11 @@ def reconstruct_volume(
             "weights": [float(w) for w in res.weights],
         }
     metrics = compute_metrics(op, y, sy, mean, samples, weights, ref)
+    lam = (info.get("sampler_info") or {}).get("tempering") or []
+    if lam:
+        # Tempered weights are not the exact posterior's: say so next to the figures.
+        metrics["tempering_min"] = float(min(lam))
+        metrics["tempered_steps"] = int(sum(v < 1.0 for v in lam))
     seconds = time.perf_counter() - t0
 
     # -- outputs --------------------------------------------------------------------------------------

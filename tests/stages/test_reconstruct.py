@@ -181,8 +181,11 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
     assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
     side = res.sidecar
     assert side["prior"]["kind"] == "latent" and side["prior"]["space"] == "pixel"
-    if method == "smc":
-        assert side["sampler_info"]["proposal"] == "isotropic"  # exact k-space solves, no decoder
+    if method == "smc":  # the pixel-checkpoint defaults: Tweedie-guided shift, tempering reported
+        info = side["sampler_info"]
+        assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
+        assert res.metrics["tempering_min"] == min(info["tempering"])
+        assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
     for key in ("psnr_db", "coverage90", "chi2_mean"):
         assert np.isfinite(res.metrics[key]), key
 
