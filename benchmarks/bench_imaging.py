@@ -103,7 +103,7 @@ def run_method(
 
     kw: dict[str, Any] = {"acceleration": float(level)} if kind == "mri" else {"views": int(level)}
     if method in ("smc", "dps"):
-        kw.update(n_particles=args.particles, steps=args.steps)
+        kw.update(n_particles=args.particles, steps=args.steps, sigma_max=args.sigma_max)
     if method == "dps":
         kw["options"] = {"step_size": args.dps_step}
     t0 = time.perf_counter()
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--dps-step", type=float, default=1.0)
     ap.add_argument("--sigma-y", type=float, default=0.01)
+    ap.add_argument("--sigma-max", type=float, default=None, help="pixel priors: sampler's top noise level")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_imaging"))
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps": args.steps,
             "dps_step": args.dps_step,
             "sigma_y": args.sigma_y,
+            "sigma_max": args.sigma_max,
             "seed": args.seed,
             "mask": "equispaced, centre fraction 0.08",
             "torch_threads": args.threads,

@@ -368,6 +368,10 @@ def reconstruct(
     sigma_y: Annotated[float, typer.Option(help="Measurement noise standard deviation.")] = 0.01,
     particles: Annotated[int, typer.Option(help="Number of SMC particles.")] = 16,
     steps: Annotated[int, typer.Option(help="Sampler steps (noise levels).")] = 50,
+    sigma_max: Annotated[
+        float | None,
+        typer.Option(help="Pixel-space priors: start sampling at this noise level (normalised image units)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     keep_samples: Annotated[bool, typer.Option(help="Also write the posterior samples (4D NIfTI).")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ...")] = None,
@@ -421,6 +425,7 @@ def reconstruct(
                 sigma_y=sigma_y,
                 n_particles=particles,
                 steps=steps,
+                sigma_max=sigma_max,
                 seed=seed,
                 keep_samples=keep_samples,
                 device=device,

@@ -126,6 +126,7 @@ class ReconstructSettings(BaseModel):
     sigma_y: float = Field(0.01, gt=0.0, allow_inf_nan=False)
     n_particles: int = Field(16, ge=1)
     steps: int = Field(50, ge=1)
+    sigma_max: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     seed: int = Field(0, ge=0)
     chunk_size: int | None = Field(None, ge=1)
     keep_samples: bool = False
@@ -185,6 +186,7 @@ def reconstruct_volume(
     sigma_y: float = 0.01,
     n_particles: int = 16,
     steps: int = 50,
+    sigma_max: float | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
     keep_samples: bool = False,
@@ -221,6 +223,10 @@ def reconstruct_volume(
             the prior's normalised image units for ``simulate`` (e.g. 0.01 = 1% of the [0, 1] MR range).
         n_particles: particles of the sampler.
         steps: sampler steps (noise levels).
+        sigma_max: start the sampler at this noise level, in the prior's normalised image units
+            (default: the prior's largest). An eps-prediction network multiplies its error by sigma, so
+            its top noise levels are its least accurate; a few times the data's spread already hides
+            the image (see docs/benchmarks.md). Not for latent priors (their noise lives in latent units).
         seed: seeds the mask, the noise and the sampler.
         chunk_size: particles per network call (bounds memory; results do not depend on it).
         keep_samples: also write the particles (``samples.nii.gz``).
@@ -263,6 +269,7 @@ def reconstruct_volume(
         sigma_y=sigma_y,
         n_particles=n_particles,
         steps=steps,
+        sigma_max=sigma_max,
         seed=seed,
         chunk_size=chunk_size,
         keep_samples=keep_samples,
@@ -323,6 +330,7 @@ def reconstruct_volume(
             "n_resamples": res.n_resamples,
             "resample_steps": list(res.resample_steps),
             "nfe": res.nfe,
+            "sigmas": [float(v) for v in res.sigmas] if res.sigmas is not None else None,
             "sampler_info": jsonable(res.info),
             "weights": [float(w) for w in res.weights],
         }
@@ -484,6 +492,16 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
 
 
 def _check_method(s: ReconstructSettings, pri: _Prior, kind: str) -> None:
+    if (
+        s.sigma_max is not None
+        and s.method in SAMPLING_METHODS
+        and pri.kind == "latent"
+        and not pri.pixel_space
+    ):
+        raise ValueError(
+            "sigma_max is in image units and applies to pixel-space priors; a latent prior samples its own "
+            "noise range (leave sigma_max unset)."
+        )
     if s.method == "afdps" and pri.kind == "latent" and not pri.pixel_space:
         raise ValueError(
             "method='afdps' needs a pixel-space prior (its closed-form likelihood steps need a linear "
@@ -703,6 +721,17 @@ def _sample(
         for key in ("sigma_min", "sigma_max"):
             if isinstance(getattr(denoiser, key, None), int | float):
                 sigma_kw[key] = float(getattr(denoiser, key))
+
+    if s.sigma_max is not None:
+        top = sigma_kw.get("sigma_max")
+        if top is not None and s.sigma_max > top:
+            raise ValueError(f"sigma_max={s.sigma_max} is above the prior's largest noise level {top:.4g}.")
+        low = sigma_kw.get("sigma_min", 0.002)
+        if s.sigma_max <= low:
+            raise ValueError(
+                f"sigma_max={s.sigma_max} must be above the prior's smallest noise level {low:.4g}."
+            )
+        sigma_kw["sigma_max"] = float(s.sigma_max)
 
     def callback(k: int, ess: float) -> None:
         if progress is not None:

@@ -190,6 +190,18 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         assert np.isfinite(res.metrics[key]), key
 
 
+def test_sigma_max_starts_the_sampler_lower(pixel_prior, latent_prior, reference, tmp_path) -> None:
+    kw = dict(reference=reference, simulate="mri", method="smc", sigma_y=0.02, n_particles=2, steps=3)
+    res = reconstruct_volume(tmp_path / "a", prior=pixel_prior, sigma_max=0.1, **kw)
+    assert res.sidecar["settings"]["sigma_max"] == 0.1
+    assert res.sidecar["sigmas"][0] == pytest.approx(0.1) and res.sidecar["sigmas"][-1] == 0.0
+    with pytest.raises(ValueError, match="above the prior's largest noise level"):
+        reconstruct_volume(tmp_path / "b", prior=pixel_prior, sigma_max=1e6, **kw)
+    with pytest.raises(ValueError, match="applies to pixel-space priors"):
+        reconstruct_volume(tmp_path / "c", prior=latent_prior["latent"], sigma_max=0.5, **kw)
+    assert not (tmp_path / "c").exists()
+
+
 def test_pixel_space_checkpoint_refuses_a_grid_its_unet_cannot_halve(
     pixel_prior, reference, tmp_path
 ) -> None:
