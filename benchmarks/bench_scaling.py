@@ -19,6 +19,9 @@ Reported per run: seconds, seconds per particle, ``ratio = time(N) / (N * time(1
 batching pays), seconds per step (mean over steps 2..K from the callback's timestamps), peak memory and
 the ESS trace. ``--chunk-size`` bounds particles per network call (default: all at once).
 
+``--random-prior configs/model_pixel_demo.yaml`` times that config's networks with random weights on a
+phantom instead (no checkpoint, no data files, no nibabel: for a bare GPU machine, see gpu_check.sh).
+
 Run: ``.venv/bin/python benchmarks/bench_scaling.py [--steps 10] [--precisions fp32 bf16] [--device cuda]``;
 prints JSON. On the project's 2-core CPU box the default run takes about 3 minutes.
 """
@@ -78,29 +81,73 @@ class _BoundDenoiser:
             return self.net(z, sigma, **cond).to(z.dtype)
 
 
+def _phantom(shape: tuple[int, ...]) -> torch.Tensor:
+    """A smooth head-like phantom in [0, 1] (the ``--random-prior`` mode needs no data files)."""
+    axes = [torch.linspace(-1, 1, n) for n in shape]
+    ii, jj, kk = torch.meshgrid(*axes, indexing="ij")
+    head = ((ii / 0.9) ** 2 + (jj / 0.8) ** 2 + (kk / 0.85) ** 2 < 1).float()
+    return 0.3 * head + 0.5 * torch.exp(-((ii - 0.2) ** 2 + jj**2 + (kk + 0.1) ** 2) / 0.1)
+
+
+def _random_models(config: Path, dev: torch.device) -> Any:
+    """Networks of ``config`` with seeded random weights, shaped like a checkpoint's ``load_models``."""
+    from types import SimpleNamespace
+
+    from medidiff.diffusion.precond import from_monai_scheduler
+    from medidiff.models.build import build_autoencoder, build_scheduler, build_unet
+    from medidiff.models.config import load_model_config
+
+    cfg = load_model_config(config)
+    unet = build_unet(cfg.unet, seed=0).to(dev).eval()
+    ae = build_autoencoder(cfg.autoencoder, seed=0).to(dev).eval()
+    sched = build_scheduler(cfg.scheduler)
+    return SimpleNamespace(
+        config=cfg,
+        autoencoder=ae,
+        latent_scale_factor=1.0,
+        denoiser=lambda: from_monai_scheduler(unet, sched),
+    )
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One (N, precision) measurement in this process."""
-    import nibabel as nib
-
-    from medidiff.inverse import CartesianMRI, ComposedOperator, SliceAxisLast, measure, reconstruct
+    from medidiff.inverse import (
+        CartesianMRI,
+        ComposedOperator,
+        SliceAxisLast,
+        equispaced_mask,
+        measure,
+        reconstruct,
+    )
     from medidiff.models.config import MODALITY_CODES
-    from medidiff.train.checkpoint import load_models
     from medidiff.train.precision import resolve_precision
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     prec = resolve_precision(args.precision, dev)
-    prep = Path(args.prepared)
-    sidecar = json.loads((prep / "reconstruction.json").read_text())
-    scale, offset = float(sidecar["normalization"]["scale"]), float(sidecar["normalization"]["offset"])
-    raw = np.asarray(nib.load(str(prep / "reference.nii.gz")).dataobj, dtype=np.float64)
-    x = torch.from_numpy((scale * raw + offset).astype(np.float32))  # (I, J, K), normalised units
-    I, J, K = x.shape
-    mask = torch.from_numpy(np.load(prep / "mask.npy"))
+    if args.random_prior is not None:
+        models = _random_models(args.random_prior, dev)
+        shape = tuple(int(v) for v in models.config.patch_size)
+        x = _phantom(shape)
+        I, J, K = x.shape
+        g = torch.Generator().manual_seed(args.seed)
+        mask = equispaced_mask((K, I, J), args.acceleration, axes=(-1,), generator=g)
+    else:
+        import nibabel as nib
+
+        from medidiff.train.checkpoint import load_models
+
+        prep = Path(args.prepared)
+        sidecar = json.loads((prep / "reconstruction.json").read_text())
+        scale, offset = float(sidecar["normalization"]["scale"]), float(sidecar["normalization"]["offset"])
+        raw = np.asarray(nib.load(str(prep / "reference.nii.gz")).dataobj, dtype=np.float64)
+        x = torch.from_numpy((scale * raw + offset).astype(np.float32))  # (I, J, K), normalised units
+        I, J, K = x.shape
+        mask = torch.from_numpy(np.load(prep / "mask.npy"))
+        models = load_models(args.checkpoint, device=dev, expect_stage="latent")
     op = SliceAxisLast(CartesianMRI(mask, (K, I, J)))
     y = measure(op, x, sigma_y=args.sigma_y, generator=torch.Generator().manual_seed(args.seed))
 
-    models = load_models(args.checkpoint, device=dev, expect_stage="latent")
     net = models.denoiser()
     den: Any = _BoundDenoiser(net, MODALITY_CODES["MR"], float(models.config.spacing_mm), prec.autocast_dtype)
     scale = float(models.latent_scale_factor or 1.0)
@@ -218,7 +265,13 @@ def prepare(args: argparse.Namespace, ck: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/demo/latent")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/pixel/latent")
+    ap.add_argument(
+        "--random-prior",
+        type=Path,
+        default=None,
+        help="model YAML: time randomly initialised networks on a phantom (no checkpoint or data needed)",
+    )
     ap.add_argument("--manifest", type=Path, default=ROOT / "demo_out/ingested")
     ap.add_argument("--split", type=Path, default=None, help="default: split.json of the checkpoint's run")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -242,8 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from bench_imaging import resolve_checkpoint
 
-    ck = resolve_checkpoint(args.checkpoint)
-    if args.split is None:
+    random = args.random_prior is not None
+    ck = None if random else resolve_checkpoint(args.checkpoint)
+    if args.split is None and ck is not None:
         args.split = ck.parent.parent / "split.json"
     if args.child:
         args.checkpoint = ck
@@ -253,13 +307,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device here.")
 
     t0 = time.perf_counter()
-    prep = prepare(args, ck)
+    prep = args.workdir if random else prepare(args, ck)
     rows: list[dict[str, Any]] = []
     for precision in args.precisions:
         for n in args.ns:
             cmd = [
                 sys.executable, str(Path(__file__).resolve()), "--child", "--n", str(n),
-                "--precision", precision, "--prepared", str(prep), "--checkpoint", str(ck),
+                "--precision", precision, "--prepared", str(prep),
+                *(["--random-prior", str(args.random_prior)] if random else ["--checkpoint", str(ck)]),
+                "--acceleration", str(args.acceleration),
                 "--steps", str(args.steps), "--sigma-y", str(args.sigma_y), "--seed", str(args.seed),
                 "--threads", str(args.threads), "--device", args.device,
             ]  # fmt: skip
@@ -290,9 +346,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "scaling",
         "config": {
-            "checkpoint": str(ck.relative_to(ROOT) if ck.is_relative_to(ROOT) else ck),
-            "checkpoint_step": json.loads((ck / "checkpoint.json").read_text()).get("step"),
-            "volume": (prep / "volume.txt").read_text().strip(),
+            "checkpoint": (
+                f"random weights of {args.random_prior}"
+                if ck is None
+                else str(ck.relative_to(ROOT) if ck.is_relative_to(ROOT) else ck)
+            ),
+            "checkpoint_step": None
+            if ck is None
+            else json.loads((ck / "checkpoint.json").read_text()).get("step"),
+            "volume": "phantom" if ck is None else (prep / "volume.txt").read_text().strip(),
             "operator": f"MRI {args.acceleration:g}x equispaced, 32^3 patch",
             "steps": args.steps,
             "sigma_y": args.sigma_y,
