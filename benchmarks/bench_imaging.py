@@ -8,9 +8,13 @@ same simulated measurement (same mask / angles, same noise) on the same prior pa
 
 - the direct baseline: ``zero_filled`` (MRI) or ``fbp`` (CT);
 - ``tv``: TV-regularised least squares (the stage's default weight ``sigma_y * ||A||``, 300 iterations);
-- ``smc``: the production sampler with the latent prior (the stage's latent defaults: gradient proposal,
-  Tweedie guidance, ``data_var=1``, ESS-triggered systematic resampling at ESS < N/2);
-- ``dps``: DPS with the same prior, particles and steps (step size 1, the library default).
+- ``smc``: the production sampler with the stage's defaults for the checkpoint (latent: gradient proposal,
+  Tweedie guidance, ``data_var=1``; pixel-space: the same proposal, ``data_var = 1/c^2`` and ESS-controlled
+  tempering), ESS-triggered systematic resampling at ESS < N/2;
+- ``dps``: DPS with the same prior, particles, steps and ``--sigma-max`` (step size 1, the library default).
+
+``--checkpoint`` defaults to the pixel-space demo prior (``runs/pixel/latent``); the split comes from the
+checkpoint's run folder.
 
 Reported per run: PSNR / SSIM of the mean (posterior mean for the samplers) against the reference patch,
 the coverage of the central 90% credible interval (sampling methods), chi^2 per measurement of the mean
@@ -19,7 +23,8 @@ call, checkpoint loading and file writing included), the ESS trace and resamplin
 in the prior's normalised intensity scale (MR [0, 1]; CT [-1, 1] over [-1000, 1000] HU), as the stage
 computes them. One extra row, ``ae_ceiling``, is the reference patch passed through the prior's
 autoencoder (decode(encode(x))): the best a latent prior can do when every image it produces is a decoded
-latent; a sampler whose mean is far below it is losing to its own prior, not to the autoencoder.
+latent; a sampler whose mean is far below it is losing to its own prior, not to the autoencoder. A
+pixel-space prior has no such row.
 
 One picture per modality (``--pictures``, default MRI 8x and CT 30 views): rows are the axial, coronal and
 sagittal mid-slices (radiological convention, as in :mod:`medidiff.viz`), columns the reference, the direct
@@ -27,10 +32,10 @@ baseline (zero-filled / FBP), the smc posterior mean, the smc posterior standard
 absolute error of the mean; the first three share the reference's 1-99% window, std and error share one
 window from 0 so the uncertainty can be read against the error.
 
-Run: ``.venv/bin/python benchmarks/bench_imaging.py [--particles 12 --steps 30 --volumes 2] [--markdown PATH]``;
-prints JSON. On the project's 2-core CPU box (shared): defaults (one volume per modality, N=8, 30 steps)
-5.3 minutes; ``--particles 12 --volumes 2`` (two MR test volumes; the CT test volume and one val volume)
-11.9 minutes; ``--quick`` (N=4, 10 steps, MRI 8x and CT 30 only) about a minute.
+Run: ``.venv/bin/python benchmarks/bench_imaging.py [--particles 16 --steps 30 --volumes 2 --sigma-max 2]
+[--markdown PATH]``; prints JSON. On the project's 2-core CPU box: the pixel-space prior with
+``--particles 16 --steps 30 --volumes 2 --sigma-max 2`` 22 minutes; the latent prior with ``--particles 12
+--volumes 2`` 11.9 minutes; ``--quick`` (N=4, 10 steps, MRI 8x and CT 30 only) about a minute.
 """
 
 from __future__ import annotations
