@@ -24,7 +24,8 @@ the checkpoint as ``prior`` reconstructs the same patch, for side-by-side compar
 - a latent checkpoint: the gradient-guided proposal with Tweedie guidance (gradients through the decoder
   only) and ``data_var=1``;
 - a pixel-space checkpoint (``autoencoder.kind: identity``): the same proposal, ``data_var = 1 / c^2``
-  (``c`` its scale factor) and ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`);
+  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`) and a
+  top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``;
 - a denoiser callable with exact solves (MRI): the ``"isotropic"`` proposal (exact for Gaussian priors).
 
 CT twists use truncated conjugate gradients (:data:`~medidiff.stages._reconstruct_io.CT_CG_ITERS`).
@@ -104,6 +105,9 @@ SAMPLING_METHODS = ("smc", "afdps", "dps")
 BASELINES = ("zero_filled", "fbp", "tv")
 METHODS = SAMPLING_METHODS + BASELINES
 SIDECAR = "reconstruction.json"
+PIXEL_SIGMA_MAX_SPREADS = 3.0
+"""A pixel-space checkpoint's default top noise level, in units of its data's spread ``1 / c``
+(docs/benchmarks.md: sigma_max 1-5 scored alike, the full range 1.6 dB lower)."""
 PIXEL_TEMPER_ESS = 0.5
 """smc with a pixel-space checkpoint: keep at least this fraction of effective particles per step (tempering)."""
 
@@ -224,7 +228,8 @@ def reconstruct_volume(
         n_particles: particles of the sampler.
         steps: sampler steps (noise levels).
         sigma_max: start the sampler at this noise level, in the prior's normalised image units
-            (default: the prior's largest). An eps-prediction network multiplies its error by sigma, so
+            (default: the prior's largest; for a pixel-space checkpoint :data:`PIXEL_SIGMA_MAX_SPREADS`
+            times its data's spread, if lower). An eps-prediction network multiplies its error by sigma, so
             its top noise levels are its least accurate; a few times the data's spread already hides
             the image (see docs/benchmarks.md). Not for latent priors (their noise lives in latent units).
         seed: seeds the mask, the noise and the sampler.
@@ -693,7 +698,10 @@ def _sample(
         if pri.pixel_space:
             denoiser = _PixelDenoiser(denoiser, scale)
             forward: Any = op
-            sigma_kw = {"sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max}
+            # Start where the noise is PIXEL_SIGMA_MAX_SPREADS times the data's spread (1/c): the image is
+            # hidden there already, and an eps network's top noise levels are its least accurate.
+            top = min(denoiser.sigma_max, PIXEL_SIGMA_MAX_SPREADS / scale)
+            sigma_kw = {"sigma_min": denoiser.sigma_min, "sigma_max": top}
             if s.method == "smc":
                 # A trained image prior is far from the isotropic Gaussian the "isotropic" proposal is
                 # exact for (its power falls steeply with frequency): that proposal over-shoots the
@@ -723,7 +731,7 @@ def _sample(
                 sigma_kw[key] = float(getattr(denoiser, key))
 
     if s.sigma_max is not None:
-        top = sigma_kw.get("sigma_max")
+        top = denoiser.sigma_max if pri.pixel_space else sigma_kw.get("sigma_max")
         if top is not None and s.sigma_max > top:
             raise ValueError(f"sigma_max={s.sigma_max} is above the prior's largest noise level {top:.4g}.")
         low = sigma_kw.get("sigma_min", 0.002)

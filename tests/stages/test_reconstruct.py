@@ -156,17 +156,13 @@ def test_pixel_prior_smc_is_data_consistent(reference, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def pixel_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pixel-space diffusion checkpoint (autoencoder.kind: identity; UNet halves once)."""
-    from medidiff.train.loop import train
-    from tests.train.test_pixel_space import pixel_config
+    from tests.train.test_pixel_space import train_tiny_pixel
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pixel_prior")
-    cfg = pixel_config(steps=2, log_every=1, ckpt_every=2, scale_factor_batches=1)
-    res = train(cfg, blob_batches(2, (16, 16, 16)), root / "latent", stage="latent", progress=False)
+    ckpt = train_tiny_pixel(root, steps=2, scale_factor_batches=1)
     norm = {"by_modality": {"MR": {"kind": "mr", "percentiles": [1.0, 99.0]}, "CT": {"kind": "ct"}}}
     (root / "latent" / "data.json").write_text(json.dumps({"config": {"normalization": norm}}))
-    assert res.checkpoint is not None
-    return res.checkpoint
+    return ckpt
 
 
 @pytest.mark.parametrize(("method", "grid"), [("smc", None), ("afdps", (16, 20, 16))])
@@ -181,6 +177,13 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
     assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
     side = res.sidecar
     assert side["prior"]["kind"] == "latent" and side["prior"]["space"] == "pixel"
+    from medidiff.stages.reconstruct import PIXEL_SIGMA_MAX_SPREADS
+    from medidiff.train.checkpoint import load_models
+
+    models = load_models(pixel_prior, expect_stage="latent")
+    c = float(models.latent_scale_factor)
+    top = min(float(models.denoiser().sigma_max) / c, PIXEL_SIGMA_MAX_SPREADS / c)
+    assert side["sigmas"][0] == pytest.approx(top, rel=1e-6)  # the default start, in image units
     if method == "smc":  # the pixel-checkpoint defaults: Tweedie-guided shift, tempering reported
         info = side["sampler_info"]
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)

@@ -48,14 +48,18 @@ def test_identity_autoencoder_is_the_identity_with_no_weights() -> None:
     assert torch.equal(ae.decode_stage_2_outputs(x), x) and torch.equal(ae.encode_stage_2_inputs(x), x)
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def train_tiny_pixel(run: Path, steps: int, scale_factor_batches: int) -> Path:
+    """Train :func:`pixel_config` on blob batches into ``run / "latent"``; returns the last checkpoint."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("pixel")
-    cfg = pixel_config(steps=3, log_every=1, ckpt_every=3, scale_factor_batches=2)
-    res = train(cfg, blob_batches(3, (16, 16, 16)), root / "latent", stage="latent", progress=False)
+    cfg = pixel_config(steps=steps, log_every=1, ckpt_every=steps, scale_factor_batches=scale_factor_batches)
+    res = train(cfg, blob_batches(3, (16, 16, 16)), run / "latent", stage="latent", progress=False)
     assert res.checkpoint is not None
     return res.checkpoint
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_pixel(tmp_path_factory.mktemp("pixel"), steps=3, scale_factor_batches=2)
 
 
 def test_pixel_training_scales_images_to_unit_variance(pixel_ckpt: Path) -> None:
