@@ -444,11 +444,18 @@ def sample_smc(
     unique_after: list[int] = []
     lambdas: list[float] = []
 
-    def add_increment(logw: Tensor, incr: Tensor, k: int, x_step: Tensor) -> Tensor:
-        """``logw + lambda * incr`` with non-finite particles dropped and ``lambda`` from ``temper_ess``."""
-        bad = ~torch.isfinite(incr) | ~torch.isfinite(x_step.reshape(N, -1)).all(1)
+    def add_increment(logw: Tensor, incr: Tensor, k: int, *states: Tensor) -> Tensor:
+        """``logw + lambda * incr`` with non-finite particles dropped and ``lambda`` from ``temper_ess``.
+
+        A particle whose ``states`` (or increment) are not finite gets weight 0; its states are zeroed in
+        place so that weighted sums (0 * NaN) stay finite until the next resampling removes it."""
+        bad = ~torch.isfinite(incr)
+        for t in states:
+            bad |= ~torch.isfinite(t.reshape(N, -1)).all(1)
         if bool(bad.all()):
             raise FloatingPointError(_non_finite_message(k + 1, steps, sig[k]))
+        for t in states:
+            t[bad] = 0
         incr = torch.where(bad, torch.full_like(incr, -math.inf), incr)
         lam = 1.0
         if temper_ess is not None and ess_of(logw + incr) < temper_ess * N:
@@ -490,6 +497,7 @@ def sample_smc(
                 logL = torch.cat(
                     [log_likelihood(operator, x[ch], y_b, float(sigma_y)) for ch in chunks(N, chunk_size)]  # type: ignore[arg-type]
                 )
+            x = x.clone()
             logw = add_increment(logw, logL - logg, k, x)
             ess_trace.append(ess_of(logw))
             if callback is not None:
@@ -554,7 +562,7 @@ def sample_smc(
             if h_c is not None:
                 h_new[ch] = h_c
             incr[ch] = inc - logg[ch]
-        logw = add_increment(logw, incr, k, x_new)
+        logw = add_increment(logw, incr, k, x_new, D_new)
         nfe += 2 if proposal == "linearized" else 1
         n_backward += {"linearized": m, "gradient": 1}.get(proposal, 0) + (1 if need_probe else 0)
         x, Dx, logg, h, gx = x_new, D_new, logg_new, h_new, g_new

@@ -229,6 +229,18 @@ def test_non_finite_particles_are_dropped_or_fail_clearly() -> None:
                       steps=10, generator=torch.Generator().manual_seed(0), options={"proposal": "gradient"})  # fmt: skip
     assert torch.isfinite(res.mean).all() and torch.isfinite(res.weights).all()
 
+    def last_call_nan(x: torch.Tensor, sigma):  # NaN at the final denoising: no resampling after it
+        out = prob.denoiser(x, sigma)
+        if float(torch.as_tensor(sigma).reshape(-1)[0]) < 0.003:
+            out = out.clone()
+            out[:8] = float("nan")
+        return out
+
+    res = reconstruct(last_call_nan, MatrixOperator(prob.A), prob.y, sigma_y=0.3, method="smc", n_particles=32,
+                      steps=8, generator=torch.Generator().manual_seed(0), options={"proposal": "gradient"})  # fmt: skip
+    assert torch.isfinite(res.mean).all() and torch.isfinite(res.std).all()
+    assert float(res.weights[:8].sum()) == 0.0 and abs(float(res.weights.sum()) - 1) < 1e-12
+
     def all_nan(x: torch.Tensor, sigma):
         return x * float("nan")
 
