@@ -63,24 +63,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _BoundDenoiser:
-    """The latent network as ``D(z, sigma)`` with modality and spacing bound, networks under autocast."""
-
-    def __init__(self, net: Any, modality_code: int, spacing_mm: float, autocast: torch.dtype | None) -> None:
-        self.net, self.code, self.spacing, self.autocast = net, modality_code, spacing_mm, autocast
-
-    def __call__(self, z: torch.Tensor, sigma: Any) -> torch.Tensor:
-        b = z.shape[0]
-        cond = {
-            "modality": torch.full((b,), self.code, dtype=torch.long, device=z.device),
-            "spacing": torch.full((b, 3), self.spacing, dtype=torch.float32, device=z.device),
-        }
-        if self.autocast is None:
-            return self.net(z, sigma, **cond)
-        with torch.autocast(device_type=z.device.type, dtype=self.autocast):
-            return self.net(z, sigma, **cond).to(z.dtype)
-
-
 def _phantom(shape: tuple[int, ...]) -> torch.Tensor:
     """A smooth head-like phantom in [0, 1] (the ``--random-prior`` mode needs no data files)."""
     axes = [torch.linspace(-1, 1, n) for n in shape]
@@ -113,13 +95,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One (N, precision) measurement in this process."""
     from medidiff.inverse import (
         CartesianMRI,
-        ComposedOperator,
         SliceAxisLast,
         equispaced_mask,
         measure,
         reconstruct,
     )
     from medidiff.models.config import MODALITY_CODES
+    from medidiff.stages.reconstruct import checkpoint_sampler
     from medidiff.train.precision import resolve_precision
 
     torch.set_num_threads(args.threads)
@@ -148,28 +130,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     op = SliceAxisLast(CartesianMRI(mask, (K, I, J)))
     y = measure(op, x, sigma_y=args.sigma_y, generator=torch.Generator().manual_seed(args.seed))
 
-    net = models.denoiser()
-    den: Any = _BoundDenoiser(net, MODALITY_CODES["MR"], float(models.config.spacing_mm), prec.autocast_dtype)
-    scale = float(models.latent_scale_factor or 1.0)
-    if models.config.autoencoder.is_identity:
-        # pixel-space prior: the reconstruct stage's wrapper and smc defaults (no decoder)
-        from medidiff.stages.reconstruct import PIXEL_TEMPER_ESS, _PixelDenoiser
-
-        den = _PixelDenoiser(den, scale)
-        fwd: Any = op
-        sig = {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max}
-        options: dict[str, Any] = {"proposal": "gradient", "guidance": "tweedie", "data_var": 1.0 / scale**2,
-                                   "temper_ess": PIXEL_TEMPER_ESS}  # fmt: skip
-    else:
-        fwd = ComposedOperator(
-            op,  # operators move their buffers to the input's device
-            models.autoencoder,
-            models.config.latent_shape,
-            scale=scale,
-            autocast=prec.autocast_dtype,
-        )
-        sig = {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
-        options = {"data_var": 1.0}
+    # the reconstruct stage's wrapper and defaults for this checkpoint (pixel-space or latent)
+    den, fwd, sig, options = checkpoint_sampler(models, op, MODALITY_CODES["MR"], "smc", prec.autocast_dtype)
     common = {
         "sigma_y": args.sigma_y,
         "method": "smc",

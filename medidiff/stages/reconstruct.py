@@ -666,6 +666,43 @@ class _PixelDenoiser:
         return self.inner((x * c).unsqueeze(1), sigma).squeeze(1) / c
 
 
+def checkpoint_sampler(
+    models: Any, op: LinearOperator, modality_code: int, method: str, autocast: torch.dtype | None
+) -> tuple[Any, Any, dict[str, float], dict[str, Any]]:
+    """A loaded checkpoint (``load_models``) as the sampler sees it, with the stage's defaults.
+
+    Returns ``(denoiser, forward model, sigma range, default sampler options)``: a pixel-space model's
+    denoiser on images in normalised units with the operator itself; a latent model's denoiser on scaled
+    latents with ``A o Dec`` (:class:`~medidiff.inverse.ComposedOperator`).
+    """
+    from medidiff.inverse import ComposedOperator
+
+    net = models.denoiser()
+    den: Any = _ConditionedDenoiser(net, modality_code, float(models.config.spacing_mm), autocast)
+    scale = float(models.latent_scale_factor or 1.0)
+    options: dict[str, Any] = {}
+    if models.config.autoencoder.is_identity:
+        den = _PixelDenoiser(den, scale)
+        # Start where the noise is PIXEL_SIGMA_MAX_SPREADS times the data's spread (1/c): the image is
+        # hidden there already, and an eps network's top noise levels are its least accurate.
+        top = min(den.sigma_max, PIXEL_SIGMA_MAX_SPREADS / scale)
+        if method == "smc":
+            # A trained image prior is far from the isotropic Gaussian the "isotropic" proposal is exact
+            # for (its power falls steeply with frequency): that proposal over-shoots the measured
+            # directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The Tweedie-guided shift
+            # needs no gradient through the network; ESS-controlled tempering keeps the cloud diverse where
+            # the approximate twist would collapse it to one particle.
+            options = {"proposal": "gradient", "guidance": "tweedie", "temper_ess": PIXEL_TEMPER_ESS,
+                       "data_var": 1.0 / (scale * scale)}  # fmt: skip  # the scale factor's unit variance
+        return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
+    forward = ComposedOperator(
+        op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast
+    )
+    if method == "smc":
+        options = {"data_var": 1.0}  # the scale factor gives the latents unit variance
+    return den, forward, {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}, options
+
+
 def _sample(
     s: ReconstructSettings,
     pri: _Prior,
@@ -678,7 +715,7 @@ def _sample(
     sampler_seed: int,
     progress: ProgressCallback | None,
 ) -> Any:
-    from medidiff.inverse import ComposedOperator, reconstruct
+    from medidiff.inverse import reconstruct
 
     options = dict(s.options)
     sigma_kw: dict[str, float] = {}
@@ -687,38 +724,10 @@ def _sample(
         from medidiff.train.checkpoint import load_models
 
         models = load_models(pri.checkpoint.path, device=dev, expect_stage="latent")
-        net = models.denoiser()
-        denoiser: Any = _ConditionedDenoiser(
-            net,
-            MODALITY_CODES.get(modality, MODALITY_CODES["OT"]),
-            float(pri.spacing_mm),
-            prec.autocast_dtype,  # type: ignore[arg-type]
+        denoiser, forward, sigma_kw, defaults = checkpoint_sampler(
+            models, op, MODALITY_CODES.get(modality, MODALITY_CODES["OT"]), s.method, prec.autocast_dtype
         )
-        scale = float(models.latent_scale_factor or 1.0)
-        if pri.pixel_space:
-            denoiser = _PixelDenoiser(denoiser, scale)
-            forward: Any = op
-            # Start where the noise is PIXEL_SIGMA_MAX_SPREADS times the data's spread (1/c): the image is
-            # hidden there already, and an eps network's top noise levels are its least accurate.
-            top = min(denoiser.sigma_max, PIXEL_SIGMA_MAX_SPREADS / scale)
-            sigma_kw = {"sigma_min": denoiser.sigma_min, "sigma_max": top}
-            if s.method == "smc":
-                # A trained image prior is far from the isotropic Gaussian the "isotropic" proposal is
-                # exact for (its power falls steeply with frequency): that proposal over-shoots the
-                # measured directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The
-                # Tweedie-guided shift needs no gradient through the network; ESS-controlled tempering
-                # keeps the cloud diverse where the approximate twist would collapse it to one particle.
-                options.setdefault("proposal", "gradient")
-                options.setdefault("guidance", "tweedie")
-                options.setdefault("temper_ess", PIXEL_TEMPER_ESS)
-                options.setdefault("data_var", 1.0 / (scale * scale))  # the scale factor's unit variance
-        else:
-            forward = ComposedOperator(
-                op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=prec.autocast_dtype
-            )
-            sigma_kw = {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}
-            if s.method == "smc":
-                options.setdefault("data_var", 1.0)  # the scale factor gives the latents unit variance
+        options = {**defaults, **options}
     else:
         denoiser = pri.denoiser
         forward = op
