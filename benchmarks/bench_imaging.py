@@ -107,8 +107,11 @@ def run_method(
     from medidiff.stages.reconstruct import reconstruct_volume
 
     kw: dict[str, Any] = {"acceleration": float(level)} if kind == "mri" else {"views": int(level)}
-    if method in ("smc", "dps"):
+    sampling = method in ("smc", "smc_spectral", "dps")
+    if sampling:
         kw.update(n_particles=args.particles, steps=args.steps, sigma_max=args.sigma_max)
+    if method == "smc_spectral":  # smc with the stationary (spectral) variance model
+        kw["spectrum"] = args.spectra["MR" if kind == "mri" else "CT"]
     if method == "dps":
         kw["options"] = {"step_size": args.dps_step}
     t0 = time.perf_counter()
@@ -117,8 +120,8 @@ def run_method(
         prior=ck,
         reference=volume["file"],
         simulate=kind,  # type: ignore[arg-type]
-        method=method,
-        mask_kind="equispaced",
+        method="smc" if method == "smc_spectral" else method,
+        mask_kind=args.mask_kind,
         sigma_y=args.sigma_y,
         seed=args.seed,
         device="cpu",
@@ -128,7 +131,7 @@ def run_method(
     m = res.metrics
     row: dict[str, Any] = {k: m.get(k) for k in METRIC_KEYS}
     row.update(seconds=round(wall, 2), data_range=m.get("data_range"))
-    if method in ("smc", "dps"):
+    if sampling:
         sc = res.sidecar
         ess = [float(v) for v in sc.get("ess", [])]
         row.update(
@@ -197,7 +200,7 @@ def run_setting(
     direct = "zero_filled" if kind == "mri" else "fbp"
     base = work / f"{kind}_{level}" / volume["subject"]
     rows: dict[str, Any] = {}
-    for method in (direct, "tv", "smc", "dps"):
+    for method in [direct if m == "direct" else m for m in args.methods]:
         rows[method] = run_method(base / method, ck, volume, kind, level, method, args)
         r = rows[method]
         print(
@@ -288,6 +291,20 @@ def picture(run: dict[str, Any], out_png: Path, scale: int = 4) -> Path:
 # -- report -------------------------------------------------------------------------------------
 
 
+def training_spectra_of(ck: Path) -> dict[str, Any]:
+    """Per-modality spectra of the training patches of the checkpoint's run (its ``data.json`` config)."""
+    from medidiff.data import DataConfig, read_manifest
+    from medidiff.data.spectrum import training_spectra
+    from medidiff.data.split import read_splits
+
+    cfg = DataConfig.model_validate(json.loads((ck.parent / "data.json").read_text())["config"])
+    return training_spectra(
+        cfg,
+        entries=read_manifest(cfg.manifest, verify=False),
+        splits=read_splits(ck.parent.parent / "split.json"),
+    )
+
+
 def _f(v: Any, nd: int = 2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -335,6 +352,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--img-dir", type=Path, default=ROOT / "docs/img")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     ap.add_argument("--quick", action="store_true", help="N=4, 10 steps, mri:8 and ct:30 only")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["direct", "tv", "smc", "dps"],
+        choices=["direct", "tv", "smc", "smc_spectral", "dps"],
+        help="direct: zero-filled (MRI) or FBP (CT); smc_spectral: smc with the training patches' spectrum",
+    )
+    ap.add_argument("--mask-kind", default="equispaced", choices=["equispaced", "random", "poisson"])
     args = ap.parse_args(argv)
     if args.quick:
         args.particles, args.steps, args.settings = 4, 10, ["mri:8", "ct:30"]
@@ -345,6 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ck_info = json.loads((ck / "checkpoint.json").read_text())
     if args.workdir.exists():
         shutil.rmtree(args.workdir)
+    args.spectra = None
+    if "smc_spectral" in args.methods:
+        args.spectra = training_spectra_of(ck)
 
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -374,7 +402,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "sigma_y": args.sigma_y,
             "sigma_max": args.sigma_max,
             "seed": args.seed,
-            "mask": "equispaced, centre fraction 0.08",
+            "mask": f"{args.mask_kind}, centre fraction 0.08",
+            "methods": args.methods,
             "torch_threads": args.threads,
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),

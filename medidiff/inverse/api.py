@@ -18,7 +18,13 @@ from medidiff.inverse.afdps import AFDPS_VARIANTS, sample_afdps
 from medidiff.inverse.dps import sample_dps
 from medidiff.inverse.latent import ComposedOperator
 from medidiff.inverse.operators import LinearOperator
-from medidiff.inverse.smc import resolve_guidance, resolve_proposal, resolve_twist_cov, sample_smc
+from medidiff.inverse.smc import (
+    check_data_spectrum,
+    resolve_guidance,
+    resolve_proposal,
+    resolve_twist_cov,
+    sample_smc,
+)
 
 __all__ = ["METHODS", "method_options", "reconstruct"]
 
@@ -139,7 +145,7 @@ def reconstruct(
         rho: Karras warping exponent.
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
         options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
-            ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``,
+            ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``, ``data_spectrum``,
             ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``;
             ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
@@ -202,6 +208,10 @@ def reconstruct(
         resolve_twist_cov(opts.get("twist_cov", "auto"), operator)
         if opts.get("data_var") is not None:
             _positive_float(opts["data_var"], "data_var")
+        if opts.get("data_spectrum") is not None:
+            check_data_spectrum(
+                opts["data_spectrum"], operator, opts.get("proposal", "auto"), opts.get("data_var")
+            )
         if opts.get("decoder_gain") is not None:
             if not isinstance(operator, ComposedOperator):
                 raise ValueError("decoder_gain applies to latent priors (a ComposedOperator) only.")

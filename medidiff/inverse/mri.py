@@ -159,8 +159,9 @@ class _CartesianBase(LinearOperator):
         kc = kspace if kspace.is_complex() else kspace.to(torch.complex64)
         return self._gather(kc, self._buffers(kc.device, kc.dtype)["idx"], kc.ndim - len(self.in_shape))
 
-    def _sym_project_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
-        """``(alpha I + beta c S Q S^T)^{-1} r`` with ``Q w = (w + conj(w(-k))) / 2`` (real-image gram)."""
+    def _sym_project_solve(self, r: Tensor, alpha: float, beta: float | Tensor) -> Tensor:
+        """``(alpha I + c S diag(beta) Q S^T)^{-1} r`` with ``Q w = (w + conj(w(-k))) / 2`` (real-image
+        gram); ``beta`` a scalar or a point-symmetric flat ``(n,)`` k-space weight (it commutes with ``Q``)."""
         buf = self._buffers(r.device, r.dtype)
         lead = r.ndim - 1
         w = self._scatter(r, buf["idx"]).reshape(*r.shape[:-1], -1)
@@ -237,6 +238,17 @@ class CartesianMRI(_CartesianBase):
         if self.complex_images:
             return rc / (alpha + beta * self._c)
         return self._sym_project_solve(rc, alpha, beta)
+
+    def stationary_gram_solve(self, r: Tensor, alpha: float, spectrum: Tensor) -> Tensor:
+        """Exact ``(alpha I + A C A^H)^{-1} r`` for ``C = F^H diag(spectrum) F``: ``A C A^H = c S diag(p) S^T``
+        is diagonal in k-space (paired with ``-k`` for real images; ``spectrum`` must then be point-symmetric,
+        as any function of ``|k|`` is)."""
+        _check_alpha_beta(alpha, 0.0)
+        rc = self._meas_in(r, "r")
+        p = spectrum.reshape(-1).to(device=rc.device, dtype=rc.real.dtype)
+        if self.complex_images:
+            return rc / (alpha + self._c * p.index_select(0, self._buffers(rc.device, rc.dtype)["idx"]))
+        return self._sym_project_solve(rc, alpha, p)
 
     def pseudo_inverse(self, y: Tensor) -> Tensor:
         """Minimum-norm least-squares image ``A^+ y``: the zero-filled reconstruction.

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ArrayLike", "LinearOperator", "MatrixOperator", "batch_dot", "conjugate_gradient"]
+__all__ = [
+    "ArrayLike",
+    "LinearOperator",
+    "MatrixOperator",
+    "batch_dot",
+    "check_spectrum",
+    "conjugate_gradient",
+    "stationary_filter",
+]
 
 ArrayLike: TypeAlias = Tensor | np.ndarray
 
@@ -33,6 +41,30 @@ def batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Real inner product ``Re <a_i, b_i>`` over all but the first (batch) dimension, shape ``(B,)``."""
     prod = a.conj() * b if a.is_complex() else a * b
     return prod.reshape(prod.shape[0], -1).sum(1).real
+
+
+def stationary_filter(x: Tensor, spectrum: Tensor) -> Tensor:
+    """``F^H diag(spectrum) F x`` over the last ``spectrum.ndim`` axes (``F``: the unitary DFT).
+
+    ``spectrum`` is laid out *centred* (DC at index ``n // 2`` of every axis, the MRI convention of
+    :mod:`medidiff.inverse.mri`). The filter is a circular convolution, so it commutes with the
+    spatial shifts of a centred DFT, and a real ``x`` with a point-symmetric real ``spectrum`` (e.g. a
+    function of ``|k|``) gives a real result (returned real). The FFT runs in complex64 or complex128.
+    """
+    dims = tuple(range(-spectrum.ndim, 0))
+    work = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+    p = torch.fft.ifftshift(spectrum, dim=dims).to(work.real.dtype)
+    out = torch.fft.ifftn(torch.fft.fftn(work, dim=dims) * p, dim=dims)
+    return out.to(x.dtype) if x.is_complex() else out.real.to(x.dtype)
+
+
+def check_spectrum(spectrum: Tensor, shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``spectrum`` is a finite, non-negative real tensor of ``shape``."""
+    if not isinstance(spectrum, Tensor) or spectrum.is_complex() or tuple(spectrum.shape) != tuple(shape):
+        got = tuple(spectrum.shape) if isinstance(spectrum, Tensor) else type(spectrum).__name__
+        raise ValueError(f"the spectrum must be a real tensor of the image shape {tuple(shape)}; got {got}.")
+    if not bool(torch.isfinite(spectrum).all()) or bool((spectrum < 0).any()):
+        raise ValueError("the spectrum must be finite and non-negative.")
 
 
 def conjugate_gradient(
@@ -180,6 +212,19 @@ class LinearOperator:
         return conjugate_gradient(
             lambda x: alpha * x + beta * self.adjoint(self.forward(x)),
             b,
+            tol=self.cg_tol,
+            max_iter=self.cg_max_iter,
+            strict=self.cg_strict,
+        )
+
+    def stationary_gram_solve(self, r: Tensor, alpha: float, spectrum: Tensor) -> Tensor:
+        """Solve ``(alpha I + A C A^H) u = r`` with ``C = F^H diag(spectrum) F`` (:func:`stationary_filter`;
+        ``spectrum`` centred, of shape ``in_shape``, non-negative). ``spectrum = beta`` everywhere is
+        :meth:`gram_solve`. Conjugate gradients here; exact where an operator knows its structure."""
+        _check_alpha_beta(alpha, 0.0)
+        return conjugate_gradient(
+            lambda u: alpha * u + self.forward(stationary_filter(self.adjoint(u), spectrum)),
+            r,
             tol=self.cg_tol,
             max_iter=self.cg_max_iter,
             strict=self.cg_strict,

@@ -234,6 +234,12 @@ class SliceAxisLast(LinearOperator):
             return self.inner.gram_solve(r, alpha, beta)
         return super().gram_solve(r, alpha, beta)
 
+    def stationary_gram_solve(self, r: Tensor, alpha: float, spectrum: Tensor) -> Tensor:
+        """The inner operator's exact solve (with the spectrum permuted alike) if it has one, else CG."""
+        if type(self.inner).stationary_gram_solve is not LinearOperator.stationary_gram_solve:
+            return self.inner.stationary_gram_solve(r, alpha, self.to_inner(spectrum.unsqueeze(0))[0])
+        return super().stationary_gram_solve(r, alpha, spectrum)
+
     def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
         """The inner operator's exact solve (conjugated by the permutation) if it has one, else CG."""
         if type(self.inner).normal_solve is not LinearOperator.normal_solve:

@@ -70,7 +70,7 @@ from medidiff.inverse._common import (
     weighted_moments,
 )
 from medidiff.inverse.latent import ComposedOperator, decoded_moments
-from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot
+from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot, stationary_filter
 
 __all__ = [
     "GUIDANCE",
@@ -178,6 +178,25 @@ def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperato
     return twist_cov
 
 
+def check_data_spectrum(
+    spectrum: object, operator: LinearOperator | ComposedOperator, proposal: str, data_var: object
+) -> None:
+    """Raise ``ValueError`` unless ``spectrum`` can serve as ``sample_smc``'s ``data_spectrum`` here."""
+    from medidiff.inverse.operators import check_spectrum
+
+    if isinstance(operator, ComposedOperator):
+        raise ValueError(
+            "data_spectrum is for pixel-space priors; a latent prior's twist runs through its decoder."
+        )
+    if resolve_proposal(proposal, operator) not in ("gradient", "isotropic"):
+        raise ValueError("data_spectrum works with proposal='gradient' or 'isotropic'; pass one of them.")
+    if data_var is not None:
+        raise ValueError("pass data_var or data_spectrum, not both: with a spectrum, data_var is its mean.")
+    check_spectrum(spectrum, operator.in_shape)  # type: ignore[arg-type]
+    if float(spectrum.mean()) <= 0:  # type: ignore[attr-defined]
+        raise ValueError("the data spectrum is zero everywhere; it must carry the data's power.")
+
+
 def sample_smc(
     denoiser: Denoiser,
     operator: LinearOperator | ComposedOperator,
@@ -190,6 +209,7 @@ def sample_smc(
     proposal: str = "auto",
     guidance: str = "auto",
     data_var: float | None = None,
+    data_spectrum: Tensor | None = None,
     twist_cov: str = "auto",
     decoder_gain: float | None = None,
     ess_threshold: float = 0.5,
@@ -218,6 +238,14 @@ def sample_smc(
             estimates ``r_k^2`` at every step from the particles (one extra vector-Jacobian product
             through the network). When given, the initial particles are drawn from
             ``N(0, (sigma_0^2 + v) I)``, the noisy marginal of a zero-mean prior of that variance.
+        data_spectrum: pixel-space priors, ``proposal="gradient"``: the data's power per DFT coefficient
+            ``p`` (shape ``operator.in_shape``, centred, unitary DFT; e.g. the mean ``|F x|^2`` of training
+            images), replacing the isotropic variance model by a stationary one: ``Cov(x0 | x_s) ≈ F^H
+            diag(s^2 p / (p + s^2)) F`` in the twist (``operator.stationary_gram_solve``) and, with
+            Tweedie guidance, ``dD/dx ≈ F^H diag(p / (p + s^2)) F`` (a Wiener filter). A natural image's
+            power falls steeply with frequency, so the isotropic model is over-confident where the
+            power is large (measured low frequencies) and under-guides where it is small. ``v`` is then
+            ``mean(p)`` (``data_var`` must be None), which the kernel variance keeps using.
         twist_cov: latent priors: the twist's covariance ``sigma_y^2 I + r^2 M``: ``"jacobian"``,
             ``M = A J J^T A^T`` with the decoder linearised once at the mean of ``D(z_0, sigma_0)`` (m
             vector-Jacobian products; real operators with few measurements), or ``"isotropic"``,
@@ -243,6 +271,11 @@ def sample_smc(
     twist_cov = resolve_twist_cov(twist_cov, operator)
     composed = isinstance(operator, ComposedOperator)
     lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
+    spectrum: Tensor | None = None
+    if data_spectrum is not None:
+        check_data_spectrum(data_spectrum, operator, proposal, data_var)
+        spectrum = data_spectrum.to(device=generator.device, dtype=_F64)
+        data_var = float(spectrum.mean())
     device = generator.device
     dtype = y.real.dtype
     shape, d, m = operator.in_shape, operator.in_size, operator.out_size
@@ -258,9 +291,25 @@ def sample_smc(
     M_twist: Tensor | None = None  # dense A J J^T A^T (twist_cov="jacobian")
     B_lin: Tensor | None = None  # dense A J (twist_cov="jacobian")
     chol_cache: dict[float, Tensor] = {}
+    spec_cache: dict[float, Tensor] = {}
 
-    def twist_solve(r: Tensor, r2: float) -> Tensor:
-        """``(sigma_y^2 I + r2 M)^{-1} r`` for the twist's covariance model (``M = gain A A^H`` or dense)."""
+    def post_spectrum(r2: float) -> Tensor:
+        """The stationary model's ``s^2 p / (p + s^2)`` at the level whose isotropic variance is ``r2``."""
+        if r2 not in spec_cache:
+            if len(spec_cache) > 4:
+                spec_cache.clear()
+            s2 = r2 * v / (v - r2) if r2 < v else math.inf  # invert r2 = s^2 v / (v + s^2)
+            p = spectrum  # type: ignore[assignment]
+            spec_cache[r2] = p if math.isinf(s2) else s2 * p / (p + s2)  # type: ignore[operator]
+        return spec_cache[r2]
+
+    def twist_solve(r: Tensor, r2: float | Tensor) -> Tensor:
+        """``(sigma_y^2 I + r2 M)^{-1} r`` for the twist's covariance model (``M = gain A A^H`` or dense;
+        with a data spectrum, ``A F^H diag(post_spectrum(r2)) F A^H``, or ``r2`` itself if a spectrum)."""
+        if isinstance(r2, Tensor):
+            return lin.stationary_gram_solve(r, sy2, r2)
+        if spectrum is not None:
+            return lin.stationary_gram_solve(r, sy2, post_spectrum(r2))
         if M_twist is None:
             return lin.gram_solve(r, sy2, r2 * gain)
         if r2 not in chol_cache:
@@ -325,7 +374,9 @@ def sample_smc(
             else:
                 keep = probe is not None and guidance == "network"
                 (grad,) = torch.autograd.grad(out, root, grad_outputs=pull, retain_graph=keep)
-            if guidance == "tweedie":
+            if guidance == "tweedie" and spectrum is not None:
+                grad = stationary_filter(grad, post_spectrum(r2_twist) / (s * s))
+            elif guidance == "tweedie":
                 grad = grad * (r2_twist / (s * s))
         if probe is not None:
             (jp,) = torch.autograd.grad(Dg, xg, grad_outputs=probe)  # type: ignore[arg-type]
@@ -365,27 +416,62 @@ def sample_smc(
         w_c: Tensor,
         probe_c: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """Exact draw from ``N(x'; mu, c^2) N(y; F + kappa A (x' - mu), Sigma')`` (Matheron's rule), with
-        ``F = A D(x, s)``, ``kappa = r2n / s_n^2``, ``Sigma' = sigma_y^2 I + r2n M``; returns
-        ``(log Z - log g_lin(x') + log g_{k+1}(x'), x', D(x'), log g_{k+1}(x'), h)``, constants dropped
-        (the same for every particle)."""
-        kappa = r2n / (s_n * s_n)
-        beta_S = r2n + c2 * kappa * kappa  # S = Sigma' + c^2 kappa^2 M
+        """Exact draw from ``N(x'; mu, c^2) N(y; F + A J (x' - mu), Sigma')`` (Matheron's rule), with
+        ``F = A D(x, s)`` and the variance model's Jacobian ``J = kappa I``, ``kappa = r2n / s_n^2``, and
+        ``Sigma' = sigma_y^2 I + r2n M``; with a data spectrum, ``J = F^H diag(C'/s_n^2) F`` and ``Sigma' =
+        sigma_y^2 I + A F^H diag(C') F A^H``, ``C' = post_spectrum(r2n)``. Returns ``(log Z - log g_lin(x')
+        + log g_{k+1}(x'), x', D(x'), log g_{k+1}(x'), h)``, constants dropped (the same for every particle)."""
+        if spectrum is None:
+            kappa = r2n / (s_n * s_n)
+            cov_n: float | Tensor = r2n
+            cov_S: float | Tensor = r2n + c2 * kappa * kappa  # S = Sigma' + c^2 kappa^2 M
+
+            def jac(w: Tensor) -> Tensor:
+                return kappa * w
+
+            def root_cov(w: Tensor) -> Tensor:
+                return math.sqrt(r2n) * w
+
+            cz = c * z_c
+            kernel_jac = c2 * kappa
+        else:
+            # Stationary model: the kernel covariance K = F^H diag(s'^2 (1 - a) + (1 - a)^2 C_k) F is
+            # spectral too (c2_spec), and so is every matrix below.
+            cov_n = post_spectrum(r2n)
+            j = cov_n / (s_n * s_n)
+            cov_S = cov_n + c2_spec * j * j  # type: ignore[operator]
+
+            def jac(w: Tensor) -> Tensor:
+                return stationary_filter(w, j)
+
+            def root_cov(w: Tensor) -> Tensor:
+                return stationary_filter(w, cov_n.sqrt())  # type: ignore[union-attr]
+
+            cz = stationary_filter(z_c, c2_spec.sqrt())  # type: ignore[union-attr]
+            kernel_jac = c2_spec * j  # type: ignore[operator]
+
         with torch.no_grad():
             R0 = y_b - operator.forward(D_prev)
-        cz = c * z_c
-        eta = math.sqrt(sy2) * n1_c + math.sqrt(r2n) * meas(w_c)  # ~ N(0, Sigma')
-        u = twist_solve(R0 - kappa * meas(cz) - eta, beta_S)
-        x_new = mu + cz + c2 * kappa * meas_t(u)
-        r_lin = R0 - kappa * meas(x_new - mu)
-        log_Z = -0.5 * batch_dot(R0, twist_solve(R0, beta_S)).to(_F64)
-        log_g_lin = -0.5 * batch_dot(r_lin, twist_solve(r_lin, r2n)).to(_F64)
+        eta = math.sqrt(sy2) * n1_c + meas(root_cov(w_c))  # ~ N(0, Sigma')
+        u = twist_solve(R0 - meas(jac(cz)) - eta, cov_S)
+        step = meas_t(u)
+        x_new = (
+            mu
+            + cz
+            + (kernel_jac * step if isinstance(kernel_jac, float) else stationary_filter(step, kernel_jac))
+        )
+        r_lin = R0 - meas(jac(x_new - mu))
+        log_Z = -0.5 * batch_dot(R0, twist_solve(R0, cov_S)).to(_F64)
+        log_g_lin = -0.5 * batch_dot(r_lin, twist_solve(r_lin, cov_n)).to(_F64)
         D_new, lg, _, h_new = evaluate(x_new, s_n, r2n, probe_c, want_grad=False)
         return log_Z - log_g_lin + lg, x_new, D_new, lg, h_new  # type: ignore[operator]
 
     # -- initial particles x_0 ~ N(0, sigma_0^2 I) (+ v I when v is given), weighted by g_0 -----------
     s0 = sig[0]
-    x = (s0 if adaptive else math.sqrt(s0 * s0 + float(data_var))) * randn(N, *shape)  # type: ignore[arg-type]
+    if spectrum is not None:  # the noisy marginal N(0, s0^2 I + C) of the stationary model
+        x = stationary_filter(randn(N, *shape), (s0 * s0 + spectrum).sqrt())
+    else:
+        x = (s0 if adaptive else math.sqrt(s0 * s0 + float(data_var))) * randn(N, *shape)  # type: ignore[arg-type]
     probe0 = rademacher() if adaptive and steps > 1 else None
     Dx = torch.empty_like(x)
     gx = torch.empty_like(x) if proposal == "gradient" else None
@@ -507,6 +593,9 @@ def sample_smc(
         a = (s_next / s) ** 2
         c2 = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * r2
         c = math.sqrt(c2)
+        c2_spec = None
+        if spectrum is not None and proposal == "isotropic":
+            c2_spec = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * post_spectrum(r2)
         mean = a * x + (1.0 - a) * Dx
         z = randn(N, *shape)
         eta = (
@@ -598,6 +687,7 @@ def sample_smc(
             "proposal": proposal,
             "guidance": guidance if proposal == "gradient" else None,
             "data_var": data_var,
+            "data_spectrum": spectrum is not None,
             "twist_cov": twist_cov if composed else None,
             "decoder_gain": gain if composed and twist_cov == "isotropic" else None,
             "ess_threshold": ess_threshold,

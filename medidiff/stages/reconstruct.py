@@ -63,6 +63,7 @@ what to change.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from medidiff import __version__
+from medidiff.diffusion.spectrum import RadialSpectrum
 from medidiff.inverse.operators import LinearOperator
 from medidiff.stages._reconstruct_io import (
     Geometry,
@@ -139,6 +141,7 @@ class ReconstructSettings(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     grid: tuple[int, int, int] | None = None
     spacing_mm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    spectrum: dict[str, Any] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -201,6 +204,7 @@ def reconstruct_volume(
     grid: tuple[int, int, int] | None = None,
     spacing_mm: float | None = None,
     normalization: Any = None,
+    spectrum: RadialSpectrum | None = None,
     options: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
     run_id: str | None = None,
@@ -246,6 +250,11 @@ def reconstruct_volume(
             baselines; a latent prior uses its own).
         normalization: the prior's :class:`~medidiff.transforms.NormalizationConfig` (or its dict) when
             no ``data.json`` sits beside the checkpoint; default medidiff's.
+        spectrum: ``smc`` with a pixel-space checkpoint: the training images' radial power spectrum in
+            the prior's normalised units (:class:`~medidiff.diffusion.spectrum.RadialSpectrum`, e.g. from
+            :func:`~medidiff.diffusion.spectrum.measure_spectrum`), laid on the grid as the sampler's
+            ``data_spectrum`` (a stationary variance model instead of the isotropic one). Recorded in
+            the sidecar.
         options: sampler options (see :func:`medidiff.inverse.reconstruct`); latent ``smc`` defaults to
             ``data_var=1`` (scaled latents have unit variance).
         progress: ``progress(step, total, ess)`` after every sampler step.
@@ -283,6 +292,7 @@ def reconstruct_volume(
         precision=precision,  # type: ignore[arg-type]
         grid=grid,
         spacing_mm=spacing_mm,
+        spectrum=spectrum.to_json() if spectrum is not None else None,
         options=dict(options or {}),
     )
     dev = (
@@ -516,6 +526,25 @@ def _check_method(s: ReconstructSettings, pri: _Prior, kind: str) -> None:
         raise ValueError("method='fbp' is the CT baseline; for MRI use 'zero_filled' or 'tv'.")
     if s.method == "zero_filled" and kind != "mri":
         raise ValueError("method='zero_filled' is the MRI baseline; for CT use 'fbp' or 'tv'.")
+    if s.spectrum is not None and not (s.method == "smc" and pri.pixel_space):
+        raise ValueError(
+            "spectrum is the stationary variance model of smc with a pixel-space checkpoint; "
+            f"method={s.method!r} with this prior does not use one (leave spectrum unset)."
+        )
+    if "data_spectrum" in s.options:
+        raise ValueError(
+            "pass the stationary variance model as spectrum=RadialSpectrum(...) (it is laid on the grid and "
+            "recorded), not as options['data_spectrum']."
+        )
+    if s.spectrum is not None and "data_var" in s.options:
+        raise ValueError("pass spectrum or options['data_var'], not both.")
+    if s.spectrum is not None and not math.isclose(
+        float(s.spectrum["spacing_mm"]), float(pri.checkpoint.config.spacing_mm), rel_tol=1e-3
+    ):
+        raise ValueError(
+            f"the spectrum was measured at {s.spectrum['spacing_mm']} mm but the prior works at "
+            f"{pri.checkpoint.config.spacing_mm} mm; measure it on the prior's training patches."
+        )
     if s.method in SAMPLING_METHODS:
         from medidiff.inverse.api import method_options
 
@@ -728,6 +757,10 @@ def _sample(
             models, op, MODALITY_CODES.get(modality, MODALITY_CODES["OT"]), s.method, prec.autocast_dtype
         )
         options = {**defaults, **options}
+        if s.spectrum is not None:
+            options.pop("data_var", None)
+            grid_spectrum = RadialSpectrum.from_json(s.spectrum).on_grid(op.in_shape)
+            options["data_spectrum"] = grid_spectrum.to(device=dev, dtype=y.real.dtype)
     else:
         denoiser = pri.denoiser
         forward = op

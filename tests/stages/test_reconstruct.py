@@ -326,3 +326,45 @@ def test_checkpoint_refusals_before_any_compute(latent_prior, reference, tmp_pat
     with pytest.raises(ValueError, match="prior's patch"):
         reconstruct_volume(tmp_path / "d", prior=latent_prior["latent"], sigma_y=0.1, **bad)
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_a_training_spectrum_sets_the_stationary_variance_model(
+    pixel_prior, latent_prior, reference, tmp_path
+) -> None:
+    """``spectrum=`` lays the training spectrum on the grid as smc's ``data_spectrum`` (pixel-space
+    checkpoints only) and records it; misuse is refused before any output."""
+    from medidiff.diffusion.spectrum import RadialSpectrum
+    from medidiff.train.checkpoint import load_models
+
+    sp = float(load_models(pixel_prior, expect_stage="latent").config.spacing_mm)
+    spec = RadialSpectrum(k=(0.0, 0.05, 0.3), power=(50.0, 1.0, 0.01), spacing_mm=sp, n_images=3)
+    kw = dict(reference=reference, simulate="mri", sigma_y=0.02, n_particles=2, steps=3)
+    res = reconstruct_volume(
+        tmp_path / "a",
+        prior=pixel_prior,
+        method="smc",
+        spectrum=spec,
+        options={"proposal": "isotropic"},
+        **kw,
+    )
+    info = res.sidecar["sampler_info"]
+    assert info["data_spectrum"] is True and info["proposal"] == "isotropic"
+    assert info["data_var"] == pytest.approx(float(spec.on_grid((16, 16, 16)).mean()), rel=1e-5)
+    assert RadialSpectrum.from_json(res.sidecar["settings"]["spectrum"]) == spec
+    bad = [
+        (dict(prior=pixel_prior, method="dps", spectrum=spec), "does not use one"),
+        (dict(prior=latent_prior["latent"], method="smc", spectrum=spec), "does not use one"),
+        (dict(prior=pixel_prior, method="smc", spectrum=spec, options={"data_var": 1.0}), "not both"),
+        (
+            dict(prior=pixel_prior, method="smc", options={"data_spectrum": torch.ones(16, 16, 16)}),
+            "spectrum=",
+        ),
+        (
+            dict(prior=pixel_prior, method="smc", spectrum=RadialSpectrum(spec.k, spec.power, sp / 2, 3)),
+            "measured at",
+        ),
+    ]
+    for i, (args, match) in enumerate(bad):
+        with pytest.raises(ValueError, match=match):
+            reconstruct_volume(tmp_path / f"bad{i}", **kw, **args)
+        assert not (tmp_path / f"bad{i}").exists()
