@@ -110,8 +110,9 @@ def run_method(
     sampling = method in ("smc", "smc_spectral", "dps")
     if sampling:
         kw.update(n_particles=args.particles, steps=args.steps, sigma_max=args.sigma_max)
-    if method == "smc_spectral":  # smc with the stationary (spectral) variance model
-        kw["spectrum"] = args.spectra["MR" if kind == "mri" else "CT"]
+    if method == "smc_spectral":  # smc with the stationary (spectral) variance model and its exact
+        kw["spectrum"] = args.spectra["MR" if kind == "mri" else "CT"]  # Matheron proposal (exact solves)
+        kw["options"] = {"proposal": "isotropic" if kind == "mri" else "gradient"}
     if method == "dps":
         kw["options"] = {"step_size": args.dps_step}
     t0 = time.perf_counter()

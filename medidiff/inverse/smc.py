@@ -36,6 +36,12 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
   isotropic Jacobian that the variance model already assumes, ``dD/dx ≈ (r_k^2 / s^2) I`` (Tweedie:
   ``Cov(x0 | x) = s^2 dD/dx``), so no gradient flows through the network at all. Any shift keeps the
   weights exact (they carry ``p / q``); a worse one only costs effective sample size.
+- Stationary variance model (``data_spectrum``, pixel-space priors): ``Cov(x0 | x_s) ≈ F^H diag(s^2 p /
+  (p + s^2)) F`` for the data's power spectrum ``p`` instead of ``r_k^2 I``, in the twist
+  (``operator.stationary_gram_solve``), the Tweedie guidance, and for ``proposal="isotropic"`` also the
+  proposal's Jacobian and the kernel's covariance. That proposal is then exact for a stationary Gaussian
+  prior (a natural image's power falls steeply with frequency; the white model collapses there:
+  ``benchmarks/bench_stationary.py``).
 - Latent priors (:class:`~medidiff.inverse.latent.ComposedOperator`, ``A(Dec(z))``): particles are latents;
   the twist is ``N(y; A Dec(D(z, s)), sigma_y^2 I + gain r_k^2 A A^H)`` with ``gain = tr(J J^T) / n_pixels``
   of the decoder Jacobian ``J`` (Hutchinson, once, at ``D(z_0, sigma_0)``; or ``decoder_gain``), its
