@@ -55,7 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SETTINGS = ("mri:4", "mri:8", "ct:60", "ct:30")
 DEFAULT_PICTURES = ("mri:8", "ct:30")
-METRIC_KEYS = ("psnr_db", "ssim", "coverage90", "chi2_mean", "chi2_samples")
+METRIC_KEYS = ("psnr_db", "ssim", "coverage90", "coverage90_quantile", "chi2_mean", "chi2_samples")
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -317,15 +317,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"units); seed {cfg['seed']}; smc and dps: N={cfg['particles']} particles, {cfg['steps']} steps; "
         f"dps step size {cfg['dps_step']}; {cfg['torch_threads']} torch threads; total {result['seconds']:.0f} s.",
         "",
-        "| setting | subject (split) | method | PSNR dB | SSIM | 90% coverage | chi2 mean | s/volume | min ESS "
-        "| resamplings | min lambda |",
+        "| setting | subject (split) | method | PSNR dB | SSIM | 90% coverage (predictive / quantile) | chi2 mean "
+        "| s/volume | min ESS | resamplings | min lambda |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
         for method, r in run["methods"].items():
             lines.append(
                 f"| {run['setting']} | {run['subject'][:12]} ({run['split']}) | {method} | {_f(r.get('psnr_db'))} "
-                f"| {_f(r.get('ssim'), 3)} | {_f(r.get('coverage90'), 3)} | {_f(r.get('chi2_mean'), 1)} "
+                f"| {_f(r.get('ssim'), 3)} | {_f(r.get('coverage90'), 3)} / {_f(r.get('coverage90_quantile'), 3)} "
+                f"| {_f(r.get('chi2_mean'), 1)} "
                 f"| {_f(r.get('seconds'), 1)} | {_f(r.get('min_ess'), 2)} | {r.get('n_resamples', '-')} "
                 f"| {_f(r.get('min_lambda'), 3)} |"
             )

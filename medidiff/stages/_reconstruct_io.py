@@ -343,7 +343,12 @@ def compute_metrics(
     weights: Tensor | None,
     ref: Any,
 ) -> dict[str, Any]:
-    from medidiff.inverse.evaluation import chi2_per_measurement, image_metrics, interval_coverage
+    from medidiff.inverse.evaluation import (
+        chi2_per_measurement,
+        effective_sample_size,
+        image_metrics,
+        interval_coverage,
+    )
 
     mean_c = mean.detach().cpu()
     y_c = y.detach().cpu()
@@ -358,7 +363,16 @@ def compute_metrics(
         truth = torch.from_numpy(np.asarray(ref.array, np.float64))
         m.update(image_metrics(truth, mean_c.to(torch.float64)))
         if samples is not None and weights is not None:
-            m["coverage90"] = interval_coverage(samples.detach().cpu(), weights.cpu(), truth, 0.9)
+            xs, ws = samples.detach().cpu(), weights.cpu()
+            # coverage90: the finite-cloud 90% interval (Student-t on the effective sample size; the
+            # sidecar's "interval90" says how to rebuild it from the mean and std maps);
+            # coverage90_quantile: the cloud's raw 5%-95% quantiles, narrower than 90% for tens of particles.
+            m["coverage90_quantile"] = interval_coverage(xs, ws, truth, 0.9)
+            m["coverage90"] = (
+                interval_coverage(xs, ws, truth, 0.9, kind="predictive")
+                if effective_sample_size(ws) >= 2
+                else None
+            )
     m["units"] = "normalised (the prior's training scale)"
     return m
 

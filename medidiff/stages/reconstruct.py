@@ -348,6 +348,7 @@ def reconstruct_volume(
             "sigmas": [float(v) for v in res.sigmas] if res.sigmas is not None else None,
             "sampler_info": jsonable(res.info),
             "weights": [float(w) for w in res.weights],
+            "interval90": _interval_record(res.weights),
         }
     metrics = compute_metrics(op, y, sy, mean, samples, weights, ref)
     lam = (info.get("sampler_info") or {}).get("tempering") or []
@@ -802,6 +803,19 @@ def _sample(
         options=options,
         **sigma_kw,  # type: ignore[arg-type]
     )
+
+
+def _interval_record(weights: Tensor) -> dict[str, Any]:
+    """How to rebuild the 90% interval behind ``coverage90`` from ``mean.nii.gz`` and ``std.nii.gz``."""
+    from medidiff.inverse.evaluation import effective_sample_size, predictive_factor
+
+    n = effective_sample_size(weights)
+    return {
+        "kind": "predictive (Student-t on the effective sample size)",
+        "effective_sample_size": n,
+        "std_factor": predictive_factor(n, 0.9) if n >= 2 else None,
+        "interval": "mean -/+ std_factor * std",
+    }
 
 
 def _prior_record(pri: _Prior) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
     out = tmp_path / "out"
     res = reconstruct_volume(
         out, prior=pixel_prior, reference=reference, simulate="mri", method=method, acceleration=4,
-        sigma_y=0.02, n_particles=3, steps=4, grid=grid,
+        sigma_y=0.02, n_particles=6, steps=4, grid=grid,
     )  # fmt: skip
     assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
     side = res.sidecar
@@ -189,7 +189,13 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
         assert res.metrics["tempering_min"] == min(info["tempering"])
         assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
-    for key in ("psnr_db", "coverage90", "chi2_mean"):
+    # coverage90 is the finite-cloud interval the sidecar describes: rebuilt from the written maps
+    iv = side["interval90"]
+    ref, mean, std = (nib.load(out / f"{n}.nii.gz").get_fdata() for n in ("reference", "mean", "std"))
+    inside = np.abs(ref - mean) <= iv["std_factor"] * std
+    assert float(inside.mean()) == pytest.approx(res.metrics["coverage90"], abs=0.01)
+    assert iv["effective_sample_size"] == pytest.approx(1 / sum(w * w for w in side["weights"]))
+    for key in ("psnr_db", "coverage90", "coverage90_quantile", "chi2_mean"):
         assert np.isfinite(res.metrics[key]), key
 
 
