@@ -277,10 +277,9 @@ def picture(run: dict[str, Any], out_png: Path, scale: int = 4) -> Path:
             )
             canvas.paste(tile, (label_w + c * (cell + pad), y0))
     m = run["methods"]
+    psnrs = " / ".join(f"{k} {v['psnr_db']:.1f}" for k, v in m.items() if v.get("psnr_db") is not None)
     caption = (
-        f"{run['setting']} {run['subject']}: PSNR {direct} {m[direct]['psnr_db']:.1f} / tv {m['tv']['psnr_db']:.1f}"
-        f" / smc {m['smc']['psnr_db']:.1f} / dps {m['dps']['psnr_db']:.1f} dB; smc 90% coverage "
-        f"{m['smc']['coverage90']:.2f}"
+        f"{run['setting']} {run['subject']}: PSNR {psnrs} dB; smc 90% coverage {m['smc']['coverage90']:.2f}"
     )
     draw.text((2, head + 3 * (cell + pad)), caption, fill=255)
     out_png.parent.mkdir(parents=True, exist_ok=True)
