@@ -244,14 +244,16 @@ def sample_smc(
             estimates ``r_k^2`` at every step from the particles (one extra vector-Jacobian product
             through the network). When given, the initial particles are drawn from
             ``N(0, (sigma_0^2 + v) I)``, the noisy marginal of a zero-mean prior of that variance.
-        data_spectrum: pixel-space priors, ``proposal="gradient"``: the data's power per DFT coefficient
-            ``p`` (shape ``operator.in_shape``, centred, unitary DFT; e.g. the mean ``|F x|^2`` of training
-            images), replacing the isotropic variance model by a stationary one: ``Cov(x0 | x_s) ≈ F^H
-            diag(s^2 p / (p + s^2)) F`` in the twist (``operator.stationary_gram_solve``) and, with
-            Tweedie guidance, ``dD/dx ≈ F^H diag(p / (p + s^2)) F`` (a Wiener filter). A natural image's
-            power falls steeply with frequency, so the isotropic model is over-confident where the
-            power is large (measured low frequencies) and under-guides where it is small. ``v`` is then
-            ``mean(p)`` (``data_var`` must be None), which the kernel variance keeps using.
+        data_spectrum: pixel-space priors, ``proposal="gradient"`` or ``"isotropic"``: the data's power
+            per DFT coefficient ``p`` (shape ``operator.in_shape``, centred, unitary DFT; e.g. the mean
+            ``|F x|^2`` of training images), replacing the isotropic variance model by a stationary one:
+            ``Cov(x0 | x_s) ≈ F^H diag(s^2 p / (p + s^2)) F`` in the twist
+            (``operator.stationary_gram_solve``) and, with Tweedie guidance, ``dD/dx ≈ F^H diag(p / (p +
+            s^2)) F`` (a Wiener filter); with the isotropic proposal also in its Jacobian and the kernel's
+            covariance, which makes it exact for a stationary Gaussian prior. A natural image's power falls
+            steeply with frequency, so the isotropic model is over-confident where the power is large
+            (measured low frequencies) and under-guides where it is small. ``v`` is then ``mean(p)``
+            (``data_var`` must be None), which the gradient proposal's kernel variance keeps using.
         twist_cov: latent priors: the twist's covariance ``sigma_y^2 I + r^2 M``: ``"jacobian"``,
             ``M = A J J^T A^T`` with the decoder linearised once at the mean of ``D(z_0, sigma_0)`` (m
             vector-Jacobian products; real operators with few measurements), or ``"isotropic"``,
