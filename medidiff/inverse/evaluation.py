@@ -115,14 +115,12 @@ def predictive_interval(samples: Tensor, weights: Tensor, level: float = 0.9) ->
     Raises:
         ValueError: ``level`` outside (0, 1), or an effective sample size below 2 (no spread to speak of).
     """
+    from medidiff.inverse._common import weighted_moments
+
     k = predictive_factor(effective_sample_size(weights), level)
-    x = samples.detach().reshape(samples.shape[0], -1).to(torch.float64)
-    w = weights.detach().to(device=x.device, dtype=torch.float64)
-    w = w / w.sum()
-    mean = w @ x
-    half = k * (w @ (x - mean) ** 2).clamp_min(0.0).sqrt()
-    shape = samples.shape[1:]
-    return (mean - half).reshape(shape), (mean + half).reshape(shape)
+    w = weights.detach().to(torch.float64)
+    mean, std = weighted_moments(samples.detach().to(torch.float64), w / w.sum())
+    return mean - k * std, mean + k * std
 
 
 def interval_coverage(
