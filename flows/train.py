@@ -50,15 +50,23 @@ def train_task(
     stage: str,
     until_step: int | None = None,
     device: str | None = None,
+    extend_to: int | None = None,
 ) -> str:
-    """Train (or resume) one stage; returns the path of its last checkpoint.
+    """Train (or resume, or extend) one stage; returns the path of its last checkpoint.
 
     ``config`` is the model YAML (a parameter named ``model_config`` would clash with pydantic,
     which Prefect uses to validate parameters).
     """
     result = train_stage(
-        config, data_config, out_dir, stage=stage, until_step=until_step, device=device, progress=False
-    )  # type: ignore[arg-type]
+        config,
+        data_config,
+        out_dir,
+        stage=stage,  # type: ignore[arg-type]
+        until_step=until_step,
+        extend_to=extend_to,
+        device=device,
+        progress=False,
+    )
     return str(result[stage].checkpoint)
 
 
@@ -70,12 +78,17 @@ def train_flow(
     stage: str = "both",
     until_step: int | None = None,
     device: str | None = None,
+    extend_to: int | None = None,
 ) -> str:
     """Train the autoencoder, then the latent diffusion model on it (a pixel-space model: the diffusion
-    model alone); returns the last checkpoint's path."""
+    model alone); returns the last checkpoint's path. ``extend_to`` trains a finished run of one
+    stage on (see :func:`medidiff.stages.train.train_stage`)."""
+    stages = planned_stages(config, stage)  # type: ignore[arg-type]
+    if extend_to is not None and len(stages) != 1:
+        raise ValueError("extend_to extends one stage: pass stage='autoencoder' or stage='latent'")
     ckpt = ""
-    for st in planned_stages(config, stage):  # type: ignore[arg-type]
-        ckpt = train_task(config, data_config, out_dir, st, until_step, device)
+    for st in stages:
+        ckpt = train_task(config, data_config, out_dir, st, until_step, device, extend_to)
     return ckpt
 
 
@@ -87,8 +100,9 @@ def main() -> None:
     p.add_argument("--stage", default="both", choices=["autoencoder", "latent", "both"])
     p.add_argument("--until-step", type=int, default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--extend-to", type=int, default=None)
     a = p.parse_args()
-    print(train_flow(a.config, a.data_config, a.out_dir, a.stage, a.until_step, a.device))
+    print(train_flow(a.config, a.data_config, a.out_dir, a.stage, a.until_step, a.device, a.extend_to))
 
 
 if __name__ == "__main__":

@@ -181,7 +181,10 @@ def demo_data(
         "Examples:\n\n"
         "  medidiff train configs/model_demo.yaml configs/data_demo.yaml runs/demo\n\n"
         "  medidiff train configs/model_demo.yaml configs/data_demo.yaml runs/demo --stage latent\n\n"
-        "Run it again on the same folder to resume from the latest checkpoint."
+        "Run it again on the same folder to resume from the latest checkpoint. To train a finished run\n"
+        "on (a warm restart of the learning-rate schedule):\n\n"
+        "  medidiff train configs/model_pixel_demo.yaml configs/data_demo.yaml runs/pixel --stage latent"
+        " --extend-to 8000"
     )
 )
 def train(
@@ -192,6 +195,10 @@ def train(
     out: Annotated[Path, typer.Argument(help="Run folder; resumed if it holds checkpoints.")],
     stage: Annotated[str, typer.Option(help="autoencoder, latent or both.")] = "both",
     until_step: Annotated[int | None, typer.Option(help="Stop each stage after this step.")] = None,
+    extend_to: Annotated[
+        int | None,
+        typer.Option(help="Train an existing run of --stage on to this many steps in total."),
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
     ] = None,
@@ -205,8 +212,14 @@ def train(
         raise typer.Exit(2)
     try:
         result = train_stage(
-            model_config, data_config, out, stage=stage, until_step=until_step, device=device
-        )  # type: ignore[arg-type]
+            model_config,
+            data_config,
+            out,
+            stage=stage,  # type: ignore[arg-type]
+            until_step=until_step,
+            extend_to=extend_to,
+            device=device,
+        )
     except (ConfigError, ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e

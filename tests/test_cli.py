@@ -54,6 +54,21 @@ def test_exit_codes(tmp_path: Path) -> None:
     assert "not_dicom" in out.stderr
 
 
+def test_train_extend_to_needs_one_stage(tmp_path: Path) -> None:
+    """--extend-to with both stages of a latent model is refused before any data is read."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    out = _run(
+        "train",
+        str(root / "model_demo.yaml"),
+        str(tmp_path / "missing.yaml"),
+        str(tmp_path / "run"),
+        "--extend-to",
+        "10",
+    )
+    assert out.returncode == 2 and "extend_to extends one stage" in out.stdout + out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     out = _run("ingest", str(tmp_path / "src"), str(tmp_path / "src" / "out"))

@@ -105,6 +105,7 @@ def train_stage(
     *,
     stage: StageName = "both",
     until_step: int | None = None,
+    extend_to: int | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> TrainStageResult:
@@ -117,6 +118,9 @@ def train_stage(
         stage: ``"autoencoder"``, ``"latent"`` (needs ``out_dir/autoencoder``) or ``"both"``.
         until_step: stop each stage after this step (a later call continues). With ``"both"``, the
             latent stage starts only once the autoencoder has finished all its steps.
+        extend_to: train an existing run of one stage on to this many steps in total (see
+            :func:`medidiff.train.loop.train`); ``stage`` must name that stage (``"both"`` is
+            accepted for a pixel-space model, which has only the latent stage).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available.
         progress: show progress bars.
 
@@ -139,6 +143,10 @@ def train_stage(
     from medidiff.models.config import load_model_config
     from medidiff.train.loop import train
 
+    if extend_to is not None and len(planned_stages(model_config, stage)) != 1:
+        raise ValueError(
+            "extend_to extends one stage: pass stage='autoencoder' or stage='latent' (CLI: --stage)"
+        )
     model_cfg = load_model_config(model_config)
     data_cfg = load_config(data_config, DataConfig)
     _check_compatible(model_cfg, data_cfg)
@@ -184,6 +192,7 @@ def train_stage(
             datacard=card_path,
             eval_data=eval_data if st == "autoencoder" else None,
             until_step=until_step,
+            extend_to=extend_to,
             progress=progress,
         )
     return result

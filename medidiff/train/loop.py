@@ -147,6 +147,7 @@ def train(
     eval_data: Iterable[Any] | None = None,
     resume: bool = True,
     until_step: int | None = None,
+    extend_to: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train one stage, checkpointing into ``out_dir``; resume from ``out_dir/latest`` if it exists.
@@ -164,6 +165,13 @@ def train(
         resume: continue from ``out_dir/latest``; ``False`` refuses a folder that has checkpoints.
         until_step: stop after this step (a checkpoint is written) even if the config asks for
             more; a later call continues. The learning-rate schedule still spans ``steps``.
+        extend_to: train an existing run on to this many steps in total, although its config
+            asked for fewer (or for another number: an extension that was itself interrupted is
+            continued the same way). Everything else must match. From the resumed step on, the
+            learning rate follows the schedule of a ``extend_to``-step run, so extending a finished
+            run is a warm restart: the rate jumps from its floor back to that schedule's value.
+            The checkpoints record the new step count and every extension (``training_state
+            ["extensions"]``).
         progress: show a progress bar (rank 0 only).
 
     Raises:
@@ -181,20 +189,30 @@ def train(
     precision = resolve_precision(tc.precision, info.device)
     if until_step is not None and until_step < 1:
         raise ValueError(f"until_step must be >= 1, got {until_step}")
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if extend_to is not None:
+        model_cfg = _extended_config(model_cfg, stage, extend_to, ckpt, resume)
+        tc = model_cfg.training(stage)
     end = tc.steps if until_step is None else min(tc.steps, int(until_step))
     card_ref = _datacard_ref(datacard)
 
-    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is not None and not resume:
         raise ValueError(
             f"{run_dir} already holds checkpoints; pass resume=True to continue or use a new folder"
         )
     prev = load_checkpoint(ckpt, expect_stage=stage) if ckpt is not None else None
     if prev is not None:
-        _check_resumable(prev, model_cfg, stage)
+        _check_resumable(prev, model_cfg, stage, extending=extend_to is not None)
 
     m = _build_stage(model_cfg, stage, info, precision, autoencoder, prev)
     state = prev.training_state if prev is not None else {}
+    extensions = list(state.get("extensions", []))
+    if prev is not None and prev.config.training(stage).steps != tc.steps:
+        extensions.append(
+            {"at_step": prev.step, "steps_before": prev.config.training(stage).steps, "steps_after": tc.steps}
+        )
+    if extensions:
+        m.extra["extensions"] = extensions
     run_id = str(state.get("run_id") or uuid.uuid4().hex)
     if stage == "latent":
         m.latent_scale_factor = (
@@ -411,13 +429,47 @@ def _stage_signature(cfg: ModelConfig, stage: str) -> dict[str, Any]:
     return sig
 
 
-def _check_resumable(prev: Checkpoint, cfg: ModelConfig, stage: str) -> None:
+def _extended_config(
+    cfg: ModelConfig, stage: str, extend_to: int, ckpt: Path | None, resume: bool
+) -> ModelConfig:
+    """``cfg`` with the stage's ``steps`` set to ``extend_to``, after checking there is a run to extend."""
+    if ckpt is None:
+        raise ValueError(
+            f"extend_to={extend_to}: there is no checkpoint of the {stage} stage to extend; "
+            "train it first (or set steps in the config for a new run)"
+        )
+    if not resume:
+        raise ValueError("extend_to continues an existing run; it cannot be combined with resume=False")
+    step = load_checkpoint(ckpt, expect_stage=stage).step
+    if extend_to <= step:
+        raise ValueError(f"extend_to={extend_to} must exceed the {step} steps {ckpt} has already trained")
+    key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
+    tc = cfg.training(stage).model_copy(update={"steps": int(extend_to)})
+    return cfg.model_copy(update={key: tc})
+
+
+def _check_resumable(prev: Checkpoint, cfg: ModelConfig, stage: str, *, extending: bool = False) -> None:
     old, new = _stage_signature(prev.config, stage), _stage_signature(cfg, stage)
+    train_key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
+    steps_only = (
+        old.keys() == new.keys()
+        and all(old[k] == new[k] for k in new if k != train_key)
+        and {k: v for k, v in old[train_key].items() if k != "steps"}
+        == {k: v for k, v in new[train_key].items() if k != "steps"}
+    )
+    if extending and steps_only:
+        return
     if old != new:
         diff = sorted(k for k in new if old.get(k) != new[k])
+        hint = (
+            f"; it was trained for {old[train_key]['steps']} steps in total: to train a run on past its "
+            f"steps (or to continue such an extension), pass extend_to (CLI: --extend-to)"
+            if steps_only
+            else ""
+        )
         raise ValueError(
             f"{prev.path} was trained with a different configuration ({', '.join(diff)} differ); "
-            "resume with the same config, or train into a new folder"
+            f"resume with the same config, or train into a new folder{hint}"
         )
 
 

@@ -155,6 +155,41 @@ def test_finished_run_is_idempotent_and_refusals(tmp_path: Path) -> None:
     assert train(relogged, data, tmp_path, stage="autoencoder", progress=False).step == 3
 
 
+def test_extend_a_finished_run(tmp_path: Path) -> None:
+    """extend_to trains a finished run on; the lr follows the longer schedule; refusals are clear."""
+    cfg3 = tiny_config(2, steps=3, log_every=1, ckpt_every=100, eval_batches=0, warmup_steps=1)
+    data = blob_batches(2, (16, 16))
+    kw = {"stage": "autoencoder", "progress": False}
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(cfg3, data, tmp_path, extend_to=5, **kw)
+    train(cfg3, data, tmp_path, **kw)
+    cfg5 = tiny_config(2, steps=5, log_every=1, ckpt_every=100, eval_batches=0, warmup_steps=1)
+    with pytest.raises(ValueError, match="extend_to"):  # a plain resume with more steps points at it
+        train(cfg5, data, tmp_path, **kw)
+    with pytest.raises(ValueError, match="must exceed"):
+        train(cfg3, data, tmp_path, extend_to=3, **kw)
+    other = tiny_config(2, steps=3, lr=1e-2, log_every=1, ckpt_every=100, eval_batches=0, warmup_steps=1)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(other, data, tmp_path, extend_to=5, **kw)
+
+    # the YAML still says 3 steps: extend_to overrides it; stop half-way, as a crash would
+    part = train(cfg3, data, tmp_path, extend_to=6, until_step=4, **kw)
+    assert part.step == 4 and len(part.losses) == 1
+    with pytest.raises(ValueError, match="extend_to"):  # the checkpoint now says 6 steps
+        train(cfg3, data, tmp_path, **kw)
+    rest = train(cfg3, data, tmp_path, extend_to=6, **kw)
+    assert rest.step == 6 and len(rest.losses) == 2
+    rows = read_metrics(tmp_path / METRICS_FILE)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    cfg6 = tiny_config(2, steps=6, warmup_steps=1).training("autoencoder")
+    for r in rows[3:]:  # steps 4-6 follow the 6-step schedule (a warm restart after step 3)
+        assert r["lr"] == pytest.approx(cfg6.lr_at(r["step"] - 1))
+    assert rows[3]["lr"] > rows[2]["lr"]
+    ck = load_checkpoint(tmp_path)
+    assert ck.step == 6 and ck.config.training("autoencoder").steps == 6
+    assert ck.training_state["extensions"] == [{"at_step": 3, "steps_before": 3, "steps_after": 6}]
+
+
 def test_bad_batches_are_refused(tmp_path: Path, ae_checkpoint_3d: Path) -> None:
     cfg = tiny_config(3, steps=2)
     with pytest.raises(ValueError, match="shape"):
