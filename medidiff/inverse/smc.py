@@ -264,7 +264,7 @@ def sample_smc(
         temper_ess: None (default): exact weights. A fraction in (0, 1]: when a step's incremental
             log-weights would leave fewer than ``temper_ess * N`` effective particles, they are scaled by the
             largest ``lambda`` in [0, 1] that keeps that many (bisection; ``info["tempering"]`` records it
-            per step). A high-dimensional prior whose twist is only approximate otherwise puts all the
+            per step, ``info["tempering_initial"]`` for the initial weights, the first twist). A high-dimensional prior whose twist is only approximate otherwise puts all the
             weight on one particle at every step; tempering keeps the cloud's diversity at the price of
             exactness (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
@@ -531,7 +531,6 @@ def sample_smc(
         n_backward += 1 if guidance == "network" or composed else 0
     else:
         logg = torch.cat([iso_log_twist(Dx[ch], r2_0) for ch in chunks(N, chunk_size)])
-    logw = logg.clone()
 
     ess_trace: list[float] = []
     resample_steps: list[int] = []
@@ -547,7 +546,7 @@ def sample_smc(
         for t in states:
             bad |= ~torch.isfinite(t.reshape(N, -1)).all(1)
         if bool(bad.all()):
-            raise FloatingPointError(_non_finite_message(k + 1, steps, sig[k]))
+            raise FloatingPointError(_non_finite_message(k + 1, steps, sig[max(k, 0)]))
         for t in states:
             t[bad] = 0
         incr = torch.where(bad, torch.full_like(incr, -math.inf), incr)
@@ -562,6 +561,11 @@ def sample_smc(
             incr = torch.where(bad, incr, lam * incr)
         lambdas.append(lam)
         return logw + incr
+
+    # The initial weights are the first twist: tempered like every later increment (a sharp first twist
+    # otherwise puts the whole cloud on one starting point).
+    logw = add_increment(torch.zeros(N, dtype=_F64, device=device), logg, -1, x, Dx)
+    lambda_initial = lambdas.pop()
 
     for k in range(steps):
         s, s_next = sig[k], sig[k + 1]
@@ -701,6 +705,7 @@ def sample_smc(
             "ess_threshold": ess_threshold,
             "temper_ess": temper_ess,
             "tempering": lambdas,
+            "tempering_initial": lambda_initial,
             "backward_per_particle": n_backward,
         },
     )

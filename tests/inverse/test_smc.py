@@ -197,6 +197,7 @@ def test_tempering_is_a_no_op_while_the_ess_holds_and_a_floor_when_it_does_not()
     loose = reconstruct(prob.denoiser, MatrixOperator(prob.A), prob.y, generator=torch.Generator().manual_seed(3),
                         options={**opts, "temper_ess": 0.05}, **kw)  # fmt: skip
     assert min(loose.info["tempering"]) == 1.0 and len(loose.info["tempering"]) == 20
+    assert loose.info["tempering_initial"] == 1.0 == exact.info["tempering_initial"]
     torch.testing.assert_close(loose.mean, exact.mean, rtol=0, atol=0)
     sharp_kw = {**kw, "sigma_y": prob.sigma_y / 30}
     sharp_opts = {**opts, "data_var": 1e-3}  # the twist believes the prior is 1000x tighter than it is
@@ -209,8 +210,10 @@ def test_tempering_is_a_no_op_while_the_ess_holds_and_a_floor_when_it_does_not()
     assert float(tempered.ess.min()) >= 0.5 * 256 * (1 - 1e-6)
     assert float(collapsed.ess.min()) < 0.1 * 256
     assert torch.isfinite(tempered.samples).all()
-    # only the initial twist's weights (before any step) can ask for a resampling
-    assert tempered.resample_steps in ([], [0]) and collapsed.n_resamples > 5
+    # the initial weights (the first twist) are tempered too: the cloud does not start from one point
+    assert 0.0 <= tempered.info["tempering_initial"] < 1.0
+    assert tempered.resample_steps == [] and collapsed.n_resamples > 5
+    assert 0 in collapsed.resample_steps and collapsed.info["unique_after_resampling"][0] < 0.1 * 256
 
 
 def test_non_finite_particles_are_dropped_or_fail_clearly() -> None:
