@@ -444,8 +444,9 @@ def _extended_config(
     if extend_to <= step:
         raise ValueError(f"extend_to={extend_to} must exceed the {step} steps {ckpt} has already trained")
     key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
-    tc = cfg.training(stage).model_copy(update={"steps": int(extend_to)})
-    return cfg.model_copy(update={key: tc})
+    d = cfg.model_dump()
+    d[key] = {**d[key], "steps": int(extend_to)}
+    return type(cfg).model_validate(d)  # validated like a config file that asked for extend_to steps
 
 
 def _check_resumable(prev: Checkpoint, cfg: ModelConfig, stage: str, *, extending: bool = False) -> None:
