@@ -418,13 +418,14 @@ def _build_stage(
     return m
 
 
-def _stage_signature(cfg: ModelConfig, stage: str) -> dict[str, Any]:
+def _stage_signature(cfg: ModelConfig, stage: str, *, steps: bool = True) -> dict[str, Any]:
+    """The config fields a resumed run must share (bookkeeping aside; ``steps=False``: the step count too)."""
     d = cfg.model_dump(mode="json")
     keys = ["patch_size", "spacing_mm", "autoencoder"]
     keys += ["autoencoder_training"] if stage == "autoencoder" else ["unet", "scheduler", "latent_training"]
     sig = {k: d[k] for k in keys}
     train_key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
-    for k in _BOOKKEEPING:
+    for k in _BOOKKEEPING + (() if steps else ("steps",)):
         sig[train_key].pop(k, None)
     return sig
 
@@ -451,27 +452,22 @@ def _extended_config(
 
 def _check_resumable(prev: Checkpoint, cfg: ModelConfig, stage: str, *, extending: bool = False) -> None:
     old, new = _stage_signature(prev.config, stage), _stage_signature(cfg, stage)
-    train_key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
-    steps_only = (
-        old.keys() == new.keys()
-        and all(old[k] == new[k] for k in new if k != train_key)
-        and {k: v for k, v in old[train_key].items() if k != "steps"}
-        == {k: v for k, v in new[train_key].items() if k != "steps"}
+    steps_only = _stage_signature(prev.config, stage, steps=False) == _stage_signature(
+        cfg, stage, steps=False
     )
-    if extending and steps_only:
+    if old == new or (extending and steps_only):
         return
-    if old != new:
-        diff = sorted(k for k in new if old.get(k) != new[k])
-        hint = (
-            f"; it was trained for {old[train_key]['steps']} steps in total: to train a run on past its "
-            f"steps (or to continue such an extension), pass extend_to (CLI: --extend-to)"
-            if steps_only
-            else ""
-        )
-        raise ValueError(
-            f"{prev.path} was trained with a different configuration ({', '.join(diff)} differ); "
-            f"resume with the same config, or train into a new folder{hint}"
-        )
+    diff = sorted(k for k in new if old.get(k) != new[k])
+    hint = (
+        f"; it was trained for {prev.config.training(stage).steps} steps in total: to train a run on past "
+        "its steps (or to continue such an extension), pass extend_to (CLI: --extend-to)"
+        if steps_only
+        else ""
+    )
+    raise ValueError(
+        f"{prev.path} was trained with a different configuration ({', '.join(diff)} differ); "
+        f"resume with the same config, or train into a new folder{hint}"
+    )
 
 
 def _restore_training(m: StageModules, prev: Checkpoint) -> None:
