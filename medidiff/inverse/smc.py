@@ -264,9 +264,10 @@ def sample_smc(
         temper_ess: None (default): exact weights. A fraction in (0, 1]: when a step's incremental
             log-weights would leave fewer than ``temper_ess * N`` effective particles, they are scaled by the
             largest ``lambda`` in [0, 1] that keeps that many (bisection; ``info["tempering"]`` records it
-            per step, ``info["tempering_initial"]`` for the initial weights, the first twist). A high-dimensional prior whose twist is only approximate otherwise puts all the
-            weight on one particle at every step; tempering keeps the cloud's diversity at the price of
-            exactness (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
+            per step, ``info["tempering_initial"]`` for the initial weights, the first twist). A
+            high-dimensional prior whose twist is only approximate otherwise puts all the weight on one
+            particle at every step; tempering keeps the cloud's diversity at the price of exactness
+            (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
