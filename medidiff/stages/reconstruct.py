@@ -24,8 +24,7 @@ the checkpoint as ``prior`` reconstructs the same patch, for side-by-side compar
 - a latent checkpoint: the gradient-guided proposal with Tweedie guidance (gradients through the decoder
   only) and ``data_var=1``;
 - a pixel-space checkpoint (``autoencoder.kind: identity``): the same proposal, ``data_var = 1 / c^2``
-  (``c`` its scale factor) for MR and the network's own Hutchinson estimate (``data_var=None``) for CT,
-  ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`) and a
+  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`) and a
   top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``;
 - a denoiser callable with exact solves (MRI): the ``"isotropic"`` proposal (exact for Gaussian priors).
 
@@ -713,7 +712,6 @@ def checkpoint_sampler(
     latents with ``A o Dec`` (:class:`~medidiff.inverse.ComposedOperator`).
     """
     from medidiff.inverse import ComposedOperator
-    from medidiff.models.config import MODALITY_CODES
 
     net = models.denoiser()
     den: Any = _ConditionedDenoiser(net, modality_code, float(models.config.spacing_mm), autocast)
@@ -730,13 +728,8 @@ def checkpoint_sampler(
             # directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The Tweedie-guided shift
             # needs no gradient through the network; ESS-controlled tempering keeps the cloud diverse where
             # the approximate twist would collapse it to one particle.
-            # data_var: the scale factor's unit variance, 1/c^2, for MR. It is one number for all the
-            # training patches, and it overstates what the network leaves uncertain in CT: the CT cloud
-            # came out 1.4x wider than its errors (90% coverage 0.98). For CT the posterior variance is
-            # measured from the network instead (Hutchinson, one probe per particle: about 2x the time).
-            ct = modality_code == MODALITY_CODES["CT"]
             options = {"proposal": "gradient", "guidance": "tweedie", "temper_ess": PIXEL_TEMPER_ESS,
-                       "data_var": None if ct else 1.0 / (scale * scale)}  # fmt: skip
+                       "data_var": 1.0 / (scale * scale)}  # fmt: skip  # the scale factor's unit variance
         return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
     forward = ComposedOperator(
         op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast
