@@ -187,6 +187,7 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
     if method == "smc":  # the pixel-checkpoint defaults: Tweedie-guided shift, tempering reported
         info = side["sampler_info"]
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
+        assert info["data_var"] == pytest.approx(1.0 / (c * c))  # the scale factor's variance
         assert res.metrics["tempering_min"] == min(info["tempering"])
         assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
     # coverage90 is the finite-cloud interval the sidecar describes: rebuilt from the written maps
