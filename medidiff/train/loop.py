@@ -190,17 +190,16 @@ def train(
     if until_step is not None and until_step < 1:
         raise ValueError(f"until_step must be >= 1, got {until_step}")
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if extend_to is not None:
-        model_cfg = _extended_config(model_cfg, stage, extend_to, ckpt, resume)
-        tc = model_cfg.training(stage)
-    end = tc.steps if until_step is None else min(tc.steps, int(until_step))
-    card_ref = _datacard_ref(datacard)
-
     if ckpt is not None and not resume:
         raise ValueError(
             f"{run_dir} already holds checkpoints; pass resume=True to continue or use a new folder"
         )
     prev = load_checkpoint(ckpt, expect_stage=stage) if ckpt is not None else None
+    if extend_to is not None:
+        model_cfg = _extended_config(model_cfg, stage, extend_to, prev)
+        tc = model_cfg.training(stage)
+    end = tc.steps if until_step is None else min(tc.steps, int(until_step))
+    card_ref = _datacard_ref(datacard)
     if prev is not None:
         _check_resumable(prev, model_cfg, stage, extending=extend_to is not None)
 
@@ -430,20 +429,17 @@ def _stage_signature(cfg: ModelConfig, stage: str, *, steps: bool = True) -> dic
     return sig
 
 
-def _extended_config(
-    cfg: ModelConfig, stage: str, extend_to: int, ckpt: Path | None, resume: bool
-) -> ModelConfig:
+def _extended_config(cfg: ModelConfig, stage: str, extend_to: int, prev: Checkpoint | None) -> ModelConfig:
     """``cfg`` with the stage's ``steps`` set to ``extend_to``, after checking there is a run to extend."""
-    if ckpt is None:
+    if prev is None:
         raise ValueError(
             f"extend_to={extend_to}: there is no checkpoint of the {stage} stage to extend; "
             "train it first (or set steps in the config for a new run)"
         )
-    if not resume:
-        raise ValueError("extend_to continues an existing run; it cannot be combined with resume=False")
-    step = load_checkpoint(ckpt, expect_stage=stage).step
-    if extend_to <= step:
-        raise ValueError(f"extend_to={extend_to} must exceed the {step} steps {ckpt} has already trained")
+    if extend_to <= prev.step:
+        raise ValueError(
+            f"extend_to={extend_to} must exceed the {prev.step} steps {prev.path} has already trained"
+        )
     key = "autoencoder_training" if stage == "autoencoder" else "latent_training"
     d = cfg.model_dump()
     d[key] = {**d[key], "steps": int(extend_to)}
