@@ -20,6 +20,7 @@ from medidiff.inverse.latent import ComposedOperator
 from medidiff.inverse.operators import LinearOperator
 from medidiff.inverse.smc import (
     check_data_spectrum,
+    resolve_final,
     resolve_guidance,
     resolve_proposal,
     resolve_twist_cov,
@@ -146,7 +147,7 @@ def reconstruct(
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
         options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
             ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``, ``data_spectrum``,
-            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``;
+            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``, ``final``;
             ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
 
@@ -206,6 +207,7 @@ def reconstruct(
         resolve_proposal(opts.get("proposal", "auto"), operator, opts.get("twist_cov", "auto"))
         resolve_guidance(opts.get("guidance", "auto"), operator)
         resolve_twist_cov(opts.get("twist_cov", "auto"), operator)
+        resolve_final(opts.get("final", "denoise"), operator)
         if opts.get("data_var") is not None:
             _positive_float(opts["data_var"], "data_var")
         if opts.get("data_spectrum") is not None:

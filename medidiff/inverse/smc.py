@@ -79,10 +79,12 @@ from medidiff.inverse.latent import ComposedOperator, decoded_moments
 from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot, stationary_filter
 
 __all__ = [
+    "FINALS",
     "GUIDANCE",
     "LINEARIZED_MAX_M",
     "PROPOSALS",
     "TWIST_COVS",
+    "resolve_final",
     "resolve_guidance",
     "resolve_proposal",
     "resolve_twist_cov",
@@ -92,6 +94,7 @@ __all__ = [
 PROPOSALS = ("auto", "linearized", "gradient", "isotropic")
 GUIDANCE = ("auto", "network", "tweedie")
 TWIST_COVS = ("auto", "isotropic", "jacobian")
+FINALS = ("denoise", "posterior")
 LINEARIZED_MAX_M = 256
 """``proposal="auto"`` linearises when the operator is a dense matrix with at most this many rows."""
 
@@ -163,6 +166,18 @@ def resolve_guidance(guidance: str, operator: LinearOperator | ComposedOperator)
     return guidance
 
 
+def resolve_final(final: str, operator: LinearOperator | ComposedOperator) -> str:
+    """Check the last step's kind: ``"denoise"`` for any prior, ``"posterior"`` for pixel-space priors."""
+    if final not in FINALS:
+        raise ValueError(f"final must be one of {FINALS}; got {final!r}.")
+    if final == "posterior" and isinstance(operator, ComposedOperator):
+        raise ValueError(
+            "final='posterior' conditions the last step's image x0 on y in pixel space; a latent prior's "
+            "particles are latents: use final='denoise'."
+        )
+    return final
+
+
 def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperator) -> str:
     """Latent priors: ``"auto"`` -> ``"jacobian"`` for real operators with at most :data:`LINEARIZED_MAX_M`
     measurements, else ``"isotropic"``; pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
@@ -220,6 +235,7 @@ def sample_smc(
     decoder_gain: float | None = None,
     ess_threshold: float = 0.5,
     temper_ess: float | None = None,
+    final: str = "denoise",
     chunk_size: int | None = None,
     keep_samples: bool = True,
     callback: StepCallback | None = None,
@@ -268,6 +284,15 @@ def sample_smc(
             high-dimensional prior whose twist is only approximate otherwise puts all the weight on one
             particle at every step; tempering keeps the cloud's diversity at the price of exactness
             (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
+        final: the last step, from ``x_K`` at ``sigma_K`` to ``x0``. ``"denoise"`` (default):
+            ``x0 = D(x_K, sigma_K)``, reweighted by the true likelihood. ``"posterior"`` (pixel-space priors):
+            ``x0`` is drawn from ``N(x0; D(x_K, sigma_K), r^2 I) N(y; A x0, sigma_y^2 I)`` by Matheron's rule,
+            with ``r^2 = sigma_K^2 tr(dD/dx) / d`` measured at the particles (Tweedie: ``Cov(x0 | x_K) =
+            sigma_K^2 dD/dx``; one Hutchinson probe each, at the step that reaches ``sigma_K``), and
+            reweighted by ``N(y; A D, sigma_y^2 I + r^2 A A^H) / g_K``. A trained network's smallest noise
+            level is often far above what the measurement resolves (sparse-view CT measures most
+            directions to ``sigma_y / sqrt(lambda)``); ``D(x_K, sigma_K)`` then leaves every particle that far
+            from the data, and the cloud is wider than its error. ``info["final_var"]`` records ``r^2``.
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
@@ -278,6 +303,8 @@ def sample_smc(
     proposal = resolve_proposal(proposal, operator, twist_cov)
     guidance = resolve_guidance(guidance, operator)
     twist_cov = resolve_twist_cov(twist_cov, operator)
+    final = resolve_final(final, operator)
+    final_posterior = final == "posterior"
     composed = isinstance(operator, ComposedOperator)
     lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
     spectrum: Tensor | None = None
@@ -481,7 +508,7 @@ def sample_smc(
         x = stationary_filter(randn(N, *shape), (s0 * s0 + spectrum).sqrt())
     else:
         x = (s0 if adaptive else math.sqrt(s0 * s0 + float(data_var))) * randn(N, *shape)  # type: ignore[arg-type]
-    probe0 = rademacher() if adaptive and steps > 1 else None
+    probe0 = rademacher() if (adaptive and steps > 1) or (final_posterior and steps == 1) else None
     Dx = torch.empty_like(x)
     gx = torch.empty_like(x) if proposal == "gradient" else None
     h = torch.zeros(N, dtype=_F64, device=device)
@@ -534,6 +561,7 @@ def sample_smc(
         logg = torch.cat([iso_log_twist(Dx[ch], r2_0) for ch in chunks(N, chunk_size)])
 
     ess_trace: list[float] = []
+    final_var: float | None = None
     resample_steps: list[int] = []
     unique_after: list[int] = []
     lambdas: list[float] = []
@@ -589,6 +617,32 @@ def sample_smc(
         else:
             r2 = _var_model(s, v)
 
+        if s_next == 0.0 and final_posterior:
+            # Last step: x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I) (Matheron), r^2 from the probes at sigma_K;
+            # reweighted from the twist to that model's evidence N(y; A D, sigma_y^2 I + r^2 A A^H).
+            hw = float((W * h).sum())
+            if not math.isfinite(hw):
+                raise FloatingPointError(_non_finite_message(k, steps, s))
+            final_var = s * s * min(max(hw / d, 0.0), 1.0)
+            z = randn(N, *shape)
+            n1 = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
+            if lin.is_complex:
+                n1 = torch.complex(n1, torch.randn(n1.shape, generator=generator, device=device, dtype=dtype))
+            x_new = torch.empty_like(x)
+            log_Z = torch.empty(N, dtype=_F64, device=device)
+            with torch.no_grad():
+                for ch in chunks(N, chunk_size):
+                    R0 = y_b - lin.forward(Dx[ch])
+                    log_Z[ch] = -0.5 * batch_dot(R0, lin.gram_solve(R0, sy2, final_var)).to(_F64)
+                    x1 = Dx[ch] + math.sqrt(final_var) * z[ch]
+                    u = lin.gram_solve(y_b - lin.forward(x1) - math.sqrt(sy2) * n1[ch], sy2, final_var)
+                    x_new[ch] = x1 + final_var * lin.adjoint(u).real.to(dtype)
+            x = x_new
+            logw = add_increment(logw, log_Z - logg, k, x)
+            ess_trace.append(ess_of(logw))
+            if callback is not None:
+                callback(k, ess_trace[-1])
+            continue
         if s_next == 0.0:
             # Last step: x0 = D(x_K, sigma_K), reweighted from the twist to the true likelihood.
             x = Dx
@@ -621,7 +675,10 @@ def sample_smc(
             if lin.is_complex:
                 n1 = torch.complex(n1, torch.randn(n1.shape, generator=generator, device=device, dtype=dtype))
             w_img = randn(N, *shape)
-        need_probe = adaptive and k + 2 <= steps and sig[k + 2] > 0.0
+        # Hutchinson probes: at every level for the adaptive variance model; at sigma_K for final="posterior".
+        need_probe = (adaptive and k + 2 <= steps and sig[k + 2] > 0.0) or (
+            final_posterior and k + 2 == steps
+        )
         probe = rademacher() if need_probe else None
         r2_next = _var_model(s_next, v)
 
@@ -707,6 +764,8 @@ def sample_smc(
             "temper_ess": temper_ess,
             "tempering": lambdas,
             "tempering_initial": lambda_initial,
+            "final": final,
+            "final_var": final_var,
             "backward_per_particle": n_backward,
         },
     )

@@ -24,8 +24,11 @@ the checkpoint as ``prior`` reconstructs the same patch, for side-by-side compar
 - a latent checkpoint: the gradient-guided proposal with Tweedie guidance (gradients through the decoder
   only) and ``data_var=1``;
 - a pixel-space checkpoint (``autoencoder.kind: identity``): the same proposal, ``data_var = 1 / c^2``
-  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`) and a
-  top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``;
+  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`), a
+  top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``, and ``final="posterior"``: the last step draws each
+  particle from ``p(x0 | x_K, y)`` with the network's own ``Cov(x0 | x_K)`` (its Jacobian's trace) rather
+  than stopping at ``D(x_K)``, since the network's smallest noise level is far above what the measurement
+  resolves (a stop at ``D(x_K)`` left CT particles at chi^2 ~ 22 per measurement and the cloud too wide);
 - a denoiser callable with exact solves (MRI): the ``"isotropic"`` proposal (exact for Gaussian priors).
 
 CT twists use truncated conjugate gradients (:data:`~medidiff.stages._reconstruct_io.CT_CG_ITERS`).
@@ -728,8 +731,9 @@ def checkpoint_sampler(
             # directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The Tweedie-guided shift
             # needs no gradient through the network; ESS-controlled tempering keeps the cloud diverse where
             # the approximate twist would collapse it to one particle.
+            # The last step conditions x0 on y (smallest training noise level >> what y resolves).
             options = {"proposal": "gradient", "guidance": "tweedie", "temper_ess": PIXEL_TEMPER_ESS,
-                       "data_var": 1.0 / (scale * scale)}  # fmt: skip  # the scale factor's unit variance
+                       "data_var": 1.0 / (scale * scale), "final": "posterior"}  # fmt: skip
         return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
     forward = ComposedOperator(
         op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast

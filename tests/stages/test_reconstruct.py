@@ -188,6 +188,9 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         info = side["sampler_info"]
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
         assert info["data_var"] == pytest.approx(1.0 / (c * c))  # the scale factor's variance
+        # the last step draws x0 | x_K, y with the network's measured Cov(x0 | x_K) = r^2 I
+        sigma_k = side["sigmas"][-2]
+        assert info["final"] == "posterior" and 0.0 < info["final_var"] <= sigma_k**2
         assert res.metrics["tempering_min"] == min(info["tempering"])
         assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
     # coverage90 is the finite-cloud interval the sidecar describes: rebuilt from the written maps
