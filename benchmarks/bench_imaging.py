@@ -9,8 +9,9 @@ same simulated measurement (same mask / angles, same noise) on the same prior pa
 - the direct baseline: ``zero_filled`` (MRI) or ``fbp`` (CT);
 - ``tv``: TV-regularised least squares (the stage's default weight ``sigma_y * ||A||``, 300 iterations);
 - ``smc``: the production sampler with the stage's defaults for the checkpoint (latent: gradient proposal,
-  Tweedie guidance, ``data_var=1``; pixel-space: the same proposal, ``data_var = 1/c^2`` and ESS-controlled
-  tempering), ESS-triggered systematic resampling at ESS < N/2;
+  Tweedie guidance, ``data_var=1``; pixel-space: the same proposal, ``data_var = 1/c^2``, ESS-controlled
+  tempering and ``final="posterior"``), ESS-triggered systematic resampling at ESS < N/2; ``--smc-options``
+  (JSON) overrides them, e.g. ``'{"final": "denoise"}'`` for the old last step;
 - ``dps``: DPS with the same prior, particles, steps and ``--sigma-max`` (step size 1, the library default).
 
 ``--checkpoint`` defaults to the pixel-space demo prior (``runs/pixel/latent``); the split comes from the
@@ -113,6 +114,8 @@ def run_method(
     if method == "smc_spectral":  # smc with the stationary (spectral) variance model and its exact
         kw["spectrum"] = args.spectra["MR" if kind == "mri" else "CT"]  # Matheron proposal (exact solves)
         kw["options"] = {"proposal": "isotropic" if kind == "mri" else "gradient"}
+    if method == "smc" and args.smc_options:
+        kw["options"] = dict(args.smc_options)
     if method == "dps":
         kw["options"] = {"step_size": args.dps_step}
     t0 = time.perf_counter()
@@ -361,6 +364,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="direct: zero-filled (MRI) or FBP (CT); smc_spectral: smc with the training patches' spectrum",
     )
     ap.add_argument("--mask-kind", default="equispaced", choices=["equispaced", "random", "poisson"])
+    ap.add_argument(
+        "--smc-options",
+        type=json.loads,
+        default=None,
+        help='JSON over the smc defaults, e.g. \'{"final": "denoise"}\'',
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.particles, args.steps, args.settings = 4, 10, ["mri:8", "ct:30"]
@@ -405,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "mask": f"{args.mask_kind}, centre fraction 0.08",
             "methods": args.methods,
+            "smc_options": args.smc_options,
             "torch_threads": args.threads,
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
