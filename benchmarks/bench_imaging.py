@@ -320,15 +320,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"dps step size {cfg['dps_step']}; {cfg['torch_threads']} torch threads; total {result['seconds']:.0f} s.",
         "",
         "| setting | subject (split) | method | PSNR dB | SSIM | 90% coverage (predictive / quantile) | chi2 mean "
-        "| s/volume | min ESS | resamplings | min lambda |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| chi2 particles | s/volume | min ESS | resamplings | min lambda |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
         for method, r in run["methods"].items():
             lines.append(
                 f"| {run['setting']} | {run['subject'][:12]} ({run['split']}) | {method} | {_f(r.get('psnr_db'))} "
                 f"| {_f(r.get('ssim'), 3)} | {_f(r.get('coverage90'), 3)} / {_f(r.get('coverage90_quantile'), 3)} "
-                f"| {_f(r.get('chi2_mean'), 1)} "
+                f"| {_f(r.get('chi2_mean'), 1)} | {_f(r.get('chi2_samples'), 2)} "
                 f"| {_f(r.get('seconds'), 1)} | {_f(r.get('min_ess'), 2)} | {r.get('n_resamples', '-')} "
                 f"| {_f(r.get('min_lambda'), 3)} |"
             )
