@@ -203,6 +203,22 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         assert np.isfinite(res.metrics[key]), key
 
 
+def test_pixel_smc_last_step_brings_the_particles_to_the_sinogram(pixel_prior, reference, tmp_path) -> None:
+    """The pixel default ``final="posterior"`` conditions the last step on y: sparse-view CT particles
+    stopped at ``D(x_K)`` sit several noise levels from the sinogram; conditioned, they fit it."""
+    kw = dict(
+        reference=reference, simulate="ct", views=12, method="smc", sigma_y=0.02, n_particles=6, steps=4
+    )
+    chi2 = {}
+    for final in ("denoise", "posterior"):
+        res = reconstruct_volume(tmp_path / final, prior=pixel_prior, options={"final": final}, **kw)
+        assert res.sidecar["sampler_info"]["final"] == final
+        chi2[final] = res.metrics["chi2_samples"]
+    assert chi2["posterior"] < 0.5 * chi2["denoise"], chi2
+    default = reconstruct_volume(tmp_path / "default", prior=pixel_prior, **kw)
+    assert default.metrics["chi2_samples"] == pytest.approx(chi2["posterior"])  # the default
+
+
 def test_sigma_max_starts_the_sampler_lower(pixel_prior, latent_prior, reference, tmp_path) -> None:
     kw = dict(reference=reference, simulate="mri", method="smc", sigma_y=0.02, n_particles=2, steps=3)
     res = reconstruct_volume(tmp_path / "a", prior=pixel_prior, sigma_max=0.1, **kw)
