@@ -28,7 +28,11 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
   proposal, exact when the denoiser is affine. ``"gradient"`` shifts the kernel mean by
   ``c^2 grad log g_k(x)`` (Wu et al. 2023, TDS) and works for any denoiser and operator.
 - Incremental weight ``p(x' | x) g_{k+1}(x') / (q(x' | x) g_k(x))``; the last step (to ``sigma = 0``)
-  returns ``x0 = D(x_K, sigma_K)`` weighted by the true likelihood ``N(y; A x0, sigma_y^2 I) / g_K``.
+  returns ``x0 = D(x_K, sigma_K)`` weighted by the true likelihood ``N(y; A x0, sigma_y^2 I) / g_K``, or
+  (``final="posterior"``, pixel-space priors) draws ``x0`` from ``N(D(x_K), r^2 I) N(y; A x0, sigma_y^2 I)``
+  with the network's measured ``r^2 = sigma_K^2 tr(dD/dx) / d``: the base chain's last kernel becomes
+  ``N(D(x_K), r^2 I)`` and the weight its evidence over ``g_K``. A prior trained down to a noise level well
+  above what the measurement resolves needs it (sparse-view CT; ``docs/benchmarks.md``).
 - Systematic resampling when the effective sample size falls below ``ess_threshold * N``.
 
 - Guidance (``"gradient"`` proposal): ``grad log g_k(x) = (dD/dx)^T grad_D log g_k``.
