@@ -364,6 +364,20 @@ def sample_smc(
     def randn(*size: int) -> Tensor:
         return torch.randn(*size, generator=generator, device=device, dtype=dtype)
 
+    def measurement_noise() -> Tensor:
+        """Standard normal noise for N measurements (real and imaginary parts each unit variance)."""
+        n = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
+        if lin.is_complex:
+            n = torch.complex(n, torch.randn(n.shape, generator=generator, device=device, dtype=dtype))
+        return n
+
+    def probed_r2(W: Tensor, hh: Tensor, k: int, s: float) -> float:
+        """``sigma^2 tr(dD/dx) / d`` at the weighted cloud from the Hutchinson terms ``hh``, in ``[0, sigma^2]``."""
+        hw = float((W * hh).sum())
+        if not math.isfinite(hw):
+            raise FloatingPointError(_non_finite_message(k, steps, s))
+        return s * s * min(max(hw / d, 0.0), 1.0)
+
     def rademacher(*size: int) -> Tensor:
         bits = torch.randint(0, 2, size or (N, *shape), generator=generator, device=device)
         return (2 * bits - 1).to(dtype)
@@ -613,10 +627,7 @@ def sample_smc(
             resample_steps.append(k)
         W = normalise(logw)
         if adaptive:
-            hw = float((W * h).sum())
-            if not math.isfinite(hw):
-                raise FloatingPointError(_non_finite_message(k, steps, s))
-            r2 = s * s * min(max(hw / d, 0.0), 1.0)
+            r2 = probed_r2(W, h, k, s)
             v = _v_from_r2(r2, s)
         else:
             r2 = _var_model(s, v)
@@ -624,14 +635,8 @@ def sample_smc(
         if s_next == 0.0 and final_posterior:
             # Last step: x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I) (Matheron), r^2 from the probes at sigma_K;
             # reweighted from the twist to that model's evidence N(y; A D, sigma_y^2 I + r^2 A A^H).
-            hw = float((W * h).sum())
-            if not math.isfinite(hw):
-                raise FloatingPointError(_non_finite_message(k, steps, s))
-            final_var = s * s * min(max(hw / d, 0.0), 1.0)
-            z = randn(N, *shape)
-            n1 = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
-            if lin.is_complex:
-                n1 = torch.complex(n1, torch.randn(n1.shape, generator=generator, device=device, dtype=dtype))
+            final_var = probed_r2(W, h, k, s)
+            z, n1 = randn(N, *shape), measurement_noise()
             x_new = torch.empty_like(x)
             log_Z = torch.empty(N, dtype=_F64, device=device)
             with torch.no_grad():
@@ -675,9 +680,7 @@ def sample_smc(
             else None
         )
         if proposal == "isotropic":
-            n1 = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
-            if lin.is_complex:
-                n1 = torch.complex(n1, torch.randn(n1.shape, generator=generator, device=device, dtype=dtype))
+            n1 = measurement_noise()
             w_img = randn(N, *shape)
         # Hutchinson probes: at every level for the adaptive variance model; at sigma_K for final="posterior".
         need_probe = (adaptive and k + 2 <= steps and sig[k + 2] > 0.0) or (
