@@ -21,6 +21,7 @@ from medidiff.inverse.operators import LinearOperator
 from medidiff.inverse.smc import (
     check_data_spectrum,
     resolve_final,
+    resolve_final_var,
     resolve_guidance,
     resolve_proposal,
     resolve_twist_cov,
@@ -147,7 +148,7 @@ def reconstruct(
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
         options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
             ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``, ``data_spectrum``,
-            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``, ``final``;
+            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``, ``final``, ``final_var``;
             ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
 
@@ -208,6 +209,7 @@ def reconstruct(
         resolve_guidance(opts.get("guidance", "auto"), operator)
         resolve_twist_cov(opts.get("twist_cov", "auto"), operator)
         resolve_final(opts.get("final", "denoise"), operator)
+        resolve_final_var(opts.get("final_var", "network"), opts.get("final", "denoise"))
         if opts.get("data_var") is not None:
             _positive_float(opts["data_var"], "data_var")
         if opts.get("data_spectrum") is not None:

@@ -16,6 +16,7 @@ imaging operators (MRI, CT, ...) subclass :class:`LinearOperator` the same way.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import TypeAlias
@@ -195,6 +196,13 @@ class LinearOperator:
         conjugate gradients to ``cg_tol``); False when the conjugate gradients may be truncated."""
         return self.cg_strict
 
+    def with_cg_iters(self, max_iter: int) -> LinearOperator:
+        """This operator with its generic conjugate-gradient solves allowed ``max_iter`` iterations (never
+        fewer than its own cap): a shallow copy, sharing every buffer. Exact solves are unaffected."""
+        out = copy.copy(self)
+        out.cg_max_iter = max(self.cg_max_iter, int(max_iter))
+        return out
+
     def gram_solve(self, r: Tensor, alpha: float, beta: float) -> Tensor:
         """Solve ``(alpha I + beta A A^H) u = r`` for a batch of measurements ``r`` (``alpha > 0, beta >= 0``)."""
         _check_alpha_beta(alpha, beta)
@@ -303,6 +311,20 @@ class MatrixOperator(LinearOperator):
         if U.shape[1] < m:  # A has fewer columns than rows: A A^T is singular on the complement of U
             u = u + (r - coef @ U.T) / alpha
         return u
+
+    def stationary_gram_solve(self, r: Tensor, alpha: float, spectrum: Tensor) -> Tensor:
+        """Exact ``(alpha I + A C A^T)^{-1} r`` with ``C = F^H diag(spectrum) F`` over the ``d`` entries (a
+        circulant, :func:`stationary_filter`), by a Cholesky factorisation of the ``m x m`` matrix."""
+        _check_alpha_beta(alpha, 0.0)
+        self._check(r, self.out_shape, "r")
+        check_spectrum(spectrum, self.in_shape)
+        A = self._A.to(r.device)
+        AC = stationary_filter(
+            A, spectrum.to(device=r.device, dtype=torch.float64)
+        )  # rows: C a_i (C symmetric)
+        M = alpha * torch.eye(A.shape[0], dtype=torch.float64, device=r.device) + AC @ A.T
+        L = torch.linalg.cholesky(0.5 * (M + M.T))
+        return torch.cholesky_solve(r.to(torch.float64).T, L).T.to(r.dtype)
 
     def normal_solve(self, b: Tensor, alpha: float, beta: float) -> Tensor:
         """Exact ``(alpha I + beta A^T A)^{-1} b`` through ``A^T A = V s^2 V^T``."""

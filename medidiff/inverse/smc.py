@@ -84,11 +84,14 @@ from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot
 
 __all__ = [
     "FINALS",
+    "FINAL_CG_ITERS",
+    "FINAL_VARS",
     "GUIDANCE",
     "LINEARIZED_MAX_M",
     "PROPOSALS",
     "TWIST_COVS",
     "resolve_final",
+    "resolve_final_var",
     "resolve_guidance",
     "resolve_proposal",
     "resolve_twist_cov",
@@ -99,10 +102,28 @@ PROPOSALS = ("auto", "linearized", "gradient", "isotropic")
 GUIDANCE = ("auto", "network", "tweedie")
 TWIST_COVS = ("auto", "isotropic", "jacobian")
 FINALS = ("denoise", "posterior")
+FINAL_VARS = ("network", "evidence")
+FINAL_CG_ITERS = 300
+"""Conjugate-gradient iterations allowed to the solves of ``final="posterior"`` (at least; an operator's own
+cap applies where higher). A truncated twist only steers; a truncated last step leaves particles off y."""
 LINEARIZED_MAX_M = 256
 """``proposal="auto"`` linearises when the operator is a dense matrix with at most this many rows."""
 
 _F64 = torch.float64
+
+RADIAL_BAND_EDGES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8)
+"""Upper edges (cycles per voxel, of ``|k|``) of the radial bands of ``final_var="evidence"``; the last
+band runs from 3/8 to the corner of the frequency grid (0.87 in 3D), and holds most of a 3D grid's
+frequencies."""
+
+
+def radial_bands(shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
+    """Band index (``0 .. len(RADIAL_BAND_EDGES)``) of every DFT frequency of ``shape``, in the FFT's natural
+    (uncentred) layout. A small shape leaves some bands empty."""
+    grids = torch.meshgrid(*[torch.fft.fftfreq(n, device=device, dtype=_F64) for n in shape], indexing="ij")
+    radius = torch.sqrt(sum(g * g for g in grids))
+    edges = torch.tensor(RADIAL_BAND_EDGES, dtype=_F64, device=device)
+    return torch.bucketize(radius, edges)
 
 
 def _var_model(sigma: float, v: float) -> float:
@@ -182,6 +203,18 @@ def resolve_final(final: str, operator: LinearOperator | ComposedOperator) -> st
     return final
 
 
+def resolve_final_var(final_var: str, final: str) -> str:
+    """Check where ``final="posterior"`` takes its Gaussian ``x0 | x_K``: ``"network"`` or ``"evidence"``."""
+    if final_var not in FINAL_VARS:
+        raise ValueError(f"final_var must be one of {FINAL_VARS}; got {final_var!r}.")
+    if final_var == "evidence" and final != "posterior":
+        raise ValueError(
+            "final_var='evidence' fits the Gaussian of the last step's x0 | x_K, which only "
+            f"final='posterior' draws; got final={final!r}."
+        )
+    return final_var
+
+
 def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperator) -> str:
     """Latent priors: ``"auto"`` -> ``"jacobian"`` for real operators with at most :data:`LINEARIZED_MAX_M`
     measurements, else ``"isotropic"``; pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
@@ -240,6 +273,7 @@ def sample_smc(
     ess_threshold: float = 0.5,
     temper_ess: float | None = None,
     final: str = "denoise",
+    final_var: str = "network",
     chunk_size: int | None = None,
     keep_samples: bool = True,
     callback: StepCallback | None = None,
@@ -297,6 +331,19 @@ def sample_smc(
             level is often far above what the measurement resolves (sparse-view CT measures most
             directions to ``sigma_y / sqrt(lambda)``); ``D(x_K, sigma_K)`` then leaves every particle that far
             from the data, and the cloud is wider than its error. ``info["final_var"]`` records ``r^2``.
+        final_var: the Gaussian ``x0 | x_K`` of ``final="posterior"``. ``"network"`` (default): the network's
+            own, ``N(D, r^2 I)`` with the probed ``r^2`` above. ``"evidence"``: ``N(F^H diag(gamma) F D,
+            F^H diag(rho) F)`` with a gain ``gamma`` and a variance ``rho`` per radial frequency band
+            (:data:`RADIAL_BAND_EDGES`) that maximise the cloud's weighted log evidence ``sum_i W_i log N(y;
+            A F^H diag(gamma) F D_i, sigma_y^2 I + A F^H diag(rho) F A^H)`` (type-II maximum likelihood).
+            For particles drawn from ``p(x_K | y)``, ``(x_K, y)`` is a draw of the joint, so the residual
+            ``y - A D`` follows that evidence at the true moments: the measurement says, band by band
+            where it measures, how far ``x0`` lies from ``D`` and how much of ``D`` to keep. This corrects a
+            network that cannot tell fine texture from noise at ``sigma_K`` (it keeps part of the noise
+            and over-states the texture of a smooth volume). A band ``y`` does not inform keeps
+            ``gamma = 1, rho = r^2``. ``info["final_var"]`` is then the mean of ``rho`` over the frequencies,
+            ``info["final_var_bands"]`` the band values (``{"rho": [...], "gamma": [...]}``) and
+            ``info["final_var_network"]`` the probed ``r^2``.
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
@@ -308,9 +355,12 @@ def sample_smc(
     guidance = resolve_guidance(guidance, operator)
     twist_cov = resolve_twist_cov(twist_cov, operator)
     final = resolve_final(final, operator)
+    final_var_kind = resolve_final_var(final_var, final)
     final_posterior = final == "posterior"
     composed = isinstance(operator, ComposedOperator)
     lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
+    # The last step's draw must fit y: its solves may run longer than a (truncated) twist's.
+    lin_final = lin.with_cg_iters(FINAL_CG_ITERS)
     spectrum: Tensor | None = None
     if data_spectrum is not None:
         check_data_spectrum(data_spectrum, operator, proposal, data_var)
@@ -381,6 +431,89 @@ def sample_smc(
     def rademacher(*size: int) -> Tensor:
         bits = torch.randint(0, 2, size or (N, *shape), generator=generator, device=device)
         return (2 * bits - 1).to(dtype)
+
+    def final_solve(r: Tensor, r2: float, spec: Tensor | None) -> Tensor:
+        """``(sigma_y^2 I + A C A^H)^{-1} r`` for the last step's ``C``: ``r2 I``, or ``F^H diag(spec) F``."""
+        if spec is None:
+            return lin_final.gram_solve(r, sy2, r2)
+        return lin_final.stationary_gram_solve(r, sy2, spec)
+
+    def final_cov(t: Tensor, r2: float, spec: Tensor | None, root: bool = False) -> Tensor:
+        """``C t`` (``C^(1/2) t`` with ``root``) for the last step's ``C`` (as :func:`final_solve`)."""
+        if spec is None:
+            return (math.sqrt(r2) if root else r2) * t
+        return stationary_filter(t, spec.sqrt() if root else spec).to(dtype)
+
+    def evidence_fit(D: Tensor, W: Tensor, s: float, r2: float) -> tuple[Tensor, Tensor, dict[str, list]]:
+        """``final_var="evidence"``: band gains ``gamma`` and variances ``rho`` (radial bands,
+        :func:`radial_bands`) of the last step's ``x0 | x_K ~ N(F^H diag(gamma) F D, F^H diag(rho) F)``
+        that maximise ``sum_i W_i log N(y; A F^H diag(gamma) F D_i, S)``, ``S = sigma_y^2 I + A F^H diag(rho)
+        F A^H`` (type-II maximum likelihood; the network's own model is ``gamma = 1, rho = r2``).
+
+        With ``R_i`` the residuals and ``g_i = F A^H S^-1 R_i``, the scores in band ``b`` are
+        ``sum_i W_i |P_b g_i|^2 - tr(P_b A^H S^-1 A)`` for ``rho_b`` (the trace from ``N`` Rademacher
+        probes, fixed over the iterations) and ``sum_i W_i Re <P_b F D_i, g_i>`` for ``gamma_b``. Updates:
+        ``rho_b <- rho_b data_b / trace_b`` (exact in one step for a band the operator measures fully),
+        within ``[1e-4, 1] s^2``; ``gamma_b`` by a Newton step whose curvature takes the band's mean
+        information per frequency (``trace_b / n_b``), within ``[0, 2]``. A band ``y`` does not inform
+        (``rho_b trace_b < 1``) keeps ``gamma = 1, rho = r2``. Returns the centred ``rho`` and ``gamma``
+        spectra and the band values (None for a band without frequencies on this grid)."""
+        dims = tuple(range(-len(shape), 0))
+        band = radial_bands(shape, device)
+        n_bands = len(RADIAL_BAND_EDGES) + 1
+        pad = [1] * len(shape)
+
+        def band_sums(v: Tensor) -> Tensor:
+            return torch.zeros(n_bands, dtype=_F64, device=device).index_add_(
+                0, band.reshape(-1), v.reshape(-1)
+            )
+
+        counts = band_sums(torch.ones(shape, dtype=_F64, device=device))
+        z = rademacher()
+        Az = torch.cat([lin_final.forward(zc) for zc in z.split(chunk_size or N)])
+        Fz = torch.fft.fftn(z.to(_F64), dim=dims, norm="ortho")
+        FD = torch.fft.fftn(D.to(_F64), dim=dims, norm="ortho")
+        power = band_sums((W.reshape(-1, *pad) * FD.abs() ** 2).sum(0))
+        rho = torch.full((n_bands,), r2, dtype=_F64, device=device)
+        gamma = torch.ones(n_bands, dtype=_F64, device=device)
+        lo, hi = 1e-4 * s * s, s * s
+        for _ in range(20):
+            Dg = torch.fft.ifftn(FD * gamma[band], dim=dims, norm="ortho").real.to(dtype)
+            spec = torch.fft.fftshift(rho[band], dim=dims)
+            data = torch.zeros(n_bands, dtype=_F64, device=device)
+            trace = torch.zeros(n_bands, dtype=_F64, device=device)
+            score = torch.zeros(n_bands, dtype=_F64, device=device)
+            for ch in chunks(N, chunk_size):
+                n_c = ch.stop - ch.start
+                R = y_b - lin_final.forward(Dg[ch])
+                u = lin_final.stationary_gram_solve(torch.cat([R, Az[ch]]), sy2, spec)
+                g = torch.fft.fftn(lin_final.adjoint(u).real.to(_F64), dim=dims, norm="ortho")
+                w = W[ch].reshape(-1, *pad)
+                data += band_sums((w * g[:n_c].abs() ** 2).sum(0))
+                score += band_sums((w * (FD[ch].conj() * g[:n_c]).real).sum(0))
+                trace += band_sums((Fz[ch].conj() * g[n_c:]).real.sum(0)) / N
+            if not bool(torch.isfinite(data).all() and torch.isfinite(trace).all()):
+                raise FloatingPointError(_non_finite_message(steps - 1, steps, s))
+            informed = rho * trace >= 1.0
+            curvature = (trace / counts.clamp_min(1.0)) * power
+            new_rho = torch.where(informed, rho * data / trace.clamp_min(1e-300), rho).clamp(lo, hi)
+            new_gamma = torch.where(
+                informed & (curvature > 0), gamma + score / curvature.clamp_min(1e-300), gamma
+            )
+            new_gamma = new_gamma.clamp(0.0, 2.0)
+            # 1%: below the estimates' own sampling error on any grid worth fitting
+            done = bool(
+                ((new_rho / rho).log().abs() < 1e-2).all() and ((new_gamma - gamma).abs() < 1e-2).all()
+            )
+            rho, gamma = new_rho, new_gamma
+            if done:
+                break
+        empty = counts == 0  # a small grid leaves the outer bands without frequencies
+        bands = {
+            "rho": [None if e else float(v) for v, e in zip(rho, empty, strict=True)],
+            "gamma": [None if e else float(v) for v, e in zip(gamma, empty, strict=True)],
+        }
+        return torch.fft.fftshift(rho[band], dim=dims), torch.fft.fftshift(gamma[band], dim=dims), bands
 
     def evaluate(
         xc: Tensor,
@@ -535,6 +668,8 @@ def sample_smc(
     # The pixel-space network path takes D and a guidance gradient in one pass; at sigma_0 (before v
     # is known) a flat twist serves. Latent priors and Tweedie guidance first need D (and v, gain).
     one_pass = proposal == "gradient" and guidance == "network" and not composed
+    # known up front with data_var or a spectrum (whose first twist reads it); probed below otherwise
+    v = float(data_var) if data_var is not None else math.inf
     r2_grad0 = s0 * s0 if one_pass else None
     for ch in chunks(N, chunk_size):
         D_c, _, g_c, h_c = evaluate(x[ch], s0, r2_grad0, None if probe0 is None else probe0[ch])
@@ -579,7 +714,9 @@ def sample_smc(
         logg = torch.cat([iso_log_twist(Dx[ch], r2_0) for ch in chunks(N, chunk_size)])
 
     ess_trace: list[float] = []
-    final_var: float | None = None
+    final_r2: float | None = None
+    final_r2_network: float | None = None
+    final_bands: dict[str, list] | None = None
     resample_steps: list[int] = []
     unique_after: list[int] = []
     lambdas: list[float] = []
@@ -635,17 +772,24 @@ def sample_smc(
         if s_next == 0.0 and final_posterior:
             # Last step: x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I) (Matheron), r^2 from the probes at sigma_K;
             # reweighted from the twist to that model's evidence N(y; A D, sigma_y^2 I + r^2 A A^H).
-            final_var = probed_r2(W, h, k, s)
+            final_r2 = final_r2_network = probed_r2(W, h, k, s)
+            cov_spec: Tensor | None = None
+            if final_var_kind == "evidence":
+                with torch.no_grad():
+                    cov_spec, gain_spec, final_bands = evidence_fit(Dx, W, s, final_r2)
+                    Dx = stationary_filter(Dx, gain_spec).to(dtype)
+                final_r2 = float(cov_spec.mean())
+
             z, n1 = randn(N, *shape), measurement_noise()
             x_new = torch.empty_like(x)
             log_Z = torch.empty(N, dtype=_F64, device=device)
             with torch.no_grad():
                 for ch in chunks(N, chunk_size):
                     R0 = y_b - lin.forward(Dx[ch])
-                    log_Z[ch] = -0.5 * batch_dot(R0, lin.gram_solve(R0, sy2, final_var)).to(_F64)
-                    x1 = Dx[ch] + math.sqrt(final_var) * z[ch]
-                    u = lin.gram_solve(y_b - lin.forward(x1) - math.sqrt(sy2) * n1[ch], sy2, final_var)
-                    x_new[ch] = x1 + final_var * lin.adjoint(u).real.to(dtype)
+                    log_Z[ch] = -0.5 * batch_dot(R0, final_solve(R0, final_r2, cov_spec)).to(_F64)
+                    x1 = Dx[ch] + final_cov(z[ch], final_r2, cov_spec, root=True)
+                    u = final_solve(y_b - lin.forward(x1) - math.sqrt(sy2) * n1[ch], final_r2, cov_spec)
+                    x_new[ch] = x1 + final_cov(lin.adjoint(u).real.to(dtype), final_r2, cov_spec)
             x = x_new
             logw = add_increment(logw, log_Z - logg, k, x)
             ess_trace.append(ess_of(logw))
@@ -772,7 +916,11 @@ def sample_smc(
             "tempering": lambdas,
             "tempering_initial": lambda_initial,
             "final": final,
-            "final_var": final_var,
+            "final_var": final_r2,
+            "final_var_kind": final_var_kind if final_posterior else None,
+            "final_var_network": final_r2_network,
+            "final_var_bands": final_bands,
+            "final_var_band_edges": list(RADIAL_BAND_EDGES) if final_bands is not None else None,
             "backward_per_particle": n_backward,
         },
     )

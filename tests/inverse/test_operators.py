@@ -59,6 +59,25 @@ def test_generic_cg_solves_agree_with_exact_ones() -> None:
     )
 
 
+def test_with_cg_iters_lifts_a_truncated_solve_and_leaves_the_operator_alone() -> None:
+    """A non-strict operator capped at 2 CG iterations returns a truncated solve; ``with_cg_iters(200)``
+    converges on the same buffers (exact stationary solves, as MatrixOperator's, agree with it)."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(20, 40, generator=g, dtype=torch.float64) * torch.logspace(
+        0, 1.5, 40, dtype=torch.float64
+    )
+    capped = DenseViaForwardAdjoint(A)
+    capped.cg_max_iter, capped.cg_strict = 2, False
+    lifted = capped.with_cg_iters(200)
+    assert (capped.cg_max_iter, lifted.cg_max_iter) == (2, 200) and lifted.A is capped.A
+    assert capped.with_cg_iters(1).cg_max_iter == 2  # never fewer than the operator's own cap
+    r = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    spectrum = torch.linspace(0.5, 2.0, 40, dtype=torch.float64)
+    exact = MatrixOperator(A).stationary_gram_solve(r, 0.3, spectrum)
+    torch.testing.assert_close(lifted.stationary_gram_solve(r, 0.3, spectrum), exact, rtol=1e-6, atol=1e-8)
+    assert float((capped.stationary_gram_solve(r, 0.3, spectrum) - exact).abs().max()) > 1e-3
+
+
 def test_conjugate_gradient_reports_non_convergence() -> None:
     M = torch.diag(torch.logspace(0, 8, 50, dtype=torch.float64))
     rhs = torch.ones(1, 50, dtype=torch.float64)

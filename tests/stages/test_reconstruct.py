@@ -188,9 +188,10 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         info = side["sampler_info"]
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
         assert info["data_var"] == pytest.approx(1.0 / (c * c))  # the scale factor's variance
-        # the last step draws x0 | x_K, y with the network's measured Cov(x0 | x_K) = r^2 I
+        # the last step draws x0 | x_K, y with the network's measured Cov(x0 | x_K) = r^2 I (MRI)
         sigma_k = side["sigmas"][-2]
-        assert info["final"] == "posterior" and 0.0 < info["final_var"] <= sigma_k**2
+        assert info["final"] == "posterior" and info["final_var_kind"] == "network"
+        assert 0.0 < info["final_var"] <= sigma_k**2 and info["final_var_bands"] is None
         assert res.metrics["tempering_min"] == min(info["tempering"])
         assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
     # coverage90 is the finite-cloud interval the sidecar describes: rebuilt from the written maps
@@ -217,6 +218,16 @@ def test_pixel_smc_last_step_brings_the_particles_to_the_sinogram(pixel_prior, r
     assert chi2["posterior"] < 0.5 * chi2["denoise"], chi2
     default = reconstruct_volume(tmp_path / "default", prior=pixel_prior, **kw)
     assert default.metrics["chi2_samples"] == pytest.approx(chi2["posterior"])  # the default
+    # CT's default fits the last step's Gaussian per frequency band to the sinogram, within
+    # [1e-4, 1] sigma_K^2 and gains in [0, 2]; the network's probed r^2 is kept beside it
+    info = default.sidecar["sampler_info"]
+    sigma_k = default.sidecar["sigmas"][-2]
+    assert info["final_var_kind"] == "evidence" and 0.0 < info["final_var_network"] <= sigma_k**2
+    bands = info["final_var_bands"]
+    assert len(bands["rho"]) == len(bands["gamma"]) == len(info["final_var_band_edges"]) + 1
+    rho = [v for v in bands["rho"] if v is not None]
+    assert rho and all(1e-4 * sigma_k**2 * (1 - 1e-9) <= v <= sigma_k**2 * (1 + 1e-9) for v in rho)
+    assert all(0.0 <= v <= 2.0 for v in bands["gamma"] if v is not None)
 
 
 def test_sigma_max_starts_the_sampler_lower(pixel_prior, latent_prior, reference, tmp_path) -> None:
