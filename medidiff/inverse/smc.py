@@ -32,7 +32,9 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
   (``final="posterior"``, pixel-space priors) draws ``x0`` from ``N(D(x_K), r^2 I) N(y; A x0, sigma_y^2 I)``
   with the network's measured ``r^2 = sigma_K^2 tr(dD/dx) / d``: the base chain's last kernel becomes
   ``N(D(x_K), r^2 I)`` and the weight its evidence over ``g_K``. A prior trained down to a noise level well
-  above what the measurement resolves needs it (sparse-view CT; ``docs/benchmarks.md``).
+  above what the measurement resolves needs it (sparse-view CT; ``docs/benchmarks.md``). With
+  ``final_var="evidence"`` that Gaussian's gain and variance per radial frequency band are fitted to ``y``
+  (type-II maximum likelihood), for a network whose ``D`` and ``r^2`` do not match the volume's texture.
 - Systematic resampling when the effective sample size falls below ``ess_threshold * N``.
 
 - Guidance (``"gradient"`` proposal): ``grad log g_k(x) = (dD/dx)^T grad_D log g_k``.
