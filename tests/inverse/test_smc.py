@@ -132,19 +132,26 @@ def test_result_does_not_depend_on_chunk_size(method: str, options: dict) -> Non
         assert other.resample_steps == runs[0].resample_steps
 
 
-@pytest.mark.parametrize("proposal", ["linearized", "gradient"])
-def test_final_posterior_step_is_exact_where_the_chain_stops_early(proposal: str) -> None:
-    """A schedule that stops at sigma_K = 0.8: ``x0 = D(x_K)`` misses ``Cov(x0 | x_K)`` and the data; the
-    ``final="posterior"`` draw (Hutchinson r^2, Matheron) is exact for an isotropic Gaussian prior."""
-    d, m, sy, tau = 16, 4, 0.1, 1.0
-    g = torch.Generator().manual_seed(3)
-    A = torch.randn(m, d, generator=g, dtype=torch.float64) / 2
+def _isotropic_problem(d: int, m: int, sy: float, tau: float, scale: float, seed: int):
+    """A Gaussian prior ``N(mu, tau^2 I)``, a random ``A`` (entries ``N(0, scale^2)``), one measurement and
+    the exact posterior: ``(prior, A, y, post_mean, post_cov)``."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, d, generator=g, dtype=torch.float64) * scale
     mu = torch.randn(d, generator=g, dtype=torch.float64)
     prior = GaussianDenoiser(mu, tau**2 * torch.eye(d, dtype=torch.float64))
     x_true = prior.sample(1, g)[0]
     y = A @ x_true + sy * torch.randn(m, generator=g, dtype=torch.float64)
     post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) / tau**2 + A.T @ A / sy**2)
     post_mean = post_cov @ (mu / tau**2 + A.T @ y / sy**2)
+    return prior, A, y, post_mean, post_cov
+
+
+@pytest.mark.parametrize("proposal", ["linearized", "gradient"])
+def test_final_posterior_step_is_exact_where_the_chain_stops_early(proposal: str) -> None:
+    """A schedule that stops at sigma_K = 0.8: ``x0 = D(x_K)`` misses ``Cov(x0 | x_K)`` and the data; the
+    ``final="posterior"`` draw (Hutchinson r^2, Matheron) is exact for an isotropic Gaussian prior."""
+    d, m, sy, tau = 16, 4, 0.1, 1.0
+    prior, A, y, post_mean, post_cov = _isotropic_problem(d, m, sy, tau, scale=0.5, seed=3)
     sigmas = torch.cat([torch.logspace(1.0, torch.log10(torch.tensor(0.8)).item(), 12), torch.zeros(1)])
     w2, info = {}, {}
     for final in ("denoise", "posterior"):
@@ -186,14 +193,7 @@ def test_final_var_evidence_recovers_cov_x0_given_xk_from_the_measurement(alpha:
     large, and band gains near 1 (the mean is exact). With the probed ``r^2`` 1.5x too large, the cloud is
     too wide; the evidence brings it back."""
     d, m, sy, tau, sk = 256, 192, 0.1, 1.0, 0.8
-    g = torch.Generator().manual_seed(11)
-    A = torch.randn(m, d, generator=g, dtype=torch.float64) / 4
-    mu = torch.randn(d, generator=g, dtype=torch.float64)
-    prior = GaussianDenoiser(mu, tau**2 * torch.eye(d, dtype=torch.float64))
-    x_true = prior.sample(1, g)[0]
-    y = A @ x_true + sy * torch.randn(m, generator=g, dtype=torch.float64)
-    post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) / tau**2 + A.T @ A / sy**2)
-    post_mean = post_cov @ (mu / tau**2 + A.T @ y / sy**2)
+    prior, A, y, post_mean, post_cov = _isotropic_problem(d, m, sy, tau, scale=0.25, seed=11)
     sigmas = torch.cat([torch.logspace(1.0, torch.log10(torch.tensor(sk)).item(), 12), torch.zeros(1)])
     exact_r2 = sk**2 * tau**2 / (tau**2 + sk**2)
     w2, info = {}, {}
