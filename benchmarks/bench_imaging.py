@@ -373,6 +373,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.quick:
         args.particles, args.steps, args.settings = 4, 10, ["mri:8", "ct:30"]
+    drawn = [p for p in args.pictures if p in args.settings]
+    if drawn and not {"direct", "smc"} <= set(args.methods):
+        # refused here, not after the reconstructions: a picture shows the direct baseline beside smc
+        raise SystemExit(
+            f"--pictures {' '.join(drawn)} needs --methods direct and smc (the picture shows both); "
+            "add them, or pass --pictures with no setting to draw none."
+        )
     torch.set_num_threads(args.threads)
     ck = resolve_checkpoint(args.checkpoint)
     if args.split is None:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,6 +88,7 @@ from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot
 __all__ = [
     "FINALS",
     "FINAL_CG_ITERS",
+    "FINAL_FIT_ITERS",
     "FINAL_VARS",
     "GUIDANCE",
     "LINEARIZED_MAX_M",
@@ -108,15 +110,18 @@ FINAL_VARS = ("network", "evidence")
 FINAL_CG_ITERS = 300
 """Conjugate-gradient iterations allowed to the solves of ``final="posterior"`` (at least; an operator's own
 cap applies where higher). A truncated twist only steers; a truncated last step leaves particles off y."""
+FINAL_FIT_ITERS = 20
+"""Iterations allowed to the fit of ``final_var="evidence"`` (``info["final_var_bands"]["iterations"]``)."""
 LINEARIZED_MAX_M = 256
 """``proposal="auto"`` linearises when the operator is a dense matrix with at most this many rows."""
 
 _F64 = torch.float64
 
-RADIAL_BAND_EDGES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8)
+RADIAL_BAND_EDGES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8)
 """Upper edges (cycles per voxel, of ``|k|``) of the radial bands of ``final_var="evidence"``; the last
-band runs from 3/8 to the corner of the frequency grid (0.87 in 3D), and holds most of a 3D grid's
-frequencies."""
+band runs from 5/8 to the corner of the frequency grid (0.87 in 3D). Above 3/8 a 3D grid holds most of
+its frequencies, and a network's leftover noise grows towards the corner: three bands there let the
+fitted gain fall with it."""
 
 
 def radial_bands(shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
@@ -344,7 +349,8 @@ def sample_smc(
             network that cannot tell fine texture from noise at ``sigma_K`` (it keeps part of the noise
             and over-states the texture of a smooth volume). A band ``y`` does not inform keeps
             ``gamma = 1, rho = r^2``. ``info["final_var"]`` is then the mean of ``rho`` over the frequencies,
-            ``info["final_var_bands"]`` the band values (``{"rho": [...], "gamma": [...]}``) and
+            ``info["final_var_bands"]`` the band values (``{"rho": [...], "gamma": [...], "iterations": n,
+            "converged": bool}``) and
             ``info["final_var_network"]`` the probed ``r^2``.
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
@@ -446,20 +452,32 @@ def sample_smc(
             return (math.sqrt(r2) if root else r2) * t
         return stationary_filter(t, spec.sqrt() if root else spec).to(dtype)
 
-    def evidence_fit(D: Tensor, W: Tensor, s: float, r2: float) -> tuple[Tensor, Tensor, dict[str, list]]:
+    def evidence_fit(D: Tensor, W: Tensor, s: float, r2: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """``final_var="evidence"``: band gains ``gamma`` and variances ``rho`` (radial bands,
         :func:`radial_bands`) of the last step's ``x0 | x_K ~ N(F^H diag(gamma) F D, F^H diag(rho) F)``
         that maximise ``sum_i W_i log N(y; A F^H diag(gamma) F D_i, S)``, ``S = sigma_y^2 I + A F^H diag(rho)
         F A^H`` (type-II maximum likelihood; the network's own model is ``gamma = 1, rho = r2``).
 
-        With ``R_i`` the residuals and ``g_i = F A^H S^-1 R_i``, the scores in band ``b`` are
-        ``sum_i W_i |P_b g_i|^2 - tr(P_b A^H S^-1 A)`` for ``rho_b`` (the trace from ``N`` Rademacher
-        probes, fixed over the iterations) and ``sum_i W_i Re <P_b F D_i, g_i>`` for ``gamma_b``. Updates:
-        ``rho_b <- rho_b data_b / trace_b`` (exact in one step for a band the operator measures fully),
-        within ``[1e-4, 1] s^2``; ``gamma_b`` by a Newton step whose curvature takes the band's mean
-        information per frequency (``trace_b / n_b``), within ``[0, 2]``. A band ``y`` does not inform
-        (``rho_b trace_b < 1``) keeps ``gamma = 1, rho = r2``. Returns the centred ``rho`` and ``gamma``
-        spectra and the band values (None for a band without frequencies on this grid)."""
+        With ``R_i`` the residuals, ``M = F A^H S^-1 A F^H`` and ``g_i = F A^H S^-1 R_i``, the gradients in
+        band ``b`` are ``(data_b - trace_b) / 2`` for ``rho_b`` (``data_b = sum_i W_i |P_b g_i|^2``,
+        ``trace_b = tr(P_b M)``) and ``score_b = sum_i W_i Re <P_b F D_i, g_i>`` for ``gamma_b``.
+
+        - ``rho``: Fisher scoring, ``rho_b += (data_b - trace_b) / fisher_b`` with ``fisher_b = tr(P_b M^2)``,
+          the row sum of the Fisher matrix ``tr(P_b M P_c M)`` over the bands ``c`` (an upper bound of the
+          coupled step). ``trace_b`` and ``fisher_b`` come from ``N`` Rademacher probes ``z`` (``Re <P_b F
+          z, P_b M F z>`` and ``|P_b M F z|^2``), fixed over the iterations. The step is exact in one
+          iteration for a band the operator measures fully; unlike the EM-type ``rho_b data_b / trace_b``
+          it stays fast in a band ``y`` barely measures. Each step moves ``rho_b`` by at most 4x, within
+          ``[1e-4, 1] s^2``.
+        - ``gamma``: the direction of a diagonal Newton step (curvature: the band's mean information per
+          frequency, ``trace_b / n_b``, times the power of ``P_b F D``), then the exact minimum of the
+          residual's quadratic along it (one more solve per particle), within ``[0, 2]``.
+
+        A band ``y`` does not inform (``s^2 trace_b < 1``: at the largest variance the band would add less than
+        one measured degree of freedom) keeps ``gamma = 1, rho = r2``. Stops when no
+        ``rho_b`` moves by 1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred
+        ``rho`` and ``gamma`` spectra and the band values (None for a band without frequencies on this grid)
+        with the iterations taken."""
         dims = tuple(range(-len(shape), 0))
         band = radial_bands(shape, device)
         n_bands = len(RADIAL_BAND_EDGES) + 1
@@ -470,6 +488,9 @@ def sample_smc(
                 0, band.reshape(-1), v.reshape(-1)
             )
 
+        def spatial(spectrum: Tensor) -> Tensor:
+            return torch.fft.ifftn(spectrum, dim=dims, norm="ortho").real.to(dtype)
+
         counts = band_sums(torch.ones(shape, dtype=_F64, device=device))
         z = rademacher()
         Az = torch.cat([lin_final.forward(zc) for zc in z.split(chunk_size or N)])
@@ -479,12 +500,12 @@ def sample_smc(
         rho = torch.full((n_bands,), r2, dtype=_F64, device=device)
         gamma = torch.ones(n_bands, dtype=_F64, device=device)
         lo, hi = 1e-4 * s * s, s * s
-        for _ in range(20):
-            Dg = torch.fft.ifftn(FD * gamma[band], dim=dims, norm="ortho").real.to(dtype)
+        iters, converged = 0, False
+        while iters < FINAL_FIT_ITERS and not converged:
+            iters += 1
+            Dg = spatial(FD * gamma[band])
             spec = torch.fft.fftshift(rho[band], dim=dims)
-            data = torch.zeros(n_bands, dtype=_F64, device=device)
-            trace = torch.zeros(n_bands, dtype=_F64, device=device)
-            score = torch.zeros(n_bands, dtype=_F64, device=device)
+            data, trace, fisher, score = (torch.zeros(n_bands, dtype=_F64, device=device) for _ in range(4))
             for ch in chunks(N, chunk_size):
                 n_c = ch.stop - ch.start
                 R = y_b - lin_final.forward(Dg[ch])
@@ -494,26 +515,35 @@ def sample_smc(
                 data += band_sums((w * g[:n_c].abs() ** 2).sum(0))
                 score += band_sums((w * (FD[ch].conj() * g[:n_c]).real).sum(0))
                 trace += band_sums((Fz[ch].conj() * g[n_c:]).real.sum(0)) / N
+                fisher += band_sums((g[n_c:].abs() ** 2).sum(0)) / N
             if not bool(torch.isfinite(data).all() and torch.isfinite(trace).all()):
                 raise FloatingPointError(_non_finite_message(steps - 1, steps, s))
-            informed = rho * trace >= 1.0
+            informed = hi * trace >= 1.0
+            step = (data - trace) / fisher.clamp_min(1e-300)
+            new_rho = torch.where(informed, (rho + step).clamp(rho / 4, rho * 4), rho).clamp(lo, hi)
             curvature = (trace / counts.clamp_min(1.0)) * power
-            new_rho = torch.where(informed, rho * data / trace.clamp_min(1e-300), rho).clamp(lo, hi)
-            new_gamma = torch.where(
-                informed & (curvature > 0), gamma + score / curvature.clamp_min(1e-300), gamma
-            )
-            new_gamma = new_gamma.clamp(0.0, 2.0)
+            direction = torch.where(informed & (curvature > 0), score / curvature.clamp_min(1e-300), 0.0)
+            # exact line search: sum_i W_i |A P(direction) D_i|^2_{S^-1} is the residual's curvature there
+            bend = torch.zeros((), dtype=_F64, device=device)
+            FD_dir = FD * direction[band]
+            for ch in chunks(N, chunk_size):
+                q = lin_final.forward(spatial(FD_dir[ch]))
+                qs = lin_final.stationary_gram_solve(q, sy2, spec)
+                bend += (W[ch] * batch_dot(q, qs).to(_F64)).sum()
+            slope = (score * direction).sum()
+            t = float(slope / bend) if float(bend) > 0 else 0.0
+            new_gamma = (gamma + max(t, 0.0) * direction).clamp(0.0, 2.0)
             # 1%: below the estimates' own sampling error on any grid worth fitting
-            done = bool(
+            converged = bool(
                 ((new_rho / rho).log().abs() < 1e-2).all() and ((new_gamma - gamma).abs() < 1e-2).all()
             )
             rho, gamma = new_rho, new_gamma
-            if done:
-                break
         empty = counts == 0  # a small grid leaves the outer bands without frequencies
         bands = {
             "rho": [None if e else float(v) for v, e in zip(rho, empty, strict=True)],
             "gamma": [None if e else float(v) for v, e in zip(gamma, empty, strict=True)],
+            "iterations": iters,
+            "converged": converged,
         }
         return torch.fft.fftshift(rho[band], dim=dims), torch.fft.fftshift(gamma[band], dim=dims), bands
 
@@ -718,7 +748,7 @@ def sample_smc(
     ess_trace: list[float] = []
     final_r2: float | None = None
     final_r2_network: float | None = None
-    final_bands: dict[str, list] | None = None
+    final_bands: dict[str, Any] | None = None
     resample_steps: list[int] = []
     unique_after: list[int] = []
     lambdas: list[float] = []
