@@ -28,12 +28,12 @@ the checkpoint as ``prior`` reconstructs the same patch, for side-by-side compar
   top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``, and ``final="posterior"``: the last step draws each
   particle from ``p(x0 | x_K, y)`` rather than stopping at ``D(x_K)``, since the network's smallest noise
   level is far above what the measurement resolves (a stop at ``D(x_K)`` left CT particles at chi^2 ~ 22
-  per measurement and the cloud too wide); and, for CT, ``final_var="evidence"``: that step's Gaussian
+  per measurement and the cloud too wide); and ``final_var="evidence"``: that step's Gaussian
   ``N(gamma D(x_K), rho)`` takes a gain and a variance per radial frequency band fitted to ``y`` (type-II
   maximum likelihood), not the network's ``gamma = 1`` and isotropic Jacobian trace, which over-state the
   fine texture of smooth volumes (sparse-view CT 30, two volumes: coverage 0.96 / 0.96 and 20.7 / 42.4 dB
-  with the network's; 0.94 / 0.95 and 26.7 / 43.7 dB fitted; docs/benchmarks.md). MRI keeps the
-  network's Gaussian: on MRI 8x the fit dropped one volume's coverage to 0.79;
+  with the network's; 0.93 / 0.95 and 26.9 / 44.7 dB fitted; on MRI 8x the two agree to 0.02 dB;
+  docs/benchmarks.md). ``options={"final_var": "network"}`` brings the network's Gaussian back;
 - a denoiser callable with exact solves (MRI): the ``"isotropic"`` proposal (exact for Gaussian priors).
 
 CT twists use truncated conjugate gradients (:data:`~medidiff.stages._reconstruct_io.CT_CG_ITERS`); the last
@@ -720,7 +720,7 @@ def checkpoint_sampler(
     denoiser on images in normalised units with the operator itself; a latent model's denoiser on scaled
     latents with ``A o Dec`` (:class:`~medidiff.inverse.ComposedOperator`).
     """
-    from medidiff.inverse import ComposedOperator, ParallelBeamCT
+    from medidiff.inverse import ComposedOperator
 
     net = models.denoiser()
     den: Any = _ConditionedDenoiser(net, modality_code, float(models.config.spacing_mm), autocast)
@@ -737,14 +737,13 @@ def checkpoint_sampler(
             # directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The Tweedie-guided shift
             # needs no gradient through the network; ESS-controlled tempering keeps the cloud diverse where
             # the approximate twist would collapse it to one particle.
-            # The last step conditions x0 on y (smallest training noise level >> what y resolves).
+            # The last step conditions x0 on y (smallest training noise level >> what y resolves), and
+            # its Gaussian N(gamma D, rho) is fitted per radial band to y: at sigma_K the network cannot
+            # tell fine texture from noise (on CT it passes a third of the noise and over-states the
+            # texture); on MRI the fit leaves the figures as they were.
             options = {"proposal": "gradient", "guidance": "tweedie", "temper_ess": PIXEL_TEMPER_ESS,
-                       "data_var": 1.0 / (scale * scale), "final": "posterior"}  # fmt: skip
-            if isinstance(getattr(op, "inner", op), ParallelBeamCT):
-                # CT: that step's Gaussian N(gamma D, rho) is fitted per radial band to the sinogram. At
-                # sigma_K the network cannot tell fine texture from noise: it passes a third of the noise
-                # and over-states the texture. (On MRI 8x the fit was worse on one volume: not the default.)
-                options["final_var"] = "evidence"
+                       "data_var": 1.0 / (scale * scale), "final": "posterior",
+                       "final_var": "evidence"}  # fmt: skip
         return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
     forward = ComposedOperator(
         op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast

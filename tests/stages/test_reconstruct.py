@@ -177,6 +177,7 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
     assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
     side = res.sidecar
     assert side["prior"]["kind"] == "latent" and side["prior"]["space"] == "pixel"
+    from medidiff.inverse.smc import FINAL_FIT_ITERS
     from medidiff.stages.reconstruct import PIXEL_SIGMA_MAX_SPREADS
     from medidiff.train.checkpoint import load_models
 
@@ -188,10 +189,14 @@ def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_pat
         info = side["sampler_info"]
         assert (info["proposal"], info["guidance"], info["temper_ess"]) == ("gradient", "tweedie", 0.5)
         assert info["data_var"] == pytest.approx(1.0 / (c * c))  # the scale factor's variance
-        # the last step draws x0 | x_K, y with the network's measured Cov(x0 | x_K) = r^2 I (MRI)
+        # the last step draws x0 | x_K, y with its Gaussian fitted per band to y (MRI as CT), beside the
+        # network's probed Cov(x0 | x_K) = r^2 I; the fit records its iterations and whether it converged
         sigma_k = side["sigmas"][-2]
-        assert info["final"] == "posterior" and info["final_var_kind"] == "network"
-        assert 0.0 < info["final_var"] <= sigma_k**2 and info["final_var_bands"] is None
+        assert info["final"] == "posterior" and info["final_var_kind"] == "evidence"
+        assert 0.0 < info["final_var_network"] <= sigma_k**2
+        bands = info["final_var_bands"]
+        assert 1 <= bands["iterations"] <= FINAL_FIT_ITERS and isinstance(bands["converged"], bool)
+        assert 1e-4 * sigma_k**2 * (1 - 1e-9) <= info["final_var"] <= sigma_k**2 * (1 + 1e-9)
         assert res.metrics["tempering_min"] == min(info["tempering"])
         assert res.metrics["tempered_steps"] == sum(v < 1 for v in info["tempering"])
     # coverage90 is the finite-cloud interval the sidecar describes: rebuilt from the written maps
