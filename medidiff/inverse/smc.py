@@ -463,9 +463,11 @@ def sample_smc(
         ``trace_b = tr(P_b M)``) and ``score_b = sum_i W_i Re <P_b F D_i, g_i>`` for ``gamma_b``.
 
         - ``rho``: Fisher scoring, ``rho_b += (data_b - trace_b) / fisher_b`` with ``fisher_b = tr(P_b M^2)``,
-          the row sum of the Fisher matrix ``tr(P_b M P_c M)`` over the bands ``c`` (an upper bound of the
-          coupled step). ``trace_b`` and ``fisher_b`` come from ``N`` Rademacher probes ``z`` (``Re <P_b F
-          z, P_b M F z>`` and ``|P_b M F z|^2``), fixed over the iterations. The step is exact in one
+          the row sum of the Fisher matrix ``tr(P_b M P_c M) = |P_b M P_c|_F^2`` over the bands ``c``. Its
+          entries are non-negative, so ``diag(fisher)`` bounds the matrix from above and the joint step
+          does not overshoot where bands are coupled. ``trace_b`` and ``fisher_b`` come from ``N``
+          Rademacher probes ``z`` (``Re <P_b F z, P_b M F z>`` and ``|P_b M F z|^2``), fixed over the
+          iterations. The step is exact in one
           iteration for a band the operator measures fully; unlike the EM-type ``rho_b data_b / trace_b``
           it stays fast in a band ``y`` barely measures. Each step moves ``rho_b`` by at most 4x, within
           ``[1e-4, 1] s^2``.
@@ -473,11 +475,11 @@ def sample_smc(
           frequency, ``trace_b / n_b``, times the power of ``P_b F D``), then the exact minimum of the
           residual's quadratic along it (one more solve per particle), within ``[0, 2]``.
 
-        A band ``y`` does not inform (``s^2 trace_b < 1``: at the largest variance the band would add less than
-        one measured degree of freedom) keeps ``gamma = 1, rho = r2``. Stops when no
-        ``rho_b`` moves by 1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred
-        ``rho`` and ``gamma`` spectra and the band values (None for a band without frequencies on this grid)
-        with the iterations taken."""
+        A band ``y`` does not inform (``s^2 trace_b < 1``: even at the largest variance it would add less
+        than one measured degree of freedom) keeps ``gamma = 1, rho = r2``. Stops when no ``rho_b`` moves by
+        1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred ``rho`` and
+        ``gamma`` spectra and the band values (None for a band without frequencies on this grid) with the
+        iterations taken and whether it converged."""
         dims = tuple(range(-len(shape), 0))
         band = radial_bands(shape, device)
         n_bands = len(RADIAL_BAND_EDGES) + 1
