@@ -528,7 +528,7 @@ def sample_smc(
             # exact line search: sum_i W_i |A P(direction) D_i|^2_{S^-1} is the residual's curvature there
             bend = torch.zeros((), dtype=_F64, device=device)
             FD_dir = FD * direction[band]
-            for ch in chunks(N, chunk_size):
+            for ch in chunks(N, chunk_size) if bool(direction.any()) else ():  # no direction: no solves
                 q = lin_final.forward(spatial(FD_dir[ch]))
                 qs = lin_final.stationary_gram_solve(q, sy2, spec)
                 bend += (W[ch] * batch_dot(q, qs).to(_F64)).sum()
