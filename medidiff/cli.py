@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -23,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
+    # A traceback with local variables would print header values (patient names) on stderr.
+    pretty_exceptions_show_locals=False,
 )
 console = Console(stderr=True)
 
@@ -83,8 +86,10 @@ def _progress_bar() -> Progress:
         "  medidiff ingest ./demo_drop ./demo_ingested --config configs/ingest.yaml\n\n"
         "Writes DST/<subject>/<series>.nii.gz with a JSON sidecar and a provenance record per "
         "series, DST/manifest.json (every input and output with SHA-256, every problem), "
-        "DST/datacard.json/.md and DST/provenance.prov.json. Exit code 0 when at least one series "
-        "was converted, 1 when none could be, 2 on a usage error."
+        "DST/datacard.json/.md and DST/provenance.prov.json. Output names are built from keyed "
+        "hashes and acquisition attributes, never from input names. Exit code 0 when at least one "
+        "series was converted, 1 when none could be, 2 on a usage error, 3 when another run held "
+        "DST past --lock-timeout."
     )
 )
 def ingest(
@@ -93,15 +98,29 @@ def ingest(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML config (see configs/ingest.yaml).")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Processes for the header pass.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (header pass and conversion); default: all cores.")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Dataset name for the data card.")] = None,
     source: Annotated[str | None, typer.Option(help="Where the data came from (data card).")] = None,
     licence: Annotated[str, typer.Option(help="Terms of use of the data (data card).")] = "not stated",
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds to wait while another run writes into DST (default: wait until it ends)."),
+    ] = None,
 ) -> None:
     """Convert a DICOM/NIfTI drop into canonical NIfTI volumes with manifest, data card and provenance."""
+    import warnings
+
     from medidiff.config import ConfigError, IngestConfig, load_config
+    from medidiff.io.lock import DestinationBusy
+    from medidiff.stages.ingest import check_ingest_args
     from medidiff.stages.ingest import ingest as run_ingest
 
+    # Third-party warnings and log lines can quote header values: the manifest says it all.
+    warnings.simplefilter("ignore")
+    for noisy in ("pydicom", "nibabel"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         cfg = load_config(config, IngestConfig, {"workers": workers} if workers else None)
     except ConfigError as e:
@@ -110,14 +129,38 @@ def ingest(
     if not src.exists():
         console.print(f"[red]error:[/red] input {src} does not exist")
         raise typer.Exit(2)
+    if lock_timeout is not None and lock_timeout < 0:
+        console.print("[red]error:[/red] --lock-timeout must be 0 or more seconds")
+        raise typer.Exit(2)
+    try:  # usage errors, before anything is written
+        check_ingest_args(src, dst, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
     with _progress_bar() as bar:
         try:
             result = run_ingest(
-                src, dst, cfg, progress=_RichProgress(bar), name=name, source=source, licence=licence
+                src,
+                dst,
+                cfg,
+                progress=_RichProgress(bar),
+                name=name,
+                source=source,
+                licence=licence,
+                lock_timeout=lock_timeout,
+                on_wait=lambda msg: bar.console.print(f"[yellow]{msg}[/yellow]"),
             )
-        except (ValueError, FileNotFoundError) as e:
+        except DestinationBusy as e:
             console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from e
+            raise typer.Exit(3) from e
+        except Exception as e:  # a bug: say so without the message, which may quote input text
+            console.print(
+                f"[red]internal error[/red] ({type(e).__name__}); nothing already written was lost. Please "
+                "report it; run with MEDIDIFF_DEBUG=1 to see the traceback (it may show patient data)"
+            )
+            if os.environ.get("MEDIDIFF_DEBUG"):
+                raise
+            raise typer.Exit(1) from None
     _print_ingest_summary(result)
     if result.n_converted == 0:
         console.print("[red]nothing could be converted[/red]; see the problems above and the manifest")

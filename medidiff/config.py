@@ -52,6 +52,11 @@ class PrivacyConfig(_Strict):
     keep_descriptions: bool = Field(
         True, description="SeriesDescription/ProtocolName, scrubbed of PHI values"
     )
+    input_paths: Literal["redacted", "hashed"] = Field(
+        "redacted",
+        description="how outputs refer to input files: the path below SRC with identity redacted, "
+        "or a keyed hash only (for drops whose folder names carry identity no header states)",
+    )
 
 
 class IngestConfig(_Strict):
@@ -72,6 +77,11 @@ class IngestConfig(_Strict):
     canonical: CanonicalConfig = CanonicalConfig(normalization=NormalizationConfig(by_modality={}))
     privacy: PrivacyConfig = PrivacyConfig()
     compress: bool = Field(True, description="write .nii.gz (else .nii)")
+    nonfinite_voxels: Literal["error", "zero"] = Field(
+        "error",
+        description="NaN/inf voxels in an input: refuse the item (error) or set them to 0 and say so "
+        "in a warning (zero); a non-finite voxel is never written",
+    )
 
 
 def load_config(path: str | Path | None, model: type[M], overrides: dict[str, Any] | None = None) -> M:

@@ -29,6 +29,17 @@ class ProblemKind(StrEnum):
     UNSUPPORTED_IMAGE = "unsupported_image"
     DECODE_FAILED = "decode_failed"
     MISSING_ATTRIBUTE = "missing_attribute"
+    ARCHIVE_FILE = "archive_file"  # a ZIP/tar/7z archive: extract it first
+    SYMLINK_LOOP = "symlink_loop"  # a symbolic link that leads back into itself
+    # header values checked before any pixel is decoded
+    INVALID_HEADER = "invalid_header"  # a header value that cannot be parsed at all
+    INVALID_ORIENTATION = "invalid_orientation"  # IOP non-finite, zero, not unit length or not orthogonal
+    INVALID_POSITION = "invalid_position"  # IPP non-finite or absurdly far away
+    INVALID_SPACING = "invalid_spacing"  # PixelSpacing non-finite, <= 0 or absurd
+    INVALID_RESCALE = "invalid_rescale"  # RescaleSlope/Intercept non-finite, slope 0, or overflowing
+    INVALID_PIXEL_FORMAT = "invalid_pixel_format"  # Bits*/PixelRepresentation/Rows/Columns inconsistent
+    PIXEL_DATA_LENGTH = "pixel_data_length"  # PixelData longer or shorter than the header implies
+    MONOCHROME1 = "monochrome1"  # converted; low values mean white in the source
     # series geometry
     MISSING_SLICE = "missing_slice"
     IRREGULAR_SPACING = "irregular_spacing"
@@ -37,11 +48,15 @@ class ProblemKind(StrEnum):
     DUPLICATE_POSITION = "duplicate_position"
     SINGLE_SLICE = "single_slice"
     INCONSISTENT_SLICES = "inconsistent_slices"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"  # one SOPInstanceUID, different images
+    INCOMPLETE_SERIES = "incomplete_series"  # some of the series' files were rejected
     # NIfTI
     DEGENERATE_AFFINE = "degenerate_affine"
     NONFINITE_VOXELS = "nonfinite_voxels"
     FOUR_D = "four_d"
     QFORM_SFORM_MISMATCH = "qform_sform_mismatch"
+    # privacy: identifying text found in an item's outputs before they were written
+    PHI_DETECTED = "phi_detected"
     # anything else that went wrong while converting one item
     CONVERSION_FAILED = "conversion_failed"
 

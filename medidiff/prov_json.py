@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medidiff.provenance import FileRef, ProvenanceRecord
 
-__all__ = ["prov_document", "write_prov_document"]
+__all__ = ["prov_document", "prov_document_json", "write_prov_document"]
 
 
 def _short(text: str) -> str:
@@ -140,3 +140,8 @@ def prov_document(records: Sequence[ProvenanceRecord]) -> ProvDocument:
 def write_prov_document(records: Sequence[ProvenanceRecord], path: str | os.PathLike[str]) -> Path:
     """Write :func:`prov_document` of ``records`` as PROV-JSON, atomically."""
     return atomic_write_text(path, prov_document(records).serialize(format="json", indent=2) + "\n")
+
+
+def prov_document_json(records: Sequence[ProvenanceRecord]) -> dict[str, Any]:
+    """:func:`prov_document` of ``records`` as a PROV-JSON object (to check before writing)."""
+    return json.loads(prov_document(records).serialize(format="json"))

@@ -428,7 +428,8 @@ def make_record(
         ended: when it ended; now if omitted.
         output_root: the output path is stored relative to this folder (the run folder).
         input_root: input paths given as paths are stored relative to this folder.
-        output_sha256: the output's hash if already known.
+        output_sha256: the output's hash if already known (then the output need not be at its
+            final path yet: a stage may check the record before moving both into place).
         seeds: named random seeds used.
         precision: numeric precision (``"float32"``, ``"bf16-mixed"``...).
         device: see :func:`device_info`.
@@ -439,7 +440,7 @@ def make_record(
     if isinstance(warnings, str):
         raise TypeError("warnings must be a list of strings, not one string")
     out = Path(output)
-    if not out.is_file():
+    if output_sha256 is None and not out.is_file():
         raise FileNotFoundError(f"output {out} does not exist; write it before recording its provenance")
     refs = [i if isinstance(i, InputRef) else input_ref(i, root=input_root) for i in inputs]
     cfg = _jsonable(dict(config))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ class SeriesPlan:
     warnings: list[Problem] = field(default_factory=list)
     tilt_shift: np.ndarray | None = None
     tilt_degrees: float = 0.0
+    verify_copies: list[tuple[SliceRef, SliceRef]] = field(default_factory=list)
 
     @property
     def first(self) -> SliceRef:
@@ -112,8 +113,20 @@ def split_series(
     problems: list[Problem] = []
     for uid in sorted(by_uid):
         groups: dict[tuple[Any, ...], list[SliceRef]] = defaultdict(list)
-        for s in by_uid[uid]:
-            groups[_split_key(s, tol)].append(s)
+        try:
+            for s in by_uid[uid]:
+                groups[_split_key(s, tol)].append(s)
+        except (ValueError, OverflowError, ZeroDivisionError) as e:  # one bad series never stops the split
+            problems.append(
+                Problem(
+                    kind=ProblemKind.CONVERSION_FAILED,
+                    severity=Severity.ERROR,
+                    message=f"the series could not be split into volumes ({type(e).__name__}); please report this",
+                    paths=sorted({x.path for x in by_uid[uid]}),
+                    series=uid,
+                )
+            )
+            continue
         if len(groups) == 1:
             out[uid] = next(iter(groups.values()))
             continue
@@ -139,6 +152,10 @@ def split_series(
     return out, problems
 
 
+def _geometry_of(s: SliceRef) -> tuple[Any, ...]:
+    return (s.ipp, s.iop, s.pixel_spacing, s.rows, s.cols, s.slope, s.intercept)
+
+
 def _series_problem(
     kind: ProblemKind, key: str, message: str, slices: Sequence[SliceRef], **details: Any
 ) -> Problem:
@@ -159,8 +176,13 @@ def plan_series(
     tol: GeometryTolerances = GeometryTolerances(),
     gantry_tilt: Literal["resample", "error"] = "resample",
     keep_single_slice: bool = False,
+    file_sha256: Mapping[str, str] | None = None,
 ) -> SeriesPlan:
     """Sort frames along the slice normal, check the geometry and build the RAS affine.
+
+    Args:
+        file_sha256: content hashes of the files; two files with one SOPInstanceUID and the same
+            hash are copies, otherwise their pixels are compared when the series is loaded.
 
     Raises:
         ConversionError: with the problem, when the series cannot be stacked correctly.
@@ -179,15 +201,36 @@ def plan_series(
     n = np.cross(r, c)
     n /= np.linalg.norm(n)
 
-    # Exact copies of one instance (same SOPInstanceUID and frame) are dropped with a warning.
+    # Copies of one instance (same SOPInstanceUID and frame) are dropped with a warning when they
+    # are the same image; two different images under one SOPInstanceUID are an error.
     unique: dict[tuple[str, int | None], SliceRef] = {}
     copies: list[str] = []
+    to_verify: list[tuple[SliceRef, SliceRef]] = []
     for s in slices:
         k = (s.sop_instance_uid, s.frame)
-        if k in unique and s.sop_instance_uid:
-            copies.append(s.location)
-        else:
+        first = unique.get(k)
+        if first is None or not s.sop_instance_uid:
             unique[k] = s
+            continue
+        same_file = s.path == first.path or (
+            file_sha256 is not None
+            and file_sha256.get(s.path) is not None
+            and file_sha256.get(s.path) == file_sha256.get(first.path)
+        )
+        if not same_file and _geometry_of(s) != _geometry_of(first):
+            raise ConversionError(
+                _series_problem(
+                    ProblemKind.CONFLICTING_DUPLICATE,
+                    key,
+                    "two files carry one SOPInstanceUID but place the image differently (position, "
+                    "orientation, size or rescale differ); one of them is not what its UID says, so the "
+                    "series was not converted",
+                    [first, s],
+                )
+            )
+        if not same_file:
+            to_verify.append((first, s))  # same header geometry: the pixels decide (in load_series)
+        copies.append(s.location)
     if copies:
         warnings.append(
             Problem(
@@ -196,6 +239,17 @@ def plan_series(
                 message=f"{len(copies)} file(s) are copies of an instance already read (same SOPInstanceUID); "
                 "the copies were ignored",
                 paths=sorted(copies),
+                series=key,
+            )
+        )
+    if any(s.acquisition.get("PhotometricInterpretation") == "MONOCHROME1" for s in slices):
+        warnings.append(
+            Problem(
+                kind=ProblemKind.MONOCHROME1,
+                severity=Severity.WARNING,
+                message="MONOCHROME1 (low values display white): voxel values were kept as stored, not "
+                "inverted; a viewer shows the NIfTI with the opposite grey scale",
+                paths=sorted({s.path for s in slices})[:1],
                 series=key,
             )
         )
@@ -226,7 +280,9 @@ def plan_series(
     if len(ordered) == 1:
         thickness = float(ordered[0].acquisition.get("SliceThickness", 1.0) or 1.0)
         lps[:3, 2] = n * thickness
-        return SeriesPlan(key, ordered, LPS_TO_RAS @ lps, ordered[0].modality, warnings)
+        return SeriesPlan(
+            key, ordered, LPS_TO_RAS @ lps, ordered[0].modality, warnings, verify_copies=to_verify
+        )
 
     steps = np.diff(d)
     dup = np.flatnonzero(np.abs(steps) < tol.duplicate_mm)
@@ -327,7 +383,9 @@ def plan_series(
         )
     else:
         lps[:3, 2] = (ipp[-1] - ipp[0]) / (len(ordered) - 1)
-    return SeriesPlan(key, ordered, LPS_TO_RAS @ lps, ordered[0].modality, warnings, tilt_shift, tilt_deg)
+    return SeriesPlan(
+        key, ordered, LPS_TO_RAS @ lps, ordered[0].modality, warnings, tilt_shift, tilt_deg, to_verify
+    )
 
 
 def _frames_by_file(plan: SeriesPlan) -> dict[str, list[tuple[int, int | None]]]:
@@ -337,17 +395,96 @@ def _frames_by_file(plan: SeriesPlan) -> dict[str, list[tuple[int, int | None]]]
     return by_file
 
 
-def _decode(path: str, frames: list[int | None]) -> dict[int | None, np.ndarray]:
+def _decode(
+    path: str, frames: list[int | None], refs: Sequence[SliceRef] | None = None
+) -> dict[int | None, np.ndarray]:
+    """Pixel arrays of ``frames`` of one file (``None``: the single frame of a legacy file).
+
+    Uncompressed native data whose layout the header pass recorded (``refs``) is read straight
+    from the file; anything else goes through pydicom's decoders. Both correct unused high bits
+    (sign-extend or mask to BitsStored), as DICOM requires.
+    """
+    if refs and all(r.pixel_offset is not None and r.pixel_dtype for r in refs):
+        out: dict[int | None, np.ndarray] = {}
+        with open(path, "rb") as f:
+            for frame, r in zip(frames, refs, strict=True):
+                dtype = np.dtype(r.pixel_dtype)
+                n = r.rows * r.cols
+                f.seek(int(r.pixel_offset) + (frame or 0) * n * dtype.itemsize)  # type: ignore[arg-type]
+                buf = f.read(n * dtype.itemsize)
+                if len(buf) != n * dtype.itemsize:
+                    raise EOFError(
+                        f"pixel data ends early (truncated file): {len(buf)} of {n * dtype.itemsize} bytes"
+                    )
+                arr = np.frombuffer(buf, dtype=dtype).reshape(r.rows, r.cols).astype(dtype.newbyteorder("="))
+                bits = dtype.itemsize * 8
+                if 0 < r.bits_stored < bits:
+                    shift = bits - r.bits_stored
+                    arr = (arr << shift) >> shift if dtype.kind == "i" else arr & ((1 << r.bits_stored) - 1)
+                out[frame] = arr
+        return out
+    if refs and all(r.pixel_offset is not None and r.bits_allocated for r in refs):
+        return _decode_encapsulated(path, frames, refs)
     from pydicom.pixels import iter_pixels, pixel_array
 
     if frames == [None]:
-        return {None: pixel_array(path)}
+        return {None: pixel_array(path, correct_unused_bits=True)}
     wanted = set(frames)
-    out: dict[int | None, np.ndarray] = {}
-    for i, frame in enumerate(iter_pixels(path)):
+    decoded: dict[int | None, np.ndarray] = {}
+    for i, frame in enumerate(iter_pixels(path, correct_unused_bits=True)):
         if i in wanted:
-            out[i] = frame
+            decoded[i] = frame
+    return decoded
+
+
+def _decode_encapsulated(
+    path: str, frames: list[int | None], refs: Sequence[SliceRef]
+) -> dict[int | None, np.ndarray]:
+    """Compressed frames decoded by pydicom's codec plugins straight from the file's bytes."""
+    from pydicom.pixels import get_decoder
+
+    r0 = refs[0]
+    decoder = get_decoder(r0.transfer_syntax)
+    opts = {
+        "rows": r0.rows,
+        "columns": r0.cols,
+        "samples_per_pixel": 1,
+        "bits_allocated": r0.bits_allocated,
+        "bits_stored": r0.bits_stored,
+        "pixel_representation": r0.pixel_representation,
+        "photometric_interpretation": str(r0.acquisition.get("PhotometricInterpretation", "MONOCHROME2")),
+        "number_of_frames": r0.n_frames,
+        "pixel_keyword": "PixelData",
+        "correct_unused_bits": True,
+    }
+    out: dict[int | None, np.ndarray] = {}
+    with open(path, "rb") as f:
+        for frame in frames:
+            f.seek(int(r0.pixel_offset))  # type: ignore[arg-type]
+            arr, _ = decoder.as_array(f, index=frame or 0, **opts)
+            out[frame] = arr.reshape(r0.rows, r0.cols)
     return out
+
+
+def _check_copies(plan: SeriesPlan, raw: Sequence[np.ndarray | None]) -> None:
+    """Two files with one SOPInstanceUID must hold the same pixels (else CONFLICTING_DUPLICATE)."""
+    index = {id(s): k for k, s in enumerate(plan.slices)}
+    for first, copy in plan.verify_copies:
+        kept = raw[index[id(first)]] if id(first) in index else None
+        try:
+            other = _decode(copy.path, [copy.frame], [copy]).get(copy.frame)
+        except Exception:
+            other = None
+        if kept is None or other is None or other.shape != kept.shape or not np.array_equal(other, kept):
+            raise ConversionError(
+                _series_problem(
+                    ProblemKind.CONFLICTING_DUPLICATE,
+                    plan.key,
+                    "two files carry one SOPInstanceUID but hold different pixels; one of them is not the "
+                    "image its UID names, so the series was not converted (remove the wrong file)",
+                    [first, copy],
+                )
+            )
 
 
 def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
@@ -364,7 +501,7 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
     raw: list[np.ndarray | None] = [None] * n
     for path, items in _frames_by_file(plan).items():
         try:
-            decoded = _decode(path, [f for _, f in items])
+            decoded = _decode(path, [f for _, f in items], [plan.slices[k] for k, _ in items])
         except Exception as e:
             msg = str(e)
             kind = (
@@ -406,6 +543,8 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
                 )
             raw[k] = frame
 
+    _check_copies(plan, raw)
+
     slopes = np.array([s.slope for s in plan.slices])
     inters = np.array([s.intercept for s in plan.slices])
     integer = (
@@ -428,6 +567,22 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
         else:
             out[:, :, k] = (f.T.astype(np.float64) * slopes[k] + inters[k]).astype(np.float32)  # type: ignore[union-attr]
         raw[k] = None  # free the decoded frame as soon as it is stacked
+
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        # Cannot happen with rescale values that passed check_rescale; a guard, because a
+        # non-finite voxel must never be written.
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        raise ConversionError(
+            Problem(
+                kind=ProblemKind.NONFINITE_VOXELS,
+                severity=Severity.ERROR,
+                message=f"{bad} voxel(s) are NaN or infinite after applying RescaleSlope/Intercept; the "
+                "series was not converted",
+                paths=plan.paths[:1],
+                series=plan.key,
+                details={"count": bad},
+            )
+        )
 
     if plan.tilt_shift is not None:
         from scipy.ndimage import shift as nd_shift

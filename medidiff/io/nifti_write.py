@@ -8,7 +8,7 @@ from typing import Any
 from medidiff.io.atomic import atomic_path
 from medidiff.volume import Volume
 
-__all__ = ["write_nifti"]
+__all__ = ["write_image", "write_nifti"]
 
 
 class _ForwardWriter:
@@ -46,16 +46,25 @@ def write_nifti(vol: Volume, path: Path) -> Path:
     installed (about 2.5x faster than zlib at the same level; the output is ordinary gzip)."""
     img = vol.to_nibabel()  # integer voxels stay integer, with no scaling: lossless like dcm2niix
     with atomic_path(path) as tmp:
-        if path.name.endswith(".gz"):
-            try:
-                from isal import igzip_threaded
-            except ImportError:
-                igzip_threaded = None
-            if igzip_threaded is not None:
-                with igzip_threaded.open(tmp, "wb", compresslevel=1, threads=2) as f:
-                    img.to_stream(_ForwardWriter(f))
-                return path
-        import nibabel as nib
-
-        nib.save(img, tmp)
+        write_image(img, tmp, gz=Path(path).name.endswith(".gz"))
     return path
+
+
+def write_image(img: Any, path: Path, *, gz: bool, threads: int = 2) -> None:
+    """Write a nibabel NIfTI image to ``path`` as it is (no temporary file; see :func:`write_nifti`)."""
+    if gz:
+        try:
+            from isal import igzip_threaded
+        except ImportError:
+            igzip_threaded = None
+        if igzip_threaded is not None:
+            with igzip_threaded.open(path, "wb", compresslevel=1, threads=threads) as f:
+                img.to_stream(_ForwardWriter(f))
+            return
+        import gzip
+
+        with gzip.open(path, "wb", compresslevel=1) as f:
+            img.to_stream(_ForwardWriter(f))
+        return
+    with open(path, "wb") as f:
+        img.to_stream(f)

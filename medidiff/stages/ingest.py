@@ -2,45 +2,57 @@
 
 Three steps, each usable alone (the Prefect flow runs one task per series):
 
-1. :func:`plan_ingest` — hash every input, read DICOM headers in parallel, split into series,
-   write a work plan (``DST/.medidiff/work/plan.json``); see :mod:`medidiff.stages.ingest_plan`.
+1. :func:`plan_ingest` — hash every input, read DICOM headers in parallel, split into series
+   (see :mod:`medidiff.stages.ingest_plan`).
 2. :func:`convert_item` — check, stack, canonicalise and write one series (NIfTI + JSON
-   sidecar + provenance record); a failure becomes a problem entry, never an exception.
-3. :func:`finalize_ingest` — run manifest, data card, PROV-JSON for the run, PHI self-check.
+   sidecar + provenance record). A failure of any kind becomes a problem entry, never an
+   exception: one bad series never costs the others.
+3. :func:`finalize_ingest` — run manifest, data card, PROV-JSON for the run. Always written.
 
-:func:`ingest` runs all three in-process. Input files are only ever read.
+:func:`ingest` runs all three, converting series in parallel worker processes, under a lock on
+the output folder. Input files are only ever read.
+
+Privacy: every output of an item is built in memory, searched for every form of the identity of
+every patient in the drop (:class:`medidiff.stages.ingest_privacy.Scrubber`), written to
+temporary files, searched again as bytes, and only then renamed into place. A hit drops that
+item (problem ``phi_detected``, which never names the value) and the batch goes on. Output file
+names come from hashed keys and acquisition attributes only (never from input text).
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
+import functools
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medidiff import __version__
 from medidiff.config import IngestConfig, config_hash
 from medidiff.io.atomic import atomic_write_json, sha256_file
 from medidiff.io.dicom import load_series, plan_series
-from medidiff.io.nifti_write import write_nifti
 from medidiff.problems import ConversionError, Problem, ProblemKind, Severity
 from medidiff.stages.ingest_plan import (
     CACHE_DIR,
-    WORK_DIR,
+    OLD_WORK_DIR,
     IngestPlan,
     IngestResult,
     ItemResult,
     Progress,
     WorkItem,
     geometry_tolerances,
-    make_redactor,
     now_iso,
     plan_ingest,
-    safe_name,
     save_plan,
     slice_from_json,
 )
@@ -51,6 +63,8 @@ __all__ = [
     "IngestResult",
     "ItemResult",
     "WorkItem",
+    "check_ingest_args",
+    "clean_stale",
     "convert_item",
     "convert_item_cached",
     "convert_planned_item",
@@ -60,11 +74,49 @@ __all__ = [
     "item_cache_key",
     "plan_ingest",
     "save_plan",
+    "summary_markdown",
 ]
+
+
+class PhiFound(Exception):
+    """An item's outputs would hold identity; carries the locations (never the values)."""
+
+    def __init__(self, locations: Sequence[str]) -> None:
+        super().__init__(f"identity found at {len(locations)} location(s)")
+        self.locations = list(locations)
+
+
+# ------------------------------------------------------------------------------------------ privacy
+@functools.lru_cache(maxsize=8)
+def _scrubber(identity: tuple[str, ...], key: bytes, input_paths: str) -> Any:
+    from medidiff.identity import Identity
+    from medidiff.stages.ingest_privacy import Scrubber
+
+    return Scrubber(Identity.from_tagged(identity), key, "/nonexistent-root", input_paths=input_paths)  # type: ignore[arg-type]
+
+
+def _item_identity(item: WorkItem, identity: Sequence[str] | None) -> tuple[str, ...]:
+    """The identity to redact and check against: the drop's, else the item's own, else read
+    from the item's headers (a library call with a bare work item)."""
+    if identity:
+        return tuple(sorted(set(identity) | set(item.phi_values)))
+    if item.phi_values:
+        return tuple(sorted(item.phi_values))
+    if item.kind != "dicom":
+        return ()
+    from medidiff.io.dicom_scan import read_header_identity
+
+    found: set[str] = set()
+    for path in item.inputs:
+        with contextlib.suppress(Exception):
+            found.update(read_header_identity(path)[2])
+    return tuple(sorted(found))
 
 
 # ------------------------------------------------------------------------------------------ convert
 def _is_label_file(name: str, patterns: Sequence[str]) -> bool:
+    import fnmatch
+
     low = name.lower()
     return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
 
@@ -78,6 +130,7 @@ def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume],
             tol=geometry_tolerances(cfg),
             gantry_tilt=cfg.gantry_tilt,
             keep_single_slice=cfg.keep_single_slice,
+            file_sha256=dict(zip(item.inputs, item.sha256, strict=True)),
         )
         return [load_series(plan)], list(plan.warnings)
     from medidiff.io.nifti import read_nifti
@@ -87,32 +140,80 @@ def _read_item_volumes(item: WorkItem, cfg: IngestConfig) -> tuple[list[Volume],
     return list(res.volumes), list(res.problems)
 
 
-def _output_stem(item: WorkItem, index: int, n: int, redact: Callable[[str], str]) -> str:
-    digest = item.item_id + "-" + hashlib.sha256(item.key.encode()).hexdigest()[:8]
-    if item.kind == "dicom":
-        desc = safe_name(redact(item.description)) if item.description else ""
-        num = f"{item.series_number:04d}" if item.series_number is not None else "0000"
-        stem = "_".join(x for x in (num, desc, digest) if x)
-    else:
-        base = Path(item.key).name.removesuffix(".gz").removesuffix(".nii")
-        stem = f"{safe_name(redact(base))}_{digest}"
-    return stem if n == 1 else f"{stem}_frame{index:03d}"
+def _finite(vol: Volume, cfg: IngestConfig, item: WorkItem) -> tuple[Volume, Problem | None]:
+    """A volume with finite voxels only (or ConversionError); NaN/inf set to 0 with ``zero``."""
+    arr = vol.array
+    if arr.dtype.kind != "f":
+        return vol, None
+    bad = ~np.isfinite(arr)
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad == 0:
+        return vol, None
+    details = {"count": n_bad, "of": int(arr.size)}
+    if cfg.nonfinite_voxels == "error" or n_bad == arr.size:
+        raise ConversionError(
+            Problem(
+                kind=ProblemKind.NONFINITE_VOXELS,
+                severity=Severity.ERROR,
+                message=f"{n_bad} of {arr.size} voxels are NaN or infinite; the item was not converted"
+                + (
+                    " (set nonfinite_voxels: zero in the config to write them as 0)"
+                    if n_bad < arr.size
+                    else " (no voxel holds a value)"
+                ),
+                paths=list(item.inputs),
+                series=item.key,
+                details=details,
+            )
+        )
+    fixed = np.where(bad, np.zeros((), arr.dtype), arr)
+    meta = dict(vol.meta)
+    meta["nonfinite_voxels_set_to_zero"] = n_bad
+    out = type(vol)(array=fixed, affine=vol.affine, modality=vol.modality, meta=meta)
+    return out, Problem(
+        kind=ProblemKind.NONFINITE_VOXELS,
+        severity=Severity.WARNING,
+        message=f"{n_bad} NaN/inf voxels were set to 0 (nonfinite_voxels: zero)",
+        paths=list(item.inputs),
+        series=item.key,
+        details=details,
+    )
 
 
-def _sidecar(item: WorkItem, vol: Volume, cfg: IngestConfig, warnings: list[Problem]) -> dict[str, Any]:
+_ACQ_TEXT = ("ProtocolName", "SeriesDescription")
+
+
+def _sidecar(
+    item: WorkItem, vol: Volume, cfg: IngestConfig, warnings_: list[Problem], scrub: Any, modality: str
+) -> dict[str, Any]:
     from medidiff.privacy import scrub_metadata
 
     keep = set()
     if cfg.privacy.keep_dates:
         keep |= {"AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate"}
     meta = scrub_metadata(vol.meta, keep=keep)
-    acq = meta.pop("acquisition", {})
+    acq = dict(meta.pop("acquisition", {}) or {})
+    if cfg.privacy.keep_descriptions and item.description:
+        acq["SeriesDescription"] = item.description
     if not cfg.privacy.keep_descriptions:
-        acq.pop("ProtocolName", None)
+        for k in _ACQ_TEXT:
+            acq.pop(k, None)
+    # free text copied from the input: identity forms and identity-looking tokens redacted
+    acq = {k: scrub.text(v) if isinstance(v, str) else scrub.obj(v) for k, v in acq.items()}
+    meta.pop("source", None)  # NIfTI: the input file name (it can be the patient's name)
+    if isinstance(meta.get("sidecar"), dict):
+        meta["sidecar"] = {k: v for k, v in meta["sidecar"].items() if k != "file"}
+    for k in ("series_uid", "study_uid", "frame_of_reference_uid"):
+        if k in meta:
+            meta[k] = scrub.uid(meta[k])
+    if "series_key" in meta:
+        meta["series_key"] = item.display_key
+    if "source_sop_instance_uids" in meta:
+        meta["source_sop_instance_uids"] = [scrub.uid(u) for u in meta["source_sop_instance_uids"]]
     return {
         "medidiff_version": __version__,
         "kind": vol.kind,
-        "modality": vol.modality,
+        "modality": modality,
         "subject": item.subject,
         "synthetic": False,
         "geometry": {
@@ -124,150 +225,231 @@ def _sidecar(item: WorkItem, vol: Volume, cfg: IngestConfig, warnings: list[Prob
         },
         "source": {
             "type": item.kind,
-            "key": item.key,
+            "key": item.display_key,
             "files": [{"path": p, "sha256": h} for p, h in zip(item.display, item.sha256, strict=True)],
         },
         "acquisition": acq,
-        "metadata": meta,
-        "warnings": [w.to_json() for w in warnings],
+        "metadata": scrub.obj(meta),
+        "warnings": [w.to_json() for w in warnings_],
     }
 
 
-def convert_item(item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = "adhoc") -> ItemResult:
-    """Convert one work item; every failure is returned as a problem, never raised."""
-    from medidiff.privacy import PatientHasher, find_phi, load_key
-    from medidiff.provenance import ToolRef, input_ref, make_record, utc_now, write_record
-    from medidiff.transforms import canonicalize
+@dataclass
+class _Staged:
+    """One output of an item, built and checked in memory, then written to temporary files."""
+
+    out: Path
+    vol: Volume
+    img: Any
+    sidecar: dict[str, Any]
+    tmp: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final)
+    sha256: str = ""
+
+
+def _tmp_beside(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sfx = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{sfx}", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def convert_item(
+    item: WorkItem,
+    dst: Path,
+    cfg: IngestConfig,
+    *,
+    run_id: str = "adhoc",
+    identity: Sequence[str] | None = None,
+) -> ItemResult:
+    """Convert one work item; every failure is returned as a problem, never raised.
+
+    Args:
+        item: the work item (from :func:`plan_ingest`).
+        dst: the output folder.
+        cfg: the ingest configuration.
+        run_id: id of the run, recorded in provenance.
+        identity: tagged identity of every patient in the drop (``IngestPlan.identity``); the
+            outputs are redacted and checked against it. Without it, the item's own patient is
+            used (read from its headers if need be).
+    """
+    from medidiff.privacy import load_key
 
     t0 = time.perf_counter()
-    started = utc_now()
     dst = Path(dst)
-    hasher = PatientHasher(load_key(cfg.privacy.key_file))
-    if not item.phi_values and item.kind == "dicom":
-        item.phi_values = _phi_values_of(item.inputs[0])
-    redact = make_redactor(item.phi_values, hasher)
+    key = load_key(cfg.privacy.key_file)
+    scrub = _scrubber(_item_identity(item, identity), key, cfg.privacy.input_paths)
+    for real, shown in zip(item.inputs, item.display, strict=True):
+        scrub._paths[real] = shown
     result = ItemResult(item_id=item.item_id, status="converted")
+    staged: list[_Staged] = []
     try:
-        volumes, warnings = _read_item_volumes(item, cfg)
+        with warnings.catch_warnings():
+            # third-party warnings can quote header values (names included): problems say it all
+            warnings.simplefilter("ignore")
+            staged, item_warnings = _build(item, dst, cfg, scrub, run_id)
+            result.problems.extend(item_warnings)
+            _commit(staged, scrub)
     except ConversionError as e:
-        p = _localize(e.problem, item)
+        p = e.problem
         result.status = "skipped" if p.severity is Severity.SKIPPED else "failed"
-        result.problems.append(p)
-        result.seconds = time.perf_counter() - t0
-        return result
+        p.paths = p.paths or list(item.inputs)
+        p.series = p.series or item.key
+        result.problems = [p]
+    except PhiFound as e:
+        result.status = "failed"
+        result.problems = [
+            Problem(
+                kind=ProblemKind.PHI_DETECTED,
+                severity=Severity.ERROR,
+                message=f"patient identity would have been written at {len(e.locations)} place(s) in the "
+                "outputs of this item; nothing of it was written. Remove the identifying text from the "
+                "input (or report this if it comes from medidiff)",
+                paths=list(item.inputs),
+                series=item.key,
+                details={"locations": e.locations[:20]},
+            )
+        ]
     except Exception as e:  # one bad item never stops the others
         result.status = "failed"
-        result.problems.append(
+        result.problems = [
             Problem(
                 kind=ProblemKind.CONVERSION_FAILED,
                 severity=Severity.ERROR,
                 message=f"conversion failed ({type(e).__name__}: {e}); please report this with the manifest",
-                paths=list(item.display),
+                paths=list(item.inputs),
                 series=item.key,
             )
-        )
-        result.seconds = time.perf_counter() - t0
-        return result
-    warnings = [_localize(w, item) for w in warnings]
-    result.problems.extend(warnings)
-
-    for idx, vol in enumerate(volumes):
-        vol = canonicalize(vol, cfg.canonical)
-        stem = _output_stem(item, idx, len(volumes), redact)
-        ext = ".nii.gz" if cfg.compress else ".nii"
-        out = dst / item.subject / f"{stem}{ext}"
-        write_nifti(vol, out)
-        sidecar = _sidecar(item, vol, cfg, warnings)
-        leaks = find_phi(sidecar, item.phi_values)
-        if leaks:  # a bug, not a data problem: refuse to write identifying metadata
-            out.unlink(missing_ok=True)
-            raise RuntimeError(f"PHI found in the sidecar of {out.name} at {leaks}; nothing was written")
-        side_path = out.with_name(out.name.removesuffix(ext) + ".json")
-        atomic_write_json(side_path, sidecar)
-        digest = sha256_file(out)
-        record = make_record(
-            out,
-            [
-                input_ref(
-                    p, sha256=h, series_uid=vol.meta.get("series_uid"), study_uid=vol.meta.get("study_uid")
-                )
-                for p, h in zip(item.display, item.sha256, strict=True)
-            ],
-            stage="ingest",
-            run_id=run_id,
-            config=cfg.model_dump(mode="json"),
-            started=started,
-            output_root=dst,
-            output_sha256=digest,
-            converter=ToolRef(
-                name="medidiff.io.dicom" if item.kind == "dicom" else "medidiff.io.nifti",
-                version=__version__,
-                options={"canonical": cfg.canonical.model_dump(mode="json")},
-            ),
-            warnings=[w.message for w in warnings],
-        )
-        if find_phi(record.model_dump(mode="json"), item.phi_values):
-            out.unlink(missing_ok=True)
-            side_path.unlink(missing_ok=True)
-            raise RuntimeError(f"PHI found in the provenance record of {out.name}; nothing was written")
-        write_record(record, out)
-        from medidiff.datacard import summarize_volume
-
-        result.summaries.append(summarize_volume(vol, item.subject).model_dump(mode="json"))
-        result.outputs.append(
-            {
-                "path": str(out.relative_to(dst)),
-                "sidecar": str(side_path.relative_to(dst)),
-                "sha256": digest,
-                "item": item.item_id,
-                "series": item.key,
-                "subject": item.subject,
-                "kind": vol.kind,
-                "modality": vol.modality,
-                "shape": list(vol.shape),
-                "spacing_mm": [round(s, 6) for s in vol.spacing],
-            }
-        )
+        ]
+    finally:
+        for s in staged:
+            for tmp, _ in s.tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+    if result.status == "converted":
+        result.outputs, result.summaries = _describe(staged, item, dst)
+    result.problems = [_localize(p, item, scrub) for p in result.problems]
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _phi_values_of(path: str) -> list[str]:
-    """Identifying values of one DICOM file (the plan file does not carry them)."""
-    from medidiff.io.dicom_scan import read_header
-
-    try:
-        refs, _ = read_header(path)
-    except Exception:
-        return []
-    return sorted({v for r in refs for v in r.phi_values})
-
-
-def _localize(problem: Problem, item: WorkItem) -> Problem:
-    """Replace absolute input paths in a problem (paths and details) by their display form."""
-
-    def fix(obj: Any) -> Any:
-        if isinstance(obj, str) and obj.startswith("/"):
-            return _display_for(obj, item)
-        if isinstance(obj, list):
-            return [fix(x) for x in obj]
-        if isinstance(obj, dict):
-            return {k: fix(v) for k, v in obj.items()}
-        return obj
-
-    problem.paths = [_display_for(x, item) for x in problem.paths]
-    problem.details = fix(problem.details)
-    problem.series = problem.series or item.key
+def _localize(problem: Problem, item: WorkItem, scrub: Any) -> Problem:
+    """Display paths, display key and scrubbed text in a problem."""
+    if problem.series == item.key:
+        problem.series = item.display_key
+    problem = scrub.problem(problem)
     return problem
 
 
-def _display_for(path: str, item: WorkItem) -> str:
-    """Map an absolute input path (or path#frame) to its redacted display form."""
-    base, sep, frame = path.partition("#")
-    for real, shown in zip(item.inputs, item.display, strict=True):
-        if real == base:
-            return shown + sep + frame
-    return path if not Path(base).is_absolute() else Path(base).name + sep + frame
+def _build(
+    item: WorkItem, dst: Path, cfg: IngestConfig, scrub: Any, run_id: str
+) -> tuple[list[_Staged], list[Problem]]:
+    """Read, canonicalise and describe every output of an item; check it all in memory."""
+    from medidiff.stages.ingest_privacy import orientation_label, output_stem, safe_modality
+    from medidiff.transforms import canonicalize
+
+    volumes, warnings_ = _read_item_volumes(item, cfg)
+    staged: list[_Staged] = []
+    ext = ".nii.gz" if cfg.compress else ".nii"
+    for idx, vol in enumerate(volumes):
+        vol = canonicalize(vol, cfg.canonical)
+        vol, fill = _finite(vol, cfg, item)
+        if fill is not None:
+            warnings_ = [w for w in warnings_ if w.kind is not ProblemKind.NONFINITE_VOXELS] + [fill]
+        elif cfg.nonfinite_voxels == "error":
+            warnings_ = [w for w in warnings_ if w.kind is not ProblemKind.NONFINITE_VOXELS]
+        modality = safe_modality(vol.modality)
+        stem = output_stem(
+            kind="dicom" if item.kind == "dicom" else "nifti",
+            series_number=item.series_number,
+            modality=modality,
+            orientation=item.orientation or orientation_label(vol.affine),
+            volume_kind=vol.kind,
+            digest=item.digest or scrub.digest(item.key, 10),
+            frame=idx if len(volumes) > 1 else None,
+        )
+        out = dst / item.subject / f"{stem}{ext}"
+        staged.append(_Staged(out=out, vol=vol, img=vol.to_nibabel(), sidecar={}))
+    warnings_ = [_localize(w, item, scrub) for w in warnings_]
+    for s in staged:
+        s.sidecar = _sidecar(item, s.vol, cfg, warnings_, scrub, safe_modality(s.vol.modality))
+        leaks = scrub.check(str(s.out.relative_to(dst)), "$name") + scrub.check(s.sidecar, "$sidecar")
+        if scrub.check_bytes(bytes(s.img.header.binaryblock)):
+            leaks.append("$nifti_header")
+        if leaks:
+            raise PhiFound(leaks)
+    return staged, warnings_
+
+
+def _commit(staged: list[_Staged], scrub: Any) -> None:
+    """Write every output of an item to temporary files, check their bytes, rename them all."""
+    from medidiff.io.nifti_write import write_image
+
+    for s in staged:
+        tmp = _tmp_beside(s.out)
+        s.tmp.append((tmp, s.out))
+        write_image(s.img, tmp, gz=s.out.name.endswith(".gz"))
+        s.sha256 = sha256_file(tmp)
+    for s in staged:
+        ext = ".nii.gz" if s.out.name.endswith(".nii.gz") else ".nii"
+        side = s.out.with_name(s.out.name.removesuffix(ext) + ".json")
+        tmp = _tmp_beside(side)
+        s.tmp.append((tmp, side))
+        atomic_payload = json.dumps(s.sidecar, indent=2, default=_json_default) + "\n"
+        tmp.write_text(atomic_payload, encoding="utf-8")
+    for s in staged:
+        for tmp, final in s.tmp:
+            leaks = scrub.check_file(tmp)
+            if leaks:
+                raise PhiFound([f"{final.name}:{x.split(':', 1)[-1]}" for x in leaks])
+    for s in staged:
+        for tmp, final in s.tmp:
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, final)
+        s.tmp = []
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
+
+
+def _describe(
+    staged: list[_Staged], item: WorkItem, dst: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from medidiff.datacard import summarize_volume
+
+    outputs, summaries = [], []
+    for s in staged:
+        ext = ".nii.gz" if s.out.name.endswith(".nii.gz") else ".nii"
+        side = s.out.with_name(s.out.name.removesuffix(ext) + ".json")
+        summaries.append(summarize_volume(s.vol, item.subject).model_dump(mode="json"))
+        outputs.append(
+            {
+                "path": str(s.out.relative_to(dst)),
+                "sidecar": str(side.relative_to(dst)),
+                "sha256": s.sha256,
+                "item": item.item_id,
+                "series": item.display_key,
+                "subject": item.subject,
+                "kind": s.vol.kind,
+                "modality": s.sidecar["modality"],
+                "shape": list(s.vol.shape),
+                "spacing_mm": [round(x, 6) for x in s.vol.spacing],
+                "sources": list(item.display),
+                "warnings": [w["message"] for w in s.sidecar["warnings"]],
+            }
+        )
+    return outputs, summaries
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -292,13 +474,21 @@ def _cached_result(path: Path, dst: Path) -> ItemResult | None:
         out = dst / o["path"]
         if not out.is_file() or sha256_file(out) != o["sha256"]:
             return None
+        if not (dst / (o["path"] + ".prov.json")).is_file() or not (dst / o["sidecar"]).is_file():
+            return None
     return res
 
 
 def convert_item_cached(
-    item: WorkItem, dst: Path, cfg: IngestConfig, *, run_id: str = "adhoc"
+    item: WorkItem,
+    dst: Path,
+    cfg: IngestConfig,
+    *,
+    run_id: str = "adhoc",
+    identity: Sequence[str] | None = None,
 ) -> tuple[ItemResult, Path, bool]:
-    """:func:`convert_item`, skipped when the same inputs and config were converted before.
+    """:func:`convert_item` plus its provenance records, skipped when the same inputs and config
+    were converted before.
 
     Returns:
         ``(result, result_json_path, reused)``.
@@ -308,9 +498,82 @@ def convert_item_cached(
     cached = _cached_result(path, Path(dst))
     if cached is not None:
         return cached, path, True
-    res = convert_item(item, dst, cfg, run_id=run_id)
-    atomic_write_json(path, res.to_json())
+    res = convert_item(item, dst, cfg, run_id=run_id, identity=identity)
+    if res.status == "converted":
+        try:
+            _write_records(res, item, Path(dst), cfg, run_id, identity)
+        except PhiFound as e:
+            _drop_outputs(res, Path(dst))
+            res.status, res.outputs, res.summaries = "failed", [], []
+            res.problems.append(
+                Problem(
+                    kind=ProblemKind.PHI_DETECTED,
+                    severity=Severity.ERROR,
+                    message="patient identity would have been written in a provenance record of this item; "
+                    "its outputs were removed. Please report this",
+                    paths=list(item.display),
+                    series=item.display_key,
+                    details={"locations": e.locations[:20]},
+                )
+            )
+    scrub = _scrubber(_item_identity(item, identity), _key(cfg), cfg.privacy.input_paths)
+    payload = res.to_json()
+    if scrub.check(payload):  # cannot happen (everything in it was checked): a last guard
+        payload = scrub.obj(payload)
+    atomic_write_json(path, payload)
     return res, path, False
+
+
+def _key(cfg: IngestConfig) -> bytes:
+    from medidiff.privacy import load_key
+
+    return load_key(cfg.privacy.key_file)
+
+
+def _write_records(
+    res: ItemResult, item: WorkItem, dst: Path, cfg: IngestConfig, run_id: str, identity: Sequence[str] | None
+) -> None:
+    """One provenance record per output, checked before it is written."""
+    from medidiff.provenance import ToolRef, input_ref, make_record, utc_now, write_record
+
+    scrub = _scrubber(_item_identity(item, identity), _key(cfg), cfg.privacy.input_paths)
+    records = []
+    meta = {}
+    for o in res.outputs:
+        side = json.loads((dst / o["sidecar"]).read_text())
+        meta = side.get("metadata", {})
+        record = make_record(
+            dst / o["path"],
+            [
+                input_ref(p, sha256=h, series_uid=meta.get("series_uid"), study_uid=meta.get("study_uid"))
+                for p, h in zip(item.display, item.sha256, strict=True)
+            ],
+            stage="ingest",
+            run_id=run_id,
+            config=cfg.model_dump(mode="json"),
+            started=utc_now(),
+            output_root=dst,
+            output_sha256=o["sha256"],
+            converter=ToolRef(
+                name="medidiff.io.dicom" if item.kind == "dicom" else "medidiff.io.nifti",
+                version=__version__,
+                options={"canonical": cfg.canonical.model_dump(mode="json")},
+            ),
+            warnings=o.get("warnings", []),
+        )
+        leaks = scrub.check(record.model_dump(mode="json"), "$record")
+        if leaks:
+            raise PhiFound(leaks)
+        records.append((record, dst / o["path"]))
+    for record, out in records:
+        write_record(record, out)
+
+
+def _drop_outputs(res: ItemResult, dst: Path) -> None:
+    for o in res.outputs:
+        for rel in (o["path"], o["sidecar"], o["path"] + ".prov.json"):
+            with contextlib.suppress(FileNotFoundError):
+                (dst / rel).unlink()
 
 
 def convert_planned_item(plan_path: Path, item_id: str) -> Path:
@@ -320,14 +583,74 @@ def convert_planned_item(plan_path: Path, item_id: str) -> Path:
     item = next((i for i in plan.items if i.item_id == item_id), None)
     if item is None:
         raise KeyError(f"item {item_id} is not in the plan {plan_path}")
-    _, path, _ = convert_item_cached(item, Path(plan.dst), cfg, run_id=plan.run_id)
+    _, path, _ = convert_item_cached(item, Path(plan.dst), cfg, run_id=plan.run_id, identity=plan.identity)
     return path
 
 
-def finalize_from_paths(plan_path: Path, result_paths: Sequence[Path]) -> IngestResult:
+def finalize_from_paths(
+    plan_path: Path, result_paths: Sequence[Path] | Mapping[str, str | Path | None]
+) -> IngestResult:
+    """:func:`finalize_ingest` from a saved plan and the item-result files of its tasks.
+
+    ``result_paths`` maps item ids to their result files; ``None`` marks a task that failed for
+    good (its item becomes a ``conversion_failed`` problem). The plan file is removed afterwards.
+    """
     plan = IngestPlan.load(plan_path)
-    results = [ItemResult.from_json(json.loads(Path(p).read_text())) for p in result_paths]
-    return finalize_ingest(plan, results)
+    cfg = IngestConfig.model_validate(plan.config)
+    if not isinstance(result_paths, Mapping):
+        result_paths = {json.loads(Path(p).read_text())["item_id"]: p for p in result_paths}
+    results = []
+    for item in plan.items:
+        path = result_paths.get(item.item_id)
+        if path is not None:
+            results.append(ItemResult.from_json(json.loads(Path(path).read_text())))
+            continue
+        scrub = _scrubber(tuple(plan.identity), _key(cfg), cfg.privacy.input_paths)
+        results.append(
+            ItemResult(
+                item_id=item.item_id,
+                status="failed",
+                problems=[
+                    scrub.problem(
+                        Problem(
+                            kind=ProblemKind.CONVERSION_FAILED,
+                            severity=Severity.ERROR,
+                            message="the task converting this item failed after its retries; see the flow "
+                            "run's logs, then run the flow again (converted items are not redone)",
+                            paths=list(item.display),
+                            series=item.display_key,
+                        )
+                    )
+                ],
+            )
+        )
+    out = finalize_ingest(plan, results)
+    with contextlib.suppress(FileNotFoundError):
+        Path(plan_path).unlink()
+    with contextlib.suppress(OSError):
+        Path(plan_path).parent.rmdir()  # only when no other run's plan is in it
+    return out
+
+
+def summary_markdown(result: IngestResult) -> str:
+    """A Markdown summary of a run: counts by outcome and problem kind (no names, no paths)."""
+    counts: dict[tuple[str, str], int] = {}
+    for p in result.problems:
+        counts[(str(p.severity), str(p.kind))] = counts.get((str(p.severity), str(p.kind)), 0) + 1
+    lines = [
+        "# medidiff ingest",
+        "",
+        f"- series converted: **{result.n_converted}**",
+        f"- series failed: **{result.n_failed}**",
+        f"- output volumes: {len(result.outputs)}",
+        "",
+        "| severity | problem | count |",
+        "| --- | --- | --- |",
+        *[f"| {sev} | {kind} | {n} |" for (sev, kind), n in sorted(counts.items())],
+        "",
+        "Details (which files, why, what to do) are in the run's manifest.json.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ finalize
@@ -339,17 +662,15 @@ def finalize_ingest(
     source: str | None = None,
     licence: str = "as the source data (not stated)",
 ) -> IngestResult:
-    """Write the run manifest, the data card and the run's PROV-JSON; check outputs carry no PHI."""
+    """Write the run manifest, the data card and the run's PROV-JSON, each checked for identity
+    before it is written (a hit is redacted and reported: the manifest is always written)."""
     from medidiff.datacard import CardProvenance, PhiPolicy, SeriesSummary, build_datacard, write_datacard
     from medidiff.privacy import PHI_ATTRIBUTES
-    from medidiff.provenance import (
-        code_version,
-        collect_records,
-        host_info,
-        package_versions,
-        write_prov_document,
-    )
+    from medidiff.prov_json import prov_document_json
+    from medidiff.provenance import code_version, collect_records, host_info, package_versions
 
+    cfg = IngestConfig.model_validate(plan.config)
+    scrub = _scrubber(tuple(plan.identity), _key(cfg), cfg.privacy.input_paths)
     dst = Path(plan.dst)
     problems = list(plan.problems)
     outputs: list[dict[str, Any]] = []
@@ -360,17 +681,14 @@ def finalize_ingest(
         summaries.extend(SeriesSummary.model_validate(s) for s in r.summaries)
     n_conv = sum(r.status == "converted" for r in results)
     n_fail = sum(r.status == "failed" for r in results)
-    counts: dict[str, int] = {}
-    for p in problems:
-        counts[f"{p.kind}"] = counts.get(f"{p.kind}", 0) + 1
     manifest = {
         "medidiff_version": __version__,
         "stage": "ingest",
         "started": plan.started,
         "finished": now_iso(),
-        "source": Path(plan.src).name,
+        "source": scrub.text(Path(plan.src).name),
         "config": plan.config,
-        "config_sha256": config_hash(IngestConfig.model_validate(plan.config)),
+        "config_sha256": config_hash(cfg),
         "hash_key_id": plan.key_id,
         "run_id": plan.run_id,
         "environment": {
@@ -378,30 +696,46 @@ def finalize_ingest(
             "packages": package_versions(),
             "host": host_info().model_dump(mode="json"),
         },
-        "summary": {
-            "input_files": len(plan.inputs),
-            "items": len(results),
-            "converted": n_conv,
-            "failed": n_fail,
-            "skipped": sum(r.status == "skipped" for r in results),
-            "outputs": len(outputs),
-            "problems_by_kind": dict(sorted(counts.items())),
-        },
+        "summary": {},
         "inputs": plan.inputs,
         "outputs": outputs,
         "problems": [p.to_json() for p in problems],
     }
+    leaks = scrub.check(manifest)
+    if leaks:  # a bug: every part was checked on its way in. Redact, and say so.
+        manifest = scrub.obj(manifest)
+        problems.append(
+            Problem(
+                kind=ProblemKind.PHI_DETECTED,
+                severity=Severity.ERROR,
+                message=f"identity found at {len(leaks)} place(s) of the manifest was redacted before it "
+                "was written; please report this",
+                details={"locations": leaks[:20]},
+            )
+        )
+        manifest["problems"].append(problems[-1].to_json())
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[f"{p.kind}"] = counts.get(f"{p.kind}", 0) + 1
+    manifest["summary"] = {
+        "input_files": len(plan.inputs),
+        "items": len(results),
+        "converted": n_conv,
+        "failed": n_fail,
+        "skipped": sum(r.status == "skipped" for r in results),
+        "outputs": len(outputs),
+        "problems_by_kind": dict(sorted(counts.items())),
+    }
     manifest_path = atomic_write_json(dst / "manifest.json", manifest)
-    cfg = IngestConfig.model_validate(plan.config)
     kept = ["ProtocolName", "SeriesDescription"] if cfg.privacy.keep_descriptions else []
     if cfg.privacy.keep_dates:
         kept += ["AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate"]
     card = build_datacard(
         summaries,
         problems,
-        name=name or f"ingest of {Path(plan.src).name}",
-        source=source or Path(plan.src).name,
-        licence=licence,
+        name=scrub.text(name) if name else f"medidiff ingest run {plan.run_id[:8]}",
+        source=scrub.text(source) if source else "not stated",
+        licence=scrub.text(licence),
         phi_policy=PhiPolicy(
             key_id=plan.key_id,
             hashed=["PatientID"],
@@ -409,16 +743,21 @@ def finalize_ingest(
             kept=sorted(kept),
             statement=(
                 f"Subject ids are keyed HMAC-SHA256 hashes of PatientID (key id {plan.key_id}); patient "
-                "names, birth dates and the other PS3.15 Annex E identifiers are not written"
+                "names, birth dates and the other PS3.15 Annex E identifiers are not written; free text "
+                "kept is redacted of every form of the patients' identity"
             ),
         ),
         provenance=CardProvenance(
             manifest_sha256=sha256_file(manifest_path), run_id=plan.run_id, config=plan.config
         ),
     )
+    if scrub.check(card):
+        raise RuntimeError("identity found in the data card; it was not written (please report this)")
     card_path, _ = write_datacard(card, dst / "datacard.json")
-    write_prov_document(collect_records(dst), dst / "provenance.prov.json")
-    shutil.rmtree(dst / WORK_DIR, ignore_errors=True)
+    doc = prov_document_json(collect_records(dst))
+    if scrub.check(doc):
+        doc = scrub.obj(doc)
+    atomic_write_json(dst / "provenance.prov.json", doc)
     return IngestResult(
         manifest=manifest_path,
         datacard=card_path,
@@ -427,6 +766,42 @@ def finalize_ingest(
         outputs=outputs,
         problems=problems,
     )
+
+
+def clean_stale(dst: Path) -> None:
+    """Remove what a killed run left: temporary files of atomic writes and old plan folders."""
+    shutil.rmtree(dst / OLD_WORK_DIR, ignore_errors=True)
+    if not dst.is_dir():
+        return
+    for root, dirs, files in os.walk(dst):
+        dirs[:] = [d for d in dirs if not d.startswith(".") or d == ".medidiff"]
+        for f in files:
+            if f.startswith(".") and ".tmp" in f:
+                with contextlib.suppress(FileNotFoundError):
+                    (Path(root) / f).unlink()
+
+
+def check_ingest_args(src: Path, dst: Path, cfg: IngestConfig | None = None) -> None:
+    """Raise ``FileNotFoundError``/``ValueError`` for arguments no run could work with (a usage
+    error): a missing input, an output inside the input, an unusable hash key."""
+    from medidiff.privacy import load_key
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist")
+    if src.is_dir() and (dst == src or src in dst.parents):
+        raise ValueError(f"output folder {dst} is inside the input folder {src}; choose a folder outside it")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"output {dst} exists and is not a folder")
+    load_key((cfg or IngestConfig()).privacy.key_file)
+
+
+def _convert_job(
+    item: WorkItem, dst: str, cfg: IngestConfig, run_id: str, identity: tuple[str, ...]
+) -> ItemResult:
+    """Worker-process body: convert one item (never raises for bad data)."""
+    res, _, _ = convert_item_cached(item, Path(dst), cfg, run_id=run_id, identity=identity)
+    return res
 
 
 def ingest(
@@ -438,38 +813,89 @@ def ingest(
     name: str | None = None,
     source: str | None = None,
     licence: str = "as the source data (not stated)",
+    lock_timeout: float | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> IngestResult:
     """Convert every series under ``src`` into ``dst`` (see module docstring).
+
+    Series are converted in ``config.workers`` processes (default: all cores). The output
+    folder is locked for the whole run; a second run into it waits (``lock_timeout``).
 
     Args:
         src: folder (or file) of DICOM and/or NIfTI inputs; only read.
         dst: output folder.
         config: ingest configuration (defaults when ``None``).
         progress: ``progress(phase, done, total)`` callback (phases ``scan``, ``convert``).
-        name: dataset name for the data card (default: "ingest of <src folder>").
+        name: dataset name for the data card (default: the run id).
         source: where the data came from, for the data card.
         licence: terms of use, for the data card.
+        lock_timeout: seconds to wait for another run into ``dst``; ``None`` waits as long as it
+            takes.
+        on_wait: called with a sentence when the run has to wait for another.
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``dst`` is inside ``src`` (or is a file).
+        medidiff.io.lock.DestinationBusy: another run held ``dst`` past ``lock_timeout``.
     """
+    from medidiff.io.dicom_scan import make_pool
+    from medidiff.io.lock import DestinationLock
+
     cfg = config or IngestConfig()
-    plan = plan_ingest(src, dst, cfg, progress=progress)
-    Path(plan.dst).mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, item in enumerate(plan.items):
-        res, _, _ = convert_item_cached(item, Path(plan.dst), cfg, run_id=plan.run_id)
-        results.append(res)
+    check_ingest_args(Path(src), Path(dst), cfg)
+    dst = Path(dst).resolve()
+    with DestinationLock(dst, timeout=lock_timeout, on_wait=on_wait):
+        clean_stale(dst)
+        n_workers = cfg.workers or os.cpu_count() or 1
+        pool = make_pool(n_workers) if n_workers > 1 else None
+        try:
+            plan = plan_ingest(src, dst, cfg, progress=progress, pool=pool)
+            results = _convert_all(plan, cfg, pool, progress)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return finalize_ingest(plan, results, name=name, source=source, licence=licence)
+
+
+def _convert_all(
+    plan: IngestPlan, cfg: IngestConfig, pool: Any, progress: Progress | None
+) -> list[ItemResult]:
+    identity = tuple(plan.identity)
+    order = sorted(range(len(plan.items)), key=lambda i: -len(plan.items[i].slices))  # big series first
+    results: list[ItemResult | None] = [None] * len(plan.items)
+    if progress:
+        progress("convert", 0, len(plan.items))
+    if pool is None or len(plan.items) < 2:
+        for n, i in enumerate(order):
+            results[i] = _convert_job(plan.items[i], plan.dst, cfg, plan.run_id, identity)
+            if progress:
+                progress("convert", n + 1, len(plan.items))
+        return [r for r in results if r is not None]
+    from concurrent.futures import as_completed
+
+    futures = {
+        pool.submit(_convert_job, plan.items[i], plan.dst, cfg, plan.run_id, identity): i for i in order
+    }
+    for n, fut in enumerate(as_completed(futures)):
+        i = futures[fut]
+        try:
+            results[i] = fut.result()
+        except Exception as e:  # a worker that died (out of memory, killed): that item only
+            item = plan.items[i]
+            results[i] = ItemResult(
+                item_id=item.item_id,
+                status="failed",
+                problems=[
+                    Problem(
+                        kind=ProblemKind.CONVERSION_FAILED,
+                        severity=Severity.ERROR,
+                        message=f"the worker converting this item stopped ({type(e).__name__}); if it ran out "
+                        "of memory, run with fewer workers",
+                        paths=list(item.display),
+                        series=item.display_key,
+                    )
+                ],
+            )
         if progress:
-            progress("convert", i + 1, len(plan.items))
-    out = finalize_ingest(plan, results, name=name, source=source, licence=licence)
-    phi = sorted({v for it in plan.items for v in it.phi_values})
-    _check_no_phi([out.manifest, out.datacard, out.datacard.with_suffix(".md")], phi)
-    return out
-
-
-def _check_no_phi(paths: Sequence[Path], phi_values: Sequence[str]) -> None:
-    from medidiff.privacy import find_phi_in_file
-
-    for p in paths:
-        if p.exists():
-            leaks = find_phi_in_file(p, phi_values)
-            if leaks:
-                raise RuntimeError(f"PHI found in {p.name} at {leaks[:5]}; this is a bug, please report it")
+            progress("convert", n + 1, len(plan.items))
+    return [r for r in results if r is not None]

@@ -279,7 +279,13 @@ def test_nifti_inputs_intensity_label_4d_and_degenerate(tmp_path: Path) -> None:
     kinds = {o["kind"] for o in result.outputs}
     assert kinds == {"intensity", "label"}
     n_frames = nib.load(src / "bold.nii.gz").shape[3]
-    assert sum("bold" in o["path"] for o in result.outputs) == n_frames  # 4D split, one file per frame
+    bold = [o for o in result.outputs if o["sources"] == ["bold.nii.gz"]]
+    assert len(bold) == n_frames  # 4D split, one file per frame
+    assert sorted(o["path"][-len("_frame000.nii.gz") :] for o in bold) == [
+        f"_frame{t:03d}.nii.gz" for t in range(n_frames)
+    ]
+    # output names come from hashed keys and acquisition attributes, never from input names
+    assert not any("bold" in o["path"] or "t1" in o["path"] or "dseg" in o["path"] for o in result.outputs)
     (label_out,) = [o for o in result.outputs if o["kind"] == "label"]
     back = np.asarray(nib.load(tmp_path / "out" / label_out["path"]).dataobj)
     assert set(np.unique(back)) == {0, 3} and back.dtype.kind == "i"
