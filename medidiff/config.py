@@ -47,7 +47,9 @@ class PrivacyConfig(_Strict):
     key_file: Path | None = Field(
         None, description="hash key file; default: $MEDIDIFF_HASH_KEY or ~/.config/medidiff/hash.key"
     )
-    keep_patient_names: bool = False
+    keep_patient_names: Literal[False] = Field(
+        False, description="always false: patient names, ids and birth dates are never written"
+    )
     keep_dates: bool = False
     keep_descriptions: bool = Field(
         True, description="SeriesDescription/ProtocolName, scrubbed of PHI values"

@@ -1014,6 +1014,14 @@ def _worker_init() -> None:
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")
+    # What every task needs, imported once while the parent is still listing files.
+    import nibabel  # noqa: F401
+    import pydicom
+    import pydicom.pixels  # noqa: F401
+
+
+def _nothing() -> None:
+    return None
 
 
 def scan_folder(
@@ -1088,4 +1096,6 @@ def make_pool(workers: int) -> ProcessPoolExecutor:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    pool.submit(_nothing)  # start the workers now: their imports overlap the parent's work
+    return pool

@@ -65,6 +65,20 @@ def test_flow_converts_one_task_per_series_and_rerun_is_cached(
     names = asyncio.run(task_names(state.state_details.flow_run_id))
     assert sum(n.startswith("convert-") for n in names) == 3
 
+    async def summary_artifact():
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        async with get_client() as client:
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["medidiff-ingest-summary"]))
+            )
+            return arts[-1].data
+
+    # the run's summary is an artifact of counts: no names, no paths
+    md = asyncio.run(summary_artifact())
+    assert "series converted: **3**" in md and "| skipped | not_dicom | 1 |" in md
+    assert "broken.dcm" not in md and str(tmp_path) not in md
+
     # rerun: same inputs and config -> outputs are not rewritten
     mtimes = {o["path"]: (tmp_path / "dst" / o["path"]).stat().st_mtime_ns for o in manifest["outputs"]}
     state2 = ingest_flow(str(tmp_path / "src"), str(tmp_path / "dst"), return_state=True)
