@@ -59,6 +59,8 @@ class DestinationLock:
             info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
         except (OSError, ValueError):
             return "another medidiff run"
+        if not isinstance(info, dict) or not info.get("pid"):  # read while the holder rewrites it
+            return "another medidiff run"
         return f"another medidiff run (pid {info.get('pid')} on {info.get('host')}, started {info.get('started')})"
 
     def acquire(self) -> None:

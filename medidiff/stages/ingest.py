@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -98,7 +99,7 @@ def _scrubber(identity: tuple[str, ...], key: bytes, input_paths: str) -> Any:
 def _item_identity(item: WorkItem, identity: Sequence[str] | None) -> tuple[str, ...]:
     """The identity to redact and check against: the drop's, else the item's own, else read
     from the item's headers (a library call with a bare work item)."""
-    if identity:
+    if identity is not None:  # the drop's (possibly nobody's: a de-identified drop)
         return tuple(sorted(set(identity) | set(item.phi_values)))
     if item.phi_values:
         return tuple(sorted(item.phi_values))
@@ -405,8 +406,17 @@ def _commit(staged: list[_Staged], scrub: Any) -> None:
     for s in staged:
         for tmp, final in s.tmp:
             os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)  # on disk before the name points at it (a power cut, not only a kill)
             os.replace(tmp, final)
         s.tmp = []
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -498,6 +508,7 @@ def convert_item_cached(
     cached = _cached_result(path, Path(dst))
     if cached is not None:
         return cached, path, True
+    identity = _item_identity(item, identity)  # once: it may read the item's headers
     res = convert_item(item, dst, cfg, run_id=run_id, identity=identity)
     if res.status == "converted":
         try:
@@ -768,6 +779,9 @@ def finalize_ingest(
     )
 
 
+_OWN_TMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?:\.nii\.gz|\.nii|\.json|\.md|\.gz)?")
+
+
 def clean_stale(dst: Path) -> None:
     """Remove what a killed run left: temporary files of atomic writes and old plan folders."""
     shutil.rmtree(dst / OLD_WORK_DIR, ignore_errors=True)
@@ -776,7 +790,7 @@ def clean_stale(dst: Path) -> None:
     for root, dirs, files in os.walk(dst):
         dirs[:] = [d for d in dirs if not d.startswith(".") or d == ".medidiff"]
         for f in files:
-            if f.startswith(".") and ".tmp" in f:
+            if _OWN_TMP.fullmatch(f):  # only medidiff's own temporary names: ".<name>.<8>.tmp<ext>"
                 with contextlib.suppress(FileNotFoundError):
                     (Path(root) / f).unlink()
 

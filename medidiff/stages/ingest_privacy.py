@@ -231,7 +231,8 @@ class Scrubber:
 
     def problem(self, p: Problem) -> Problem:
         """A problem with display paths and scrubbed message and details (changed in place)."""
-        p.paths = [self.path(x) if _looks_absolute(x) else self.text(x) for x in p.paths]
+        # relative paths are display paths already: only identity is looked for again
+        p.paths = [self.path(x) if _looks_absolute(x) else self.matcher.redact(x, self._tag) for x in p.paths]
         p.series = (
             self.uid(p.series)
             if p.series and _UIDISH.fullmatch(p.series)
