@@ -31,6 +31,7 @@ Only the standard library is imported.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gzip
 import json
 import re
@@ -48,6 +49,8 @@ __all__ = [
     "IdentityKind",
     "IdentityMatcher",
     "is_placeholder",
+    "unlabelled_identity_spans",
+    "vocabulary",
 ]
 
 IdentityKind = Literal["name", "id", "date"]
@@ -103,6 +106,22 @@ _PLACEHOLDER_DATES = frozenset({"00000000", "19000101", "18000101", "00010101", 
 _NAME_AFFIXES = frozenset(
     {"dr", "mr", "mrs", "ms", "miss", "prof", "jr", "sr", "ii", "iii", "iv", "md", "phd"}
 )
+
+
+@functools.cache
+def vocabulary() -> frozenset[str]:
+    """Words medidiff's own outputs are made of: :data:`COMMON_WORDS` and the words of every
+    DICOM attribute keyword (``FrameOfReferenceUID`` gives frame, of, reference). A name part
+    that is one of them (a patient called Frame or White) is searched only in combination with
+    the other parts, else every sidecar would look like it names the patient."""
+    words = set(COMMON_WORDS)
+    try:
+        from pydicom.datadict import DicomDictionary
+    except ImportError:  # pragma: no cover - pydicom is a dependency
+        return frozenset(words)
+    for entry in DicomDictionary.values():
+        words.update(w.lower() for w in re.findall(r"[A-Z][a-z]+|[a-z]+", entry[4]) if len(w) >= 3)
+    return frozenset(words)
 
 
 def _fold(text: str) -> str:
@@ -162,7 +181,7 @@ def is_placeholder(kind: IdentityKind, value: str) -> bool:
         tokens = _name_tokens(text)
         return all(t in PLACEHOLDERS or t.isdigit() for t in tokens) or not tokens
     # ids
-    if n in COMMON_WORDS:
+    if n in COMMON_WORDS or n in vocabulary():
         return True
     if n.isdigit():  # "00001" is a subject number, not a hospital number
         return len(n) < _MIN_DIGIT_ID or len(n.lstrip("0")) < _MIN_DIGIT_ID - 1
@@ -288,9 +307,8 @@ def _needles(identity: Identity) -> set[_Needle]:
 
     for value in identity.names:
         tokens = _name_tokens(value)
-        singles = [
-            t for t in tokens if len(t) >= _MIN_TOKEN and t not in COMMON_WORDS and t not in PLACEHOLDERS
-        ]
+        words = vocabulary()
+        singles = [t for t in tokens if len(t) >= _MIN_TOKEN and t not in words and t not in PLACEHOLDERS]
         for t in singles:
             raw(t, word=len(t) < _WORD_BOUNDED_BELOW)
         comps = value.split("=")[0].split("^")

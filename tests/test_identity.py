@@ -177,3 +177,11 @@ def test_five_hundred_patients_in_one_matcher() -> None:
     assert not matcher.found_in(text)
     assert matcher.found_in(text + f" {fam.upper()} {giv}")
     assert matcher.found_in(f"x MRN {1000000 + 17 * 7919} y")
+
+
+def test_a_name_that_is_a_word_of_medidiffs_outputs_is_found_in_combination_only() -> None:
+    """A patient called Frame would otherwise be found in every sidecar ("frame_of_reference_uid")."""
+    m = Identity().add("name", "Frame^Janet").matcher()
+    assert not m.found_in('{"frame_of_reference_uid": "1.2.3", "n_frames": 2}')
+    assert m.found_in("Janet Frame") and m.found_in("FRAME, JANET") and m.found_in("J. Frame")
+    assert m.found_in("janet")  # the other part on its own still is

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -211,7 +212,7 @@ def plan_ingest(
         FileNotFoundError: ``src`` does not exist.
         ValueError: ``dst`` lies inside ``src`` (outputs would be re-ingested next time).
     """
-    from medidiff.identity import Identity
+    from medidiff.identity import Identity, vocabulary
     from medidiff.privacy import PatientHasher, key_fingerprint, load_key
     from medidiff.stages.ingest_privacy import Scrubber, orientation_label, safe_modality
 
@@ -223,12 +224,17 @@ def plan_ingest(
     started = now_iso()
     key = load_key(cfg.privacy.key_file)
     hasher = PatientHasher(key)
+    # The identity matcher needs pydicom's keyword list (half a second to import): load it while
+    # this process only waits for the header pass.
+    warm = threading.Thread(target=vocabulary, daemon=True)
+    warm.start()
     scan = scan_folder(
         src,
         workers=cfg.workers,
         progress=(lambda d, t: progress("scan", d, t)) if progress else None,
         pool=pool,
     )
+    warm.join()
     identity = Identity.from_tagged(scan.identity)
     root = src if src.is_dir() else src.parent
     scrub = Scrubber(identity, key, root, input_paths=cfg.privacy.input_paths)
