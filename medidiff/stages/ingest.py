@@ -263,7 +263,8 @@ def convert_item(
     run_id: str = "adhoc",
     identity: Sequence[str] | None = None,
 ) -> ItemResult:
-    """Convert one work item; every failure is returned as a problem, never raised.
+    """Convert one work item: volumes, sidecars and provenance records, all checked for identity
+    before any of them is moved into place. Every failure is returned as a problem, never raised.
 
     Args:
         item: the work item (from :func:`plan_ingest`).
@@ -288,9 +289,9 @@ def convert_item(
         with warnings.catch_warnings():
             # third-party warnings can quote header values (names included): problems say it all
             warnings.simplefilter("ignore")
-            staged, item_warnings = _build(item, dst, cfg, scrub, run_id)
+            staged, item_warnings = _build(item, dst, cfg, scrub)
             result.problems.extend(item_warnings)
-            _commit(staged, scrub)
+            _commit(staged, scrub, lambda s: _record(item, cfg, run_id, s, dst))
     except ConversionError as e:
         p = e.problem
         result.status = "skipped" if p.severity is Severity.SKIPPED else "failed"
@@ -342,9 +343,7 @@ def _localize(problem: Problem, item: WorkItem, scrub: Any) -> Problem:
     return problem
 
 
-def _build(
-    item: WorkItem, dst: Path, cfg: IngestConfig, scrub: Any, run_id: str
-) -> tuple[list[_Staged], list[Problem]]:
+def _build(item: WorkItem, dst: Path, cfg: IngestConfig, scrub: Any) -> tuple[list[_Staged], list[Problem]]:
     """Read, canonicalise and describe every output of an item; check it all in memory."""
     from medidiff.stages.ingest_privacy import orientation_label, output_stem, safe_modality
     from medidiff.transforms import canonicalize
@@ -382,15 +381,27 @@ def _build(
     return staged, warnings_
 
 
-def _commit(staged: list[_Staged], scrub: Any) -> None:
-    """Write every output of an item to temporary files, check their bytes, rename them all."""
+def _commit(staged: list[_Staged], scrub: Any, record: Callable[[_Staged], Any]) -> None:
+    """Write every output of an item (volume, sidecar, provenance record) to temporary files,
+    check them, then rename them all into place: nothing of an item is in place before all of
+    it has passed the check."""
     from medidiff.io.nifti_write import write_image
+    from medidiff.provenance import record_path
 
     for s in staged:
         tmp = _tmp_beside(s.out)
         s.tmp.append((tmp, s.out))
         write_image(s.img, tmp, gz=s.out.name.endswith(".gz"))
         s.sha256 = sha256_file(tmp)
+    for s in staged:
+        rec = record(s)
+        leaks = scrub.check(rec.model_dump(mode="json"), "$record")
+        if leaks:
+            raise PhiFound(leaks)
+        final = record_path(s.out)
+        tmp = _tmp_beside(final)
+        s.tmp.append((tmp, final))
+        tmp.write_text(rec.model_dump_json(indent=2) + "\n", encoding="utf-8")
     for s in staged:
         ext = ".nii.gz" if s.out.name.endswith(".nii.gz") else ".nii"
         side = s.out.with_name(s.out.name.removesuffix(ext) + ".json")
@@ -497,8 +508,7 @@ def convert_item_cached(
     run_id: str = "adhoc",
     identity: Sequence[str] | None = None,
 ) -> tuple[ItemResult, Path, bool]:
-    """:func:`convert_item` plus its provenance records, skipped when the same inputs and config
-    were converted before.
+    """:func:`convert_item`, skipped when the same inputs and config were converted before.
 
     Returns:
         ``(result, result_json_path, reused)``.
@@ -510,24 +520,7 @@ def convert_item_cached(
         return cached, path, True
     identity = _item_identity(item, identity)  # once: it may read the item's headers
     res = convert_item(item, dst, cfg, run_id=run_id, identity=identity)
-    if res.status == "converted":
-        try:
-            _write_records(res, item, Path(dst), cfg, run_id, identity)
-        except PhiFound as e:
-            _drop_outputs(res, Path(dst))
-            res.status, res.outputs, res.summaries = "failed", [], []
-            res.problems.append(
-                Problem(
-                    kind=ProblemKind.PHI_DETECTED,
-                    severity=Severity.ERROR,
-                    message="patient identity would have been written in a provenance record of this item; "
-                    "its outputs were removed. Please report this",
-                    paths=list(item.display),
-                    series=item.display_key,
-                    details={"locations": e.locations[:20]},
-                )
-            )
-    scrub = _scrubber(_item_identity(item, identity), _key(cfg), cfg.privacy.input_paths)
+    scrub = _scrubber(identity, _key(cfg), cfg.privacy.input_paths)
     payload = res.to_json()
     if scrub.check(payload):  # cannot happen (everything in it was checked): a last guard
         payload = scrub.obj(payload)
@@ -541,50 +534,30 @@ def _key(cfg: IngestConfig) -> bytes:
     return load_key(cfg.privacy.key_file)
 
 
-def _write_records(
-    res: ItemResult, item: WorkItem, dst: Path, cfg: IngestConfig, run_id: str, identity: Sequence[str] | None
-) -> None:
-    """One provenance record per output, checked before it is written."""
-    from medidiff.provenance import ToolRef, input_ref, make_record, utc_now, write_record
+def _record(item: WorkItem, cfg: IngestConfig, run_id: str, s: _Staged, dst: Path) -> Any:
+    """The provenance record of one staged output (its hash known, its file not yet in place)."""
+    from medidiff.provenance import ToolRef, input_ref, make_record, utc_now
 
-    scrub = _scrubber(_item_identity(item, identity), _key(cfg), cfg.privacy.input_paths)
-    records = []
-    meta = {}
-    for o in res.outputs:
-        side = json.loads((dst / o["sidecar"]).read_text())
-        meta = side.get("metadata", {})
-        record = make_record(
-            dst / o["path"],
-            [
-                input_ref(p, sha256=h, series_uid=meta.get("series_uid"), study_uid=meta.get("study_uid"))
-                for p, h in zip(item.display, item.sha256, strict=True)
-            ],
-            stage="ingest",
-            run_id=run_id,
-            config=cfg.model_dump(mode="json"),
-            started=utc_now(),
-            output_root=dst,
-            output_sha256=o["sha256"],
-            converter=ToolRef(
-                name="medidiff.io.dicom" if item.kind == "dicom" else "medidiff.io.nifti",
-                version=__version__,
-                options={"canonical": cfg.canonical.model_dump(mode="json")},
-            ),
-            warnings=o.get("warnings", []),
-        )
-        leaks = scrub.check(record.model_dump(mode="json"), "$record")
-        if leaks:
-            raise PhiFound(leaks)
-        records.append((record, dst / o["path"]))
-    for record, out in records:
-        write_record(record, out)
-
-
-def _drop_outputs(res: ItemResult, dst: Path) -> None:
-    for o in res.outputs:
-        for rel in (o["path"], o["sidecar"], o["path"] + ".prov.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (dst / rel).unlink()
+    meta = s.sidecar.get("metadata", {})
+    return make_record(
+        s.out,
+        [
+            input_ref(p, sha256=h, series_uid=meta.get("series_uid"), study_uid=meta.get("study_uid"))
+            for p, h in zip(item.display, item.sha256, strict=True)
+        ],
+        stage="ingest",
+        run_id=run_id,
+        config=cfg.model_dump(mode="json"),
+        started=utc_now(),
+        output_root=dst,
+        output_sha256=s.sha256,
+        converter=ToolRef(
+            name="medidiff.io.dicom" if item.kind == "dicom" else "medidiff.io.nifti",
+            version=__version__,
+            options={"canonical": cfg.canonical.model_dump(mode="json")},
+        ),
+        warnings=[w["message"] for w in s.sidecar.get("warnings", [])],
+    )
 
 
 def convert_planned_item(plan_path: Path, item_id: str) -> Path:
