@@ -56,13 +56,22 @@ def main(
 
 
 class _RichProgress:
-    """Adapter from the stage's ``progress(phase, done, total)`` callback to a rich progress bar."""
+    """Adapter from the stage's ``progress(phase, done, total)`` callback to a rich progress bar.
 
-    def __init__(self, progress: Progress) -> None:
+    With ``lazy``, the bar (and its refresh thread) starts at the first call: the ingest stage
+    forks its worker processes before that, and a fork with other threads running is unsafe.
+    """
+
+    def __init__(self, progress: Progress, *, lazy: bool = False) -> None:
         self.progress = progress
         self.tasks: dict[str, int] = {}
+        self.lazy = lazy
+        self.started = not lazy
 
     def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
         if phase not in self.tasks:
             self.tasks[phase] = self.progress.add_task(_PHASES.get(phase, phase), total=total)
         self.progress.update(self.tasks[phase], completed=done, total=total)
@@ -137,30 +146,33 @@ def ingest(
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    with _progress_bar() as bar:
-        try:
-            result = run_ingest(
-                src,
-                dst,
-                cfg,
-                progress=_RichProgress(bar),
-                name=name,
-                source=source,
-                licence=licence,
-                lock_timeout=lock_timeout,
-                on_wait=lambda msg: bar.console.print(f"[yellow]{msg}[/yellow]"),
-            )
-        except DestinationBusy as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(3) from e
-        except Exception as e:  # a bug: say so without the message, which may quote input text
-            console.print(
-                f"[red]internal error[/red] ({type(e).__name__}); nothing already written was lost. Please "
-                "report it; run with MEDIDIFF_DEBUG=1 to see the traceback (it may show patient data)"
-            )
-            if os.environ.get("MEDIDIFF_DEBUG"):
-                raise
-            raise typer.Exit(1) from None
+    bar = _progress_bar()
+    try:
+        result = run_ingest(
+            src,
+            dst,
+            cfg,
+            progress=_RichProgress(bar, lazy=True),
+            name=name,
+            source=source,
+            licence=licence,
+            lock_timeout=lock_timeout,
+            on_wait=lambda msg: console.print(f"[yellow]{msg}[/yellow]"),
+        )
+    except DestinationBusy as e:
+        bar.stop()
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(3) from e
+    except Exception as e:  # a bug: say so without the message, which may quote input text
+        bar.stop()
+        console.print(
+            f"[red]internal error[/red] ({type(e).__name__}); nothing already written was lost. Please "
+            "report it; run with MEDIDIFF_DEBUG=1 to see the traceback (it may show patient data)"
+        )
+        if os.environ.get("MEDIDIFF_DEBUG"):
+            raise
+        raise typer.Exit(1) from None
+    bar.stop()
     _print_ingest_summary(result)
     if result.n_converted == 0:
         console.print("[red]nothing could be converted[/red]; see the problems above and the manifest")

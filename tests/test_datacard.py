@@ -48,6 +48,21 @@ def test_intensity_stats_on_known_array() -> None:
     assert (s.min, s.max) == (0, n - 1)
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.int8])
+def test_integer_stats_from_the_histogram_equal_numpy(dtype) -> None:
+    """8/16-bit volumes are summarised from their histogram: exactly what numpy computes over
+    every voxel (percentiles with numpy's default interpolation)."""
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    a = rng.integers(max(info.min, -1200), min(info.max, 3000), size=(37, 23, 11)).astype(dtype)
+    s = summarize_volume(Volume(a, np.eye(4), modality="CT"), HASHER.hash("p")).intensity
+    x = a.astype(np.float64)
+    assert s is not None and not s.subsampled and s.n_voxels == a.size
+    assert s.mean == pytest.approx(x.mean(), rel=1e-12) and s.std == pytest.approx(x.std(), rel=1e-12)
+    assert [s.p01, s.p50, s.p99] == pytest.approx(np.percentile(x, [1, 50, 99]), rel=0, abs=1e-9)
+    assert (s.min, s.max) == (x.min(), x.max())
+
+
 def test_nonfinite_voxels_are_counted_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     a = rng.normal(40, 12, size=(12, 10, 9))

@@ -26,7 +26,7 @@ from typing import Any
 from medidiff.config import IngestConfig
 from medidiff.io.atomic import atomic_path
 from medidiff.io.dicom import GeometryTolerances, split_series
-from medidiff.io.dicom_scan import SliceRef, scan_folder
+from medidiff.io.dicom_scan import SliceRef, make_pool, scan_folder
 from medidiff.problems import Problem, ProblemKind, Severity
 
 __all__ = [
@@ -224,17 +224,25 @@ def plan_ingest(
     started = now_iso()
     key = load_key(cfg.privacy.key_file)
     hasher = PatientHasher(key)
-    # The identity matcher needs pydicom's keyword list (half a second to import): load it while
-    # this process only waits for the header pass.
-    warm = threading.Thread(target=vocabulary, daemon=True)
-    warm.start()
-    scan = scan_folder(
-        src,
-        workers=cfg.workers,
-        progress=(lambda d, t: progress("scan", d, t)) if progress else None,
-        pool=pool,
-    )
-    warm.join()
+    # Worker processes are forked before any thread of ours starts: a fork while another thread
+    # imports a module leaves the children waiting forever on that module's import lock.
+    n_workers = cfg.workers or os.cpu_count() or 1
+    own_pool = make_pool(n_workers) if pool is None and n_workers > 1 else None
+    try:
+        # The identity matcher needs pydicom's keyword list (half a second to import): load it
+        # while this process only waits for the header pass.
+        warm = threading.Thread(target=vocabulary, daemon=True)
+        warm.start()
+        scan = scan_folder(
+            src,
+            workers=cfg.workers,
+            progress=(lambda d, t: progress("scan", d, t)) if progress else None,
+            pool=pool or own_pool,
+        )
+        warm.join()
+    finally:
+        if own_pool is not None:
+            own_pool.shutdown()
     identity = Identity.from_tagged(scan.identity)
     root = src if src.is_dir() else src.parent
     scrub = Scrubber(identity, key, root, input_paths=cfg.privacy.input_paths)

@@ -21,6 +21,7 @@ Output file names are never built from input text at all (see :func:`output_stem
 from __future__ import annotations
 
 import hmac
+import json
 import re
 from collections.abc import Iterable, Mapping
 from hashlib import sha256
@@ -172,10 +173,20 @@ class Scrubber:
 
     def obj(self, value: Any) -> Any:
         """JSON-like object with every string value (not the keys) passed through :meth:`text`."""
+        if isinstance(value, Mapping | list | tuple):
+            try:  # most objects hold neither identity nor an input path: one pass says so
+                blob = json.dumps(value, ensure_ascii=False, default=str)
+            except (TypeError, ValueError):
+                blob = None
+            if blob is not None and "/" not in blob and "\\" not in blob and not self.matcher.found_in(blob):
+                return value
+        return self._obj(value)
+
+    def _obj(self, value: Any) -> Any:
         if isinstance(value, Mapping):
-            return {k: self.obj(v) for k, v in value.items()}
+            return {k: self._obj(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [self.obj(v) for v in value]
+            return [self._obj(v) for v in value]
         if isinstance(value, str):
             return self.text(value, unlabelled=False)
         return value
