@@ -186,40 +186,74 @@ class _ScaledJacobian:
         return base + self.alpha * (self.den(x, sigma) - base.detach())
 
 
+def _white_evidence_draw(alpha: float, seed: int) -> dict:
+    """One draw of the white ``final_var="evidence"`` problem (``_isotropic_problem(seed)``; particles:
+    ``1000 + seed``): both runs' info and W2 to the exact posterior, and the exact ``r^2``."""
+    d, m, sy, tau, sk = 256, 192, 0.1, 1.0, 0.8
+    prior, A, y, post_mean, post_cov = _isotropic_problem(d, m, sy, tau, scale=0.25, seed=seed)
+    sigmas = torch.cat([torch.logspace(1.0, torch.log10(torch.tensor(sk)).item(), 12), torch.zeros(1)])
+    out: dict = {"exact_r2": sk**2 * tau**2 / (tau**2 + sk**2)}
+    for kind in ("network", "evidence"):
+        # data_var + the isotropic proposal: the chain is exact for this prior and reads no Jacobian, so only
+        # the last step reads the probes (the gradient proposal collapses here, ESS ~10 of 1024 by step 11, and
+        # its cloud's W2 then measures that collapse rather than the last step)
+        res = reconstruct(
+            _ScaledJacobian(prior, alpha), MatrixOperator(A), y, sigma_y=sy, method="smc", n_particles=1024,
+            steps=12, sigmas=sigmas.to(torch.float64), generator=torch.Generator().manual_seed(1000 + seed),
+            options={"final": "posterior", "final_var": kind, "proposal": "isotropic", "data_var": tau**2},
+        )  # fmt: skip
+        out[f"w2_{kind}"] = _w2_to_posterior(res, post_mean, post_cov)
+        x = res.samples.reshape(res.n_particles, -1).to(torch.float64)
+        spread = res.weights @ (x - res.weights @ x) ** 2  # the weighted cloud's variance per coordinate
+        out[f"var_ratio_{kind}"] = float(spread.sum() / torch.trace(post_cov))
+        out[f"info_{kind}"] = res.info
+    return out
+
+
 @pytest.mark.parametrize("alpha", [1.0, 1.5])
 def test_final_var_evidence_recovers_cov_x0_given_xk_from_the_measurement(alpha: float) -> None:
     """``final_var="evidence"`` reads ``Cov(x0 | x_K)`` off the residuals ``y - A D``, band by band: it
     recovers the exact (white) covariance whether the probed Jacobian is right (alpha 1) or 1.5x too
-    large, and band gains near 1 (the mean is exact). With the probed ``r^2`` 1.5x too large, the cloud is
-    too wide; the evidence brings it back."""
-    d, m, sy, tau, sk = 256, 192, 0.1, 1.0, 0.8
-    prior, A, y, post_mean, post_cov = _isotropic_problem(d, m, sy, tau, scale=0.25, seed=11)
-    sigmas = torch.cat([torch.logspace(1.0, torch.log10(torch.tensor(sk)).item(), 12), torch.zeros(1)])
-    exact_r2 = sk**2 * tau**2 / (tau**2 + sk**2)
-    w2, info = {}, {}
-    for kind in ("network", "evidence"):
-        # data_var: the chain's kernels use the exact variance model; only the last step reads the probes
-        res = reconstruct(
-            _ScaledJacobian(prior, alpha), MatrixOperator(A), y, sigma_y=sy, method="smc", n_particles=1024,
-            steps=12, sigmas=sigmas.to(torch.float64), generator=torch.Generator().manual_seed(4),
-            options={"final": "posterior", "final_var": kind, "proposal": "gradient", "data_var": tau**2},
-        )  # fmt: skip
-        w2[kind] = _w2_to_posterior(res, post_mean, post_cov)
-        info[kind] = res.info
-    assert info["network"]["final_var"] == pytest.approx(alpha * exact_r2, rel=1e-6)
-    assert info["evidence"]["final_var_network"] == pytest.approx(info["network"]["final_var"], rel=1e-9)
-    assert info["evidence"]["final_var_kind"] == "evidence"
-    # one measurement: each band's estimate rests on its 16-60 frequencies, the mean on all 192 values
-    bands = info["evidence"]["final_var_bands"]["rho"]
-    assert len(bands) == len(info["evidence"]["final_var_band_edges"]) + 1
-    assert all(b == pytest.approx(exact_r2, rel=0.35) for b in bands if b is not None), bands
-    assert info["evidence"]["final_var"] == pytest.approx(exact_r2, rel=0.1), info["evidence"]["final_var"]
-    # the network's mean is exact: the fitted band gains stay near 1
-    assert all(abs(gm - 1.0) < 0.2 for gm in info["evidence"]["final_var_bands"]["gamma"] if gm is not None)
-    if alpha > 1.0:
-        assert w2["evidence"] <= 0.8 * w2["network"], w2
-    else:  # 12 band parameters fitted to one 192-value measurement cost a little where nothing was wrong
-        assert w2["evidence"] <= 1.4 * w2["network"], w2
+    large, and band gains near 1 (the mean is exact). With the probed ``r^2`` 1.5x too large, the last
+    step's weights collapse (W2 6.96 +- 1.25 against 1.07 +- 0.02 at alpha 1); the evidence brings it back.
+
+    Tolerances: each is at least |mean - target| + 3 std of its statistic over 60 independent draws (A, prior
+    mean, image, noise: ``_isotropic_problem(seed)``; particles ``1000 + seed``; seeds 0-59), measured with
+    ``.venv/bin/python benchmarks/smc_evidence_spread.py white --draws 60 --out wh.jsonl`` (mean +- std; the
+    fit converges to the same point for both alphas):
+
+    - ``rho_b / r^2`` (bands 0-5, 17/16/32/64/64/64 frequencies): 0.958 +- 0.161, 0.952 +- 0.166,
+      0.982 +- 0.141, 0.999 +- 0.084, 0.987 +- 0.098, 1.000 +- 0.088; the mean (``info["final_var"]``)
+      0.989 +- 0.044;
+    - gains: 1.000 +- 0.084, 0.998 +- 0.099, 0.998 +- 0.069, 0.994 +- 0.048, 0.997 +- 0.040, 0.997 +- 0.044;
+    - the evidence cloud's total variance over the posterior's: 0.978 +- 0.055 (min 0.74);
+    - W2 evidence / network: alpha 1.5: 0.367 +- 0.142 (max 0.89); alpha 1: 2.33 +- 0.81 (max 6.2; not
+      asserted: the fitted bands' noise unevens the last step's weights, ESS ~300 of 1024, where the network
+      was exact; a bound above the tail would catch nothing).
+
+    All 60 draws pass every assertion below."""
+    res = _white_evidence_draw(alpha, seed=0)
+    info, exact_r2 = res["info_evidence"], res["exact_r2"]
+    # deterministic: a Rademacher probe reads an isotropic Jacobian exactly; the evidence run records it
+    assert res["info_network"]["final_var"] == pytest.approx(alpha * exact_r2, rel=1e-6)
+    assert info["final_var_network"] == pytest.approx(res["info_network"]["final_var"], rel=1e-9)
+    assert info["final_var_kind"] == "evidence"
+    bands = info["final_var_bands"]
+    assert len(bands["rho"]) == len(info["final_var_band_edges"]) + 1
+    assert bands["rho"][6:] == [None, None] and bands["gamma"][6:] == [None, None]  # 1D: nothing beyond 1/2
+    # the mean over all 192 values (catches a fit that keeps the probed 1.5 r^2, or any scale error > 15%)
+    assert info["final_var"] == pytest.approx(exact_r2, rel=0.15), info["final_var"]
+    # band by band, one measurement: loose where a band holds 16-32 frequencies (catches a band left at the
+    # probed 1.5 r^2 in bands 3-5, or pinned to the fit's bounds, 0.64 / 0.39 = 1.64 and 1e-4 x that)
+    for b, tol in enumerate((0.55, 0.55, 0.45, 0.32, 0.32, 0.32)):
+        assert bands["rho"][b] == pytest.approx(exact_r2, rel=tol), (b, bands["rho"])
+    # the network's mean is exact: the fitted band gains stay near 1 (catches a gain fit that drifts)
+    for b, tol in enumerate((0.35, 0.35, 0.25, 0.15, 0.15, 0.15)):
+        assert abs(bands["gamma"][b] - 1.0) < tol, (b, bands["gamma"])
+    # the fitted Gaussian reaches the particles: their total variance matches the posterior's
+    assert 0.7 < res["var_ratio_evidence"] < 1.2, res["var_ratio_evidence"]
+    if alpha > 1.0:  # catches a fit that is not used in the last step (the two runs are then identical)
+        assert res["w2_evidence"] <= 0.95 * res["w2_network"], (res["w2_evidence"], res["w2_network"])
 
 
 def test_final_var_evidence_fit_converges_in_weakly_measured_bands() -> None:

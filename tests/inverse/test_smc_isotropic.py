@@ -28,11 +28,11 @@ def _w2(res, mean: torch.Tensor, cov: torch.Tensor) -> float:
     return gaussian_w2(m, (w[:, None] * xc).T @ xc, mean, cov)
 
 
-def _floor(mean: torch.Tensor, cov: torch.Tensor, n: int) -> float:
+def _floor(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int = 50) -> float:
     post = GaussianDenoiser(mean, cov)
     vals = []
     for i in range(3):
-        x = post.sample(n, torch.Generator().manual_seed(50 + i))
+        x = post.sample(n, torch.Generator().manual_seed(seed + i))
         vals.append(gaussian_w2(x.mean(0), torch.cov(x.T, correction=0), mean, cov))
     return sum(vals) / 3
 
