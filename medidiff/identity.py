@@ -363,41 +363,46 @@ def _needles(identity: Identity) -> set[_Needle]:
     return out
 
 
-def _trie_regex(words: Iterable[str]) -> str:
-    """A regular expression matching any of ``words``, shaped as a trie (shared prefixes)."""
+def _bounded(words: Iterable[str], *, word: bool) -> str | None:
+    """One regular expression matching any of ``words``, shaped as a trie (shared prefixes).
+
+    Edge conditions: a word that starts (ends) with a digit never has a digit before (after) it;
+    with ``word``, no needle touches a letter or digit. The condition on the character before a
+    needle is tested after its first character (``c(?<!\\d.)``), so that every alternative starts
+    with a literal and the engine can skip ahead to the possible first characters: searching a
+    megabyte of manifest for 10,000 needles takes milliseconds, not a second.
+    """
     trie: dict[str, Any] = {}
     for w in words:
+        if not w:
+            continue
         node = trie
         for ch in w:
             node = node.setdefault(ch, {})
         node[""] = True
+    if not trie:
+        return None
 
-    def build(node: dict[str, Any]) -> str:
-        end = "" in node
-        branches = [re.escape(ch) + build(child) for ch, child in sorted(node.items()) if ch != ""]
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        if end:
-            return "(?:" + body + ")?"
-        return body
+    def before(ch: str) -> str:
+        if word:
+            return r"(?<![^\W_].)"
+        return r"(?<!\d.)" if ch.isdigit() else ""
 
-    return build(trie)
+    def after(ch: str) -> str:
+        if word:
+            return r"(?![^\W_])"
+        return r"(?!\d)" if ch.isdigit() else ""
 
+    def build(node: dict[str, Any], last: str) -> str:
+        branches = [re.escape(ch) + build(child, ch) for ch, child in sorted(node.items()) if ch != ""]
+        if "" in node:
+            branches.append(after(last))  # the word may end here (longer words are tried first)
+        if len(branches) == 1:
+            return branches[0]
+        return "(?:" + "|".join(branches) + ")"
 
-def _bounded(words: Iterable[str], *, word: bool) -> str | None:
-    """Trie regex over ``words`` with edge conditions: digits never continue a digit edge;
-    ``word`` needles never touch a letter."""
-    groups: dict[tuple[bool, bool], list[str]] = {}
-    for w in words:
-        groups.setdefault((w[0].isdigit(), w[-1].isdigit()), []).append(w)
-    parts = []
-    for (d0, d1), ws in sorted(groups.items()):
-        before = r"(?<![^\W_])" if word else (r"(?<!\d)" if d0 else "")
-        after = r"(?![^\W_])" if word else (r"(?!\d)" if d1 else "")
-        # longest first inside the trie is implicit; the edge test is outside the group
-        parts.append(before + "(?:" + _trie_regex(ws) + ")" + after)
-    return "|".join(parts) if parts else None
+    first = [re.escape(ch) + before(ch) + build(child, ch) for ch, child in sorted(trie.items())]
+    return "(?:" + "|".join(first) + ")"
 
 
 class IdentityMatcher:
@@ -441,7 +446,7 @@ class IdentityMatcher:
                 if m.end() > m.start():
                     spans.append((m.start(), m.end()))
         if self._norm is not None:
-            normed = _NON_ALNUM.sub("", folded)
+            normed = (_ASCII_NON_ALNUM if fmap is None else _NON_ALNUM).sub("", folded)
             if self._norm.search(normed):  # rare: only then map back to positions
                 keep = [i for i, c in enumerate(folded) if c.isalnum() and c != "_"]
                 for m in self._norm.finditer(normed):
@@ -461,7 +466,20 @@ class IdentityMatcher:
         return merged
 
     def found_in(self, text: str) -> bool:
-        return bool(self.spans(text))
+        """Whether ``text`` holds a form of the identity (:meth:`spans` without the positions).
+
+        Double quotes separate forms here: in a serialised JSON object two neighbouring string
+        values must not join into a name.
+        """
+        if not text or not self:
+            return False
+        folded = text.lower() if text.isascii() else _folded_with_map(text)[0]
+        if any(rx.search(folded) for rx in self._raws):
+            return True
+        if self._norm is None:
+            return False
+        squeeze = _ASCII_NON_ALNUM_BUT_QUOTE if folded.isascii() else _NON_ALNUM_BUT_QUOTE
+        return self._norm.search(squeeze.sub("", folded)) is not None
 
     def redact(self, text: str, replacement: str | Any = "[redacted]") -> str:
         """``text`` with every identity form replaced.
@@ -552,6 +570,9 @@ class IdentityMatcher:
 
 
 _NON_ALNUM = re.compile(r"[\W_]+")
+_ASCII_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_NON_ALNUM_BUT_QUOTE = re.compile(r'(?:(?!")[\W_])+')
+_ASCII_NON_ALNUM_BUT_QUOTE = re.compile(r'[^0-9a-z"]+')  # the same on lower-case ASCII, faster
 
 
 def _folded_with_map(text: str) -> tuple[str, list[int]]:

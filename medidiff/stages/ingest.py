@@ -40,7 +40,7 @@ import numpy as np
 
 from medidiff import __version__
 from medidiff.config import IngestConfig, config_hash
-from medidiff.io.atomic import atomic_write_json, sha256_file
+from medidiff.io.atomic import atomic_write_json, atomic_write_text, sha256_file
 from medidiff.io.dicom import load_series, plan_series
 from medidiff.problems import ConversionError, Problem, ProblemKind, Severity
 from medidiff.stages.ingest_plan import (
@@ -710,7 +710,10 @@ def finalize_ingest(
         "outputs": len(outputs),
         "problems_by_kind": dict(sorted(counts.items())),
     }
-    manifest_path = atomic_write_json(dst / "manifest.json", manifest)
+    manifest_path = atomic_write_text(
+        dst / "manifest.json",
+        json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n",
+    )
     kept = ["ProtocolName", "SeriesDescription"] if cfg.privacy.keep_descriptions else []
     if cfg.privacy.keep_dates:
         kept += ["AcquisitionDate", "StudyDate", "SeriesDate", "ContentDate"]
@@ -741,7 +744,7 @@ def finalize_ingest(
     doc = prov_document_json(collect_records(dst))
     if scrub.check(doc):
         doc = scrub.obj(doc)
-    atomic_write_json(dst / "provenance.prov.json", doc)
+    atomic_write_text(dst / "provenance.prov.json", json.dumps(doc, ensure_ascii=False) + "\n")  # C encoder
     return IngestResult(
         manifest=manifest_path,
         datacard=card_path,
