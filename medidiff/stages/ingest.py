@@ -262,6 +262,7 @@ def convert_item(
     *,
     run_id: str = "adhoc",
     identity: Sequence[str] | None = None,
+    gzip_threads: int = 2,
 ) -> ItemResult:
     """Convert one work item: volumes, sidecars and provenance records, all checked for identity
     before any of them is moved into place. Every failure is returned as a problem, never raised.
@@ -274,6 +275,8 @@ def convert_item(
         identity: tagged identity of every patient in the drop (``IngestPlan.identity``); the
             outputs are redacted and checked against it. Without it, the item's own patient is
             used (read from its headers if need be).
+        gzip_threads: threads compressing each ``.nii.gz`` (1 when other items are converted
+            in parallel processes).
     """
     from medidiff.privacy import load_key
 
@@ -291,7 +294,7 @@ def convert_item(
             warnings.simplefilter("ignore")
             staged, item_warnings = _build(item, dst, cfg, scrub)
             result.problems.extend(item_warnings)
-            _commit(staged, scrub, lambda s: _record(item, cfg, run_id, s, dst))
+            _commit(staged, scrub, lambda s: _record(item, cfg, run_id, s, dst), gzip_threads)
     except ConversionError as e:
         p = e.problem
         result.status = "skipped" if p.severity is Severity.SKIPPED else "failed"
@@ -381,7 +384,9 @@ def _build(item: WorkItem, dst: Path, cfg: IngestConfig, scrub: Any) -> tuple[li
     return staged, warnings_
 
 
-def _commit(staged: list[_Staged], scrub: Any, record: Callable[[_Staged], Any]) -> None:
+def _commit(
+    staged: list[_Staged], scrub: Any, record: Callable[[_Staged], Any], gzip_threads: int = 2
+) -> None:
     """Write every output of an item (volume, sidecar, provenance record) to temporary files,
     check them, then rename them all into place: nothing of an item is in place before all of
     it has passed the check."""
@@ -391,7 +396,7 @@ def _commit(staged: list[_Staged], scrub: Any, record: Callable[[_Staged], Any])
     for s in staged:
         tmp = _tmp_beside(s.out)
         s.tmp.append((tmp, s.out))
-        write_image(s.img, tmp, gz=s.out.name.endswith(".gz"))
+        write_image(s.img, tmp, gz=s.out.name.endswith(".gz"), threads=gzip_threads)
         s.sha256 = sha256_file(tmp)
     for s in staged:
         rec = record(s)
@@ -507,6 +512,7 @@ def convert_item_cached(
     *,
     run_id: str = "adhoc",
     identity: Sequence[str] | None = None,
+    gzip_threads: int = 2,
 ) -> tuple[ItemResult, Path, bool]:
     """:func:`convert_item`, skipped when the same inputs and config were converted before.
 
@@ -519,7 +525,7 @@ def convert_item_cached(
     if cached is not None:
         return cached, path, True
     identity = _item_identity(item, identity)  # once: it may read the item's headers
-    res = convert_item(item, dst, cfg, run_id=run_id, identity=identity)
+    res = convert_item(item, dst, cfg, run_id=run_id, identity=identity, gzip_threads=gzip_threads)
     scrub = _scrubber(identity, _key(cfg), cfg.privacy.input_paths)
     payload = res.to_json()
     if scrub.check(payload):  # cannot happen (everything in it was checked): a last guard
@@ -787,10 +793,12 @@ def check_ingest_args(src: Path, dst: Path, cfg: IngestConfig | None = None) -> 
 
 
 def _convert_job(
-    item: WorkItem, dst: str, cfg: IngestConfig, run_id: str, identity: tuple[str, ...]
+    item: WorkItem, dst: str, cfg: IngestConfig, run_id: str, identity: tuple[str, ...], gzip_threads: int = 2
 ) -> ItemResult:
     """Worker-process body: convert one item (never raises for bad data)."""
-    res, _, _ = convert_item_cached(item, Path(dst), cfg, run_id=run_id, identity=identity)
+    res, _, _ = convert_item_cached(
+        item, Path(dst), cfg, run_id=run_id, identity=identity, gzip_threads=gzip_threads
+    )
     return res
 
 
@@ -863,8 +871,9 @@ def _convert_all(
         return [r for r in results if r is not None]
     from concurrent.futures import as_completed
 
+    # one compression thread per worker process: the workers keep the cores busy between them
     futures = {
-        pool.submit(_convert_job, plan.items[i], plan.dst, cfg, plan.run_id, identity): i for i in order
+        pool.submit(_convert_job, plan.items[i], plan.dst, cfg, plan.run_id, identity, 1): i for i in order
     }
     for n, fut in enumerate(as_completed(futures)):
         i = futures[fut]
