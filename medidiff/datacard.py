@@ -112,7 +112,11 @@ class SeriesSummary(_Model):
 
 
 def _chunks(array: np.ndarray) -> Iterator[np.ndarray]:
-    """Slabs along the first axis of about ``_CHUNK_VOXELS`` voxels (bounded temporary memory)."""
+    """Slabs of about ``_CHUNK_VOXELS`` voxels (bounded temporary memory), in memory order: a
+    Fortran-ordered volume (as medidiff stores them) is cut along its last axis, so that each
+    slab is contiguous. Every use here is a statistic that does not depend on voxel order."""
+    if array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous:
+        array = array.T
     per_slice = max(1, math.prod(array.shape[1:]))
     step = max(1, _CHUNK_VOXELS // per_slice)
     for i in range(0, array.shape[0], step):

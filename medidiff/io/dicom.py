@@ -559,14 +559,18 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
         dtype = next(
             (t for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), np.float64
         )
-    out = np.empty((cols, rows, n), dtype=dtype)
+    # Slices are stacked into a C-ordered (slice, row, column) buffer, each one a contiguous
+    # write, and shown as the (column, row, slice) volume by a transposed view: NIfTI stores
+    # that view's memory order (Fortran) as it is.
+    buf = np.empty((n, rows, cols), dtype=dtype)
     for k in range(n):
         f = raw[k]
         if integer:
-            out[:, :, k] = f.T.astype(dtype) + dtype(inters[k])  # type: ignore[union-attr]
+            np.add(f, inters[k], out=buf[k], casting="unsafe")  # fits: the dtype was chosen above
         else:
-            out[:, :, k] = (f.T.astype(np.float64) * slopes[k] + inters[k]).astype(np.float32)  # type: ignore[union-attr]
+            buf[k] = f.astype(np.float64) * slopes[k] + inters[k]  # type: ignore[union-attr]
         raw[k] = None  # free the decoded frame as soon as it is stacked
+    out = buf.transpose(2, 1, 0)
 
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         # Cannot happen with rescale values that passed check_rescale; a guard, because a
