@@ -226,6 +226,17 @@ def _get(ds: Any, keyword: str) -> Any:
     pydicom would; anything else (sequences, other character sets, values that do not parse)
     falls back to pydicom.
     """
+    memo = ds.__dict__.get("_medidiff_values")
+    if memo is None:
+        memo = {}
+        object.__setattr__(ds, "_medidiff_values", memo)
+    if keyword in memo:
+        return memo[keyword]
+    memo[keyword] = value = _get_uncached(ds, keyword)
+    return value
+
+
+def _get_uncached(ds: Any, keyword: str) -> Any:
     tag, vr = _tag_vr(keyword)
     elem = ds._dict.get(tag)
     if elem is None:
