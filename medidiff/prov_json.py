@@ -1,8 +1,9 @@
 """W3C PROV-JSON document of a run, built from the per-output provenance records.
 
 The records of :mod:`medidiff.provenance` become one PROV document: inputs, outputs, config and
-model are entities, each (run, stage) is an activity, medidiff is the software agent. The ``prov``
-package is imported only when a document is built, so importing this module stays light.
+model are entities, each (run, stage) is an activity, medidiff is the software agent. The document
+is built as plain JSON; the ``prov`` package reads it into its object model on request
+(:func:`prov_document`), and is imported only then.
 """
 
 from __future__ import annotations
@@ -29,112 +30,11 @@ def _short(text: str) -> str:
 
 
 def prov_document(records: Sequence[ProvenanceRecord]) -> ProvDocument:
-    """W3C PROV document of a run: one activity per (run, stage), entities for files, config, model.
+    """W3C PROV document of a run, as the ``prov`` package's object model (see
+    :func:`prov_document_json` for what it holds; this is that document, read by ``prov``)."""
+    from prov.model import ProvDocument
 
-    Relations: ``used`` (activity -> inputs, config, model), ``wasGeneratedBy`` (output ->
-    activity, with the Prefect task run id), ``wasDerivedFrom`` (output -> each input),
-    ``wasAssociatedWith`` (activity -> the medidiff software agent).
-    """
-    from prov.model import PROV_LABEL, PROV_LOCATION, PROV_TYPE, ProvDocument
-
-    # Imported here: provenance imports this module at load time to re-export its functions.
-    from medidiff.provenance import MEDIDIFF_NS, InputRef
-
-    doc = ProvDocument()
-    doc.add_namespace("md", MEDIDIFF_NS)
-    made: set[str] = set()
-    relations: set[tuple[str, ...]] = set()
-
-    def once(kind: str, ident: str, attrs: dict[Any, Any]) -> str:
-        qn = f"md:{ident}"
-        if qn not in made:
-            made.add(qn)
-            getattr(doc, kind)(qn, attrs)
-        return qn
-
-    def file_entity(kind: str, ref: FileRef) -> str:
-        attrs: dict[Any, Any] = {
-            PROV_TYPE: f"md:{kind}",
-            PROV_LOCATION: ref.path,
-            PROV_LABEL: Path(ref.path).name,
-            "md:sha256": ref.sha256,
-        }
-        if isinstance(ref, InputRef):
-            for key, value in (
-                ("md:studyInstanceUID", ref.study_uid),
-                ("md:seriesInstanceUID", ref.series_uid),
-                ("md:sopInstanceUID", ref.sop_uid),
-            ):
-                if value is not None:
-                    attrs[key] = value
-        return once("entity", f"{kind.lower()}-{ref.sha256[:16]}-{_short(ref.path)}", attrs)
-
-    groups: dict[tuple[str, str], list[ProvenanceRecord]] = {}
-    for rec in records:
-        groups.setdefault((rec.run_id, rec.stage), []).append(rec)
-
-    for (run_id, stage), recs in groups.items():
-        first = recs[0]
-        code = first.code
-        agent_id = f"medidiff-{code.package_version}" + (
-            f"-{code.git_commit[:12]}" if code.git_commit else ""
-        )
-        agent_attrs: dict[Any, Any] = {
-            PROV_TYPE: "prov:SoftwareAgent",
-            PROV_LABEL: "medidiff",
-            "md:version": code.package_version,
-        }
-        if code.git_commit:
-            agent_attrs["md:gitCommit"] = code.git_commit
-            agent_attrs["md:gitDirty"] = bool(code.git_dirty)
-        agent = once("agent", agent_id, agent_attrs)
-
-        act_attrs: dict[Any, Any] = {
-            PROV_TYPE: "md:StageRun",
-            PROV_LABEL: f"medidiff {stage}",
-            "md:stage": stage,
-            "md:runId": run_id,
-            "md:hostname": first.host.hostname,
-            "md:device": first.device.type
-            + (f":{first.device.index}" if first.device.index is not None else ""),
-            "md:seeds": json.dumps(first.seeds, sort_keys=True),
-            "md:packages": json.dumps(first.packages, sort_keys=True),
-        }
-        if first.precision:
-            act_attrs["md:precision"] = first.precision
-        if first.prefect.flow_run_id:
-            act_attrs["md:flowRunId"] = first.prefect.flow_run_id
-        # Groups are keyed by (run, stage), so each activity is made exactly once.
-        qn_act = f"md:{stage}-{run_id}"
-        doc.activity(qn_act, min(r.started for r in recs), max(r.ended for r in recs), act_attrs)
-        doc.wasAssociatedWith(qn_act, agent)
-
-        for rec in recs:
-            config = once(
-                "entity",
-                f"config-{rec.config_sha256[:16]}",
-                {PROV_TYPE: "md:Config", "md:sha256": rec.config_sha256, "md:json": json.dumps(rec.config)},
-            )
-            used = [config]
-            if rec.model is not None:
-                m_attrs: dict[Any, Any] = {PROV_TYPE: "md:Model", PROV_LABEL: rec.model.name}
-                if rec.model.weights_sha256:
-                    m_attrs["md:sha256"] = rec.model.weights_sha256
-                tag = rec.model.weights_sha256[:16] if rec.model.weights_sha256 else _short(rec.model.name)
-                used.append(once("entity", f"model-{tag}", m_attrs))
-            inputs = [file_entity("Input", i) for i in rec.inputs]
-            out = file_entity("Output", rec.output)
-            for ent in used + inputs:
-                if ("used", qn_act, ent) not in relations:
-                    relations.add(("used", qn_act, ent))
-                    doc.used(qn_act, ent)
-            gen_attrs = {"md:taskRunId": rec.prefect.task_run_id} if rec.prefect.task_run_id else None
-            doc.wasGeneratedBy(out, qn_act, rec.ended, other_attributes=gen_attrs)
-            for ent in inputs:
-                if ("derived", out, ent) not in relations:
-                    relations.add(("derived", out, ent))
-                    doc.wasDerivedFrom(out, ent)
-    return doc
+    return ProvDocument.deserialize(content=json.dumps(prov_document_json(records)), format="json")
 
 
 def write_prov_document(records: Sequence[ProvenanceRecord], path: str | os.PathLike[str]) -> Path:
@@ -143,12 +43,14 @@ def write_prov_document(records: Sequence[ProvenanceRecord], path: str | os.Path
 
 
 def prov_document_json(records: Sequence[ProvenanceRecord]) -> dict[str, Any]:
-    """:func:`prov_document` of ``records`` as a PROV-JSON object, built directly.
+    """W3C PROV-JSON document of a run: one activity per (run, stage), entities for files,
+    config and model, built as plain JSON (``prov``'s object model took a second for the
+    thousands of input files of an ingest run). The ingest stage checks it for patient identity
+    before writing it.
 
-    The same document (``tests/test_provenance.py`` checks that the ``prov`` package reads it
-    back equal to :func:`prov_document`), without building ``prov``'s object model: for the
-    thousands of input files of an ingest run that took a second. The ingest stage checks the
-    object for patient identity before writing it.
+    Relations: ``used`` (activity -> inputs, config, model), ``wasGeneratedBy`` (output ->
+    activity, with the Prefect task run id), ``wasDerivedFrom`` (output -> each input),
+    ``wasAssociatedWith`` (activity -> the medidiff software agent).
     """
     from medidiff.provenance import InputRef
 
