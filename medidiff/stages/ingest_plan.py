@@ -295,7 +295,6 @@ def plan_ingest(
                 digest=scrub.digest("series\0" + key_, 10),
             )
         )
-    n_dicom = len(items)
     for j, path in enumerate(sorted(scan.nifti_files)):
         rel = str(Path(path).relative_to(root))
         items.append(
@@ -311,7 +310,6 @@ def plan_ingest(
                 digest=scrub.digest("nifti\0" + rel, 10),
             )
         )
-    del n_dicom
     problems = [scrub.problem(p) for p in _merge_problems(problems)]
     inputs = [{"path": scrub.path(p), "sha256": h} for p, h in sorted(scan.sha256.items())]
     return IngestPlan(
