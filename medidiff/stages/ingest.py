@@ -56,6 +56,7 @@ from medidiff.stages.ingest_plan import (
     plan_ingest,
     save_plan,
     slice_from_json,
+    work_dir,
 )
 from medidiff.volume import Volume
 
@@ -765,8 +766,13 @@ _OWN_TMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?:\.nii\.gz|\.nii|\.js
 
 
 def clean_stale(dst: Path) -> None:
-    """Remove what a killed run left: temporary files of atomic writes and old plan folders."""
+    """Remove what a killed run left: temporary files of atomic writes and its plan (which holds
+    input paths and identity values). Call it holding the lock on ``dst``: then no other run's
+    plan for ``dst`` can be in use."""
     shutil.rmtree(dst / OLD_WORK_DIR, ignore_errors=True)
+    for old_plan in work_dir(dst).glob("plan-*.json"):
+        with contextlib.suppress(FileNotFoundError):
+            old_plan.unlink()
     if not dst.is_dir():
         return
     for root, dirs, files in os.walk(dst):

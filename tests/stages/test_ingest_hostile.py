@@ -238,3 +238,27 @@ def test_hashed_input_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result.n_converted == 2
     assert all(re.fullmatch(r"file-[0-9a-f]{16}", i["path"]) for i in manifest["inputs"])
     assert not _identity_hits(["zebra-folder", "IM0001.dcm"], _dst_bytes(tmp_path / "dst"))
+
+
+def test_a_killed_flow_runs_plan_is_removed_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan (input paths and identity values) lives outside DST, 0600; a run that dies leaves
+    it behind, and the next run into the same DST removes it."""
+    import stat
+
+    from medidiff.config import IngestConfig
+    from medidiff.stages.ingest import clean_stale, ingest, plan_ingest, save_plan
+
+    monkeypatch.setenv("MEDIDIFF_HASH_KEY", KEY)
+    monkeypatch.setenv("MEDIDIFF_WORK_DIR", str(tmp_path / "work"))
+    _two_patients(tmp_path / "src")
+    cfg = IngestConfig(workers=1)
+    plan_path = save_plan(plan_ingest(tmp_path / "src", tmp_path / "dst", cfg))
+    assert tmp_path / "dst" not in plan_path.parents
+    assert stat.S_IMODE(plan_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(plan_path.parent.parent.stat().st_mode) == 0o700
+    assert "Kowalczyk" in plan_path.read_text()  # it does hold identity: hence all of the above
+    ingest(tmp_path / "src", tmp_path / "dst", cfg)
+    assert not plan_path.exists()
+    clean_stale(tmp_path / "dst")  # and is harmless when there is nothing to clean
