@@ -32,6 +32,9 @@ demo: setup
 test: setup
 	bash scripts/install_test_tools.sh
 	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+	# the numerical tests once more on another BLAS/kernel path: 2 threads, instructions up to AVX2
+	MEDIDIFF_TEST_THREADS=2 OMP_NUM_THREADS=2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+		$(VENV)/bin/python -m pytest -q tests/inverse tests/diffusion
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

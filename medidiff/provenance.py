@@ -245,7 +245,13 @@ def _code_version(folder: str) -> CodeVersion:
 
     def git(*args: str) -> str:
         done = subprocess.run(
-            ["git", "-C", folder, *args], capture_output=True, text=True, timeout=10, env=env, check=True
+            # --no-optional-locks: `git status` must not take .git/index.lock from a user's git
+            ["git", "--no-optional-locks", "-C", folder, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            env=env,
+            check=True,
         )
         return done.stdout.strip()
 

@@ -22,7 +22,6 @@ What happens to each broken case (also in ``docs/ingest.md``):
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -622,8 +621,3 @@ def load_series(plan: SeriesPlan, *, fill: float | None = None) -> Volume:
     if monochrome1:
         meta["photometric_note"] = "MONOCHROME1: low values display white; voxel values are not inverted"
     return Volume(array=out, affine=plan.affine, modality=plan.modality, meta=meta)
-
-
-def series_digest(plan: SeriesPlan) -> str:
-    """Short stable id of a series (hash of its key), for file names that carry no DICOM text."""
-    return hashlib.sha256(plan.key.encode()).hexdigest()[:10]

@@ -182,8 +182,14 @@ def test_autoencoder_decoder_chunking_and_data_residual(dims: int, method: str) 
     res = runs[0]
     assert res.samples.shape == (6, *op.image_shape) and res.latents.shape == (6, *op.in_shape)
     assert res.mean.shape == op.image_shape and res.std.shape == op.image_shape
-    torch.testing.assert_close(runs[1].samples, res.samples, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(runs[1].weights, res.weights, rtol=1e-6, atol=1e-12)
+    # Chunked decoding changes only float32 round-off: convolutions over 4 + 2 images sum in
+    # another order than over 6. With 2 threads (MKL AVX2) the samples differ by up to ~3e-5 of
+    # their scale after 12 steps, and the weights, whose log-likelihoods divide residuals by
+    # sigma_y^2, by up to 0.4 % (identical at 1 thread). A chunking bug (a chunk lost, reordered or
+    # decoded twice) moves samples by their own scale and the weights by far more than 2 %.
+    scale = float(res.samples.abs().max())
+    torch.testing.assert_close(runs[1].samples, res.samples, rtol=0, atol=1e-3 * scale)
+    torch.testing.assert_close(runs[1].weights, res.weights, rtol=2e-2, atol=1e-4)
     assert runs[1].resample_steps == res.resample_steps
     assert bool(torch.isfinite(res.mean).all()) and bool(torch.isfinite(res.std).all())
     # Posterior draws fit the data far better than draws from the latent prior.
