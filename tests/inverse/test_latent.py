@@ -127,28 +127,40 @@ def _isotropic_denoiser(x: Tensor, sigma: float | Tensor) -> Tensor:
     return x / (1.0 + s * s)
 
 
-def _autoencoder_problem(dims: int, *, autocast: torch.dtype | None = None, sigma_y: float = 0.05):
+def _autoencoder_problem(
+    dims: int,
+    *,
+    autocast: torch.dtype | None = None,
+    sigma_y: float = 0.05,
+    dtype: torch.dtype = torch.float32,
+):
     from monai.networks.nets import AutoencoderKL
 
     with torch.random.fork_rng():  # MONAI initialises its weights from the global generator
         torch.manual_seed(0)
-        ae = AutoencoderKL(
-            spatial_dims=dims,
-            in_channels=1,
-            out_channels=1,
-            channels=(8, 8),
-            latent_channels=2,
-            num_res_blocks=1,
-            attention_levels=(False, False),
-            norm_num_groups=4,
-        ).eval()
+        ae = (
+            AutoencoderKL(
+                spatial_dims=dims,
+                in_channels=1,
+                out_channels=1,
+                channels=(8, 8),
+                latent_channels=2,
+                num_res_blocks=1,
+                attention_levels=(False, False),
+                norm_num_groups=4,
+            )
+            .eval()
+            .to(dtype)
+        )
     shape, latent = (16,) * dims, (2,) + (8,) * dims  # one downsampling: 8^d latents -> 16^d images
     mri = CartesianMRI(equispaced_mask(shape, 2, center_fraction=0.25), shape)
     op = ComposedOperator(mri, ae, latent, scale=1.5, autocast=autocast)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        truth = op.decode(1.5 * torch.randn(1, *latent, generator=g))[0]
+        truth = op.decode(1.5 * torch.randn(1, *latent, generator=g, dtype=dtype))[0]
     y = measure(mri, truth, sigma_y=sigma_y, generator=g)
+    if dtype == torch.float64:
+        y = y.to(torch.complex128)  # the particles take y's precision
     return op, y, sigma_y
 
 
@@ -161,7 +173,9 @@ def _chi2(op: ComposedOperator, images: Tensor, y: Tensor, sigma_y: float) -> fl
 @pytest.mark.parametrize("method", ["smc", "dps"])
 @pytest.mark.parametrize("dims", [2, 3], ids=["2d", "3d"])
 def test_autoencoder_decoder_chunking_and_data_residual(dims: int, method: str) -> None:
-    op, y, sigma_y = _autoencoder_problem(dims)
+    # float64: chunked and whole-batch convolutions then agree to ~1e-15, so no resampling
+    # decision can flip between the two runs on any BLAS path (in float32 with 2 threads one did)
+    op, y, sigma_y = _autoencoder_problem(dims, dtype=torch.float64)
     opts = {"data_var": 1.0} if method == "smc" else {"step_size": 2.0}
     runs = [
         reconstruct(
@@ -182,18 +196,14 @@ def test_autoencoder_decoder_chunking_and_data_residual(dims: int, method: str) 
     res = runs[0]
     assert res.samples.shape == (6, *op.image_shape) and res.latents.shape == (6, *op.in_shape)
     assert res.mean.shape == op.image_shape and res.std.shape == op.image_shape
-    # Chunked decoding changes only float32 round-off: convolutions over 4 + 2 images sum in
-    # another order than over 6. With 2 threads (MKL AVX2) the samples differ by up to ~3e-5 of
-    # their scale after 12 steps, and the weights, whose log-likelihoods divide residuals by
-    # sigma_y^2, by up to 0.4 % (identical at 1 thread). A chunking bug (a chunk lost, reordered or
-    # decoded twice) moves samples by their own scale and the weights by far more than 2 %.
-    scale = float(res.samples.abs().max())
-    torch.testing.assert_close(runs[1].samples, res.samples, rtol=0, atol=1e-3 * scale)
-    torch.testing.assert_close(runs[1].weights, res.weights, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(runs[1].samples, res.samples, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(runs[1].weights, res.weights, rtol=1e-9, atol=1e-12)
     assert runs[1].resample_steps == res.resample_steps
     assert bool(torch.isfinite(res.mean).all()) and bool(torch.isfinite(res.std).all())
     # Posterior draws fit the data far better than draws from the latent prior.
-    prior = 1.5 * torch.randn(6, *op.in_shape, generator=torch.Generator().manual_seed(5))
+    prior = 1.5 * torch.randn(
+        6, *op.in_shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
     with torch.no_grad():
         prior_chi2 = _chi2(op, op.decode(prior), y, sigma_y)
     post_chi2 = sum(
