@@ -150,7 +150,12 @@ def test_pixel_prior_smc_is_data_consistent(reference, tmp_path) -> None:
     m = res.metrics
     assert 0.5 < m["chi2_samples"] < 2.0, m
     assert nib.load(tmp_path / "out" / "mean.nii.gz").shape == (20, 24, 18)  # the reference's own grid
-    assert res.sidecar["prior"]["kind"] == "pixel" and 0.0 <= m["coverage90"] <= 1.0
+    assert res.sidecar["prior"]["kind"] == "pixel"
+    # The phantom is not a draw of this iid prior, so the 90 % interval (Student-t on the ESS of
+    # 8 particles) is conservative here. Measured over seeds 0-19 with
+    # `python benchmarks/reconstruct_coverage_spread.py --seeds 20` (this call, seed=s):
+    # 0.9964 +- 0.0009 (min 0.9942, max 0.9976); the band is +-3 std. The old check was [0, 1].
+    assert 0.993 <= m["coverage90"] <= 0.999, m["coverage90"]
 
 
 @pytest.fixture(scope="module")
