@@ -49,6 +49,7 @@ __all__ = [
     "IdentityKind",
     "IdentityMatcher",
     "is_placeholder",
+    "normalize",
     "unlabelled_identity_spans",
     "vocabulary",
 ]
@@ -130,8 +131,8 @@ def _fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
-def _norm(text: str) -> str:
-    """Letters and digits only, folded: the form in which separators and case do not matter."""
+def normalize(text: str) -> str:
+    """Letters and digits only, folded: the form in which separators, case and accents do not matter."""
     return "".join(c for c in _fold(text) if c.isalnum())
 
 
@@ -172,7 +173,7 @@ def is_placeholder(kind: IdentityKind, value: str) -> bool:
         value: the value as read from the header.
     """
     text = (value or "").strip()
-    n = _norm(text)
+    n = normalize(text)
     if kind == "date":
         return _valid_date(text) is None or text in _PLACEHOLDER_DATES
     if len(n) < 3 or n in PLACEHOLDERS or len(set(n)) == 1:
@@ -333,7 +334,7 @@ def _needles(identity: Identity) -> set[_Needle]:
                     raw(fam + sep + g[0] + ".", word=True)
     for value in identity.ids:
         folded = _fold(value)
-        n = _norm(value)
+        n = normalize(value)
         raw(folded)
         norm(n) if not n.isdigit() else raw(n)
         for sep in (" ", "-", "_", ".", "/"):
@@ -422,13 +423,12 @@ class IdentityMatcher:
         self._raws = [
             re.compile(p) for p in (_bounded(raw_plain, word=False), _bounded(raw_word, word=True)) if p
         ]
-        self._raw = self._raws[0] if self._raws else None
         pn = _bounded(normed, word=False)
         self._norm = re.compile(pn) if pn else None
         self.n_needles = len(needles)
 
     def __bool__(self) -> bool:
-        return self._raw is not None or self._norm is not None
+        return bool(self._raws) or self._norm is not None
 
     # ------------------------------------------------------------------ text
     def spans(self, text: str) -> list[tuple[int, int]]:

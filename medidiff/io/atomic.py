@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
+    "json_default",
     "sha256_file",
 ]
 
@@ -57,17 +58,24 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         yield tmp
         # mkstemp creates 0600; give the output the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)  # on disk before the name points at it (a power cut, not only a kill)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -75,7 +83,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``default=`` for :func:`json.dumps`: numpy values, paths and pydantic models as JSON."""
     import numpy as np
 
     if isinstance(o, np.generic):
@@ -92,7 +101,7 @@ def _json_default(o: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2) -> Path:
     """Write JSON atomically; numpy scalars/arrays, paths and pydantic models are converted."""
     return atomic_write_text(
-        path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + "\n"
+        path, json.dumps(obj, indent=indent, default=json_default, sort_keys=False) + "\n"
     )
 
 

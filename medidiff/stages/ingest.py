@@ -22,17 +22,17 @@ names come from hashed keys and acquisition attributes only (never from input te
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from medidiff import __version__
 from medidiff.config import IngestConfig, config_hash
-from medidiff.io.atomic import atomic_write_json, atomic_write_text, sha256_file
+from medidiff.io.atomic import atomic_write_json, atomic_write_text, json_default, sha256_file
 from medidiff.io.dicom import load_series, plan_series
 from medidiff.problems import ConversionError, Problem, ProblemKind, Severity
 from medidiff.stages.ingest_plan import (
@@ -117,8 +117,6 @@ def _item_identity(item: WorkItem, identity: Sequence[str] | None) -> tuple[str,
 
 # ------------------------------------------------------------------------------------------ convert
 def _is_label_file(name: str, patterns: Sequence[str]) -> bool:
-    import fnmatch
-
     low = name.lower()
     return any(fnmatch.fnmatch(low, p.lower()) for p in patterns)
 
@@ -244,16 +242,12 @@ class _Staged:
     vol: Volume
     img: Any
     sidecar: dict[str, Any]
-    tmp: list[tuple[Path, Path]] = field(default_factory=list)  # (temporary, final)
     sha256: str = ""
 
-
-def _tmp_beside(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sfx = "".join(final.suffixes[-2:]) if final.name.endswith(".nii.gz") else final.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{sfx}", dir=final.parent)
-    os.close(fd)
-    return Path(name)
+    @property
+    def sidecar_path(self) -> Path:
+        ext = ".nii.gz" if self.out.name.endswith(".nii.gz") else ".nii"
+        return self.out.with_name(self.out.name.removesuffix(ext) + ".json")
 
 
 def convert_item(
@@ -279,14 +273,10 @@ def convert_item(
         gzip_threads: threads compressing each ``.nii.gz`` (1 when other items are converted
             in parallel processes).
     """
-    from medidiff.privacy import load_key
-
     t0 = time.perf_counter()
     dst = Path(dst)
-    key = load_key(cfg.privacy.key_file)
-    scrub = _scrubber(_item_identity(item, identity), key, cfg.privacy.input_paths)
-    for real, shown in zip(item.inputs, item.display, strict=True):
-        scrub._paths[real] = shown
+    scrub = _scrubber(_item_identity(item, identity), _key(cfg), cfg.privacy.input_paths)
+    scrub.know_paths(zip(item.inputs, item.display, strict=True))
     result = ItemResult(item_id=item.item_id, status="converted")
     staged: list[_Staged] = []
     try:
@@ -327,14 +317,10 @@ def convert_item(
                 series=item.key,
             )
         ]
-    finally:
-        for s in staged:
-            for tmp, _ in s.tmp:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-    if result.status == "converted":
+    if result.status == "converted":  # its warnings were localised when the sidecar was built
         result.outputs, result.summaries = _describe(staged, item, dst)
-    result.problems = [_localize(p, item, scrub) for p in result.problems]
+    else:
+        result.problems = [_localize(p, item, scrub) for p in result.problems]
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -388,66 +374,38 @@ def _build(item: WorkItem, dst: Path, cfg: IngestConfig, scrub: Any) -> tuple[li
 def _commit(
     staged: list[_Staged], scrub: Any, record: Callable[[_Staged], Any], gzip_threads: int = 2
 ) -> None:
-    """Write every output of an item (volume, sidecar, provenance record) to temporary files,
+    """Write every output of an item (volume, provenance record, sidecar) to temporary files,
     check them, then rename them all into place: nothing of an item is in place before all of
-    it has passed the check."""
+    it has passed the check. An exception (a hit included) removes every temporary file."""
+    from medidiff.io.atomic import atomic_path, json_default
     from medidiff.io.nifti_write import write_image
     from medidiff.provenance import record_path
 
-    for s in staged:
-        tmp = _tmp_beside(s.out)
-        s.tmp.append((tmp, s.out))
-        write_image(s.img, tmp, gz=s.out.name.endswith(".gz"), threads=gzip_threads)
-        s.sha256 = sha256_file(tmp)
-    for s in staged:
-        rec = record(s)
-        leaks = scrub.check(rec.model_dump(mode="json"), "$record")
-        if leaks:
-            raise PhiFound(leaks)
-        final = record_path(s.out)
-        tmp = _tmp_beside(final)
-        s.tmp.append((tmp, final))
-        tmp.write_text(rec.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    for s in staged:
-        ext = ".nii.gz" if s.out.name.endswith(".nii.gz") else ".nii"
-        side = s.out.with_name(s.out.name.removesuffix(ext) + ".json")
-        tmp = _tmp_beside(side)
-        s.tmp.append((tmp, side))
-        atomic_payload = json.dumps(s.sidecar, indent=2, default=_json_default) + "\n"
-        tmp.write_text(atomic_payload, encoding="utf-8")
-    for s in staged:
-        for tmp, final in s.tmp:
+    with contextlib.ExitStack() as stack:
+        written: list[tuple[Path, Path]] = []
+
+        def temporary(final: Path) -> Path:
+            tmp = stack.enter_context(atomic_path(final))
+            written.append((tmp, final))
+            return tmp
+
+        for s in staged:
+            tmp = temporary(s.out)
+            write_image(s.img, tmp, gz=s.out.name.endswith(".gz"), threads=gzip_threads)
+            s.sha256 = sha256_file(tmp)
+        for s in staged:
+            rec = record(s)
+            leaks = scrub.check(rec.model_dump(mode="json"), "$record")
+            if leaks:
+                raise PhiFound(leaks)
+            temporary(record_path(s.out)).write_text(rec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            sidecar = json.dumps(s.sidecar, indent=2, default=json_default) + "\n"
+            temporary(s.sidecar_path).write_text(sidecar, encoding="utf-8")
+        for tmp, final in written:
             leaks = scrub.check_file(tmp)
             if leaks:
                 raise PhiFound([f"{final.name}:{x.split(':', 1)[-1]}" for x in leaks])
-    for s in staged:
-        for tmp, final in s.tmp:
-            os.chmod(tmp, 0o666 & ~_umask())
-            _fsync(tmp)  # on disk before the name points at it (a power cut, not only a kill)
-            os.replace(tmp, final)
-        s.tmp = []
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
+    # leaving the stack renamed every temporary file over its final name
 
 
 def _describe(
@@ -457,13 +415,11 @@ def _describe(
 
     outputs, summaries = [], []
     for s in staged:
-        ext = ".nii.gz" if s.out.name.endswith(".nii.gz") else ".nii"
-        side = s.out.with_name(s.out.name.removesuffix(ext) + ".json")
         summaries.append(summarize_volume(s.vol, item.subject).model_dump(mode="json"))
         outputs.append(
             {
                 "path": str(s.out.relative_to(dst)),
-                "sidecar": str(side.relative_to(dst)),
+                "sidecar": str(s.sidecar_path.relative_to(dst)),
                 "sha256": s.sha256,
                 "item": item.item_id,
                 "series": item.display_key,
@@ -719,7 +675,7 @@ def finalize_ingest(
     }
     manifest_path = atomic_write_text(
         dst / "manifest.json",
-        json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n",
+        json.dumps(manifest, indent=2, ensure_ascii=False, default=json_default) + "\n",
     )
     kept = ["ProtocolName", "SeriesDescription"] if cfg.privacy.keep_descriptions else []
     if cfg.privacy.keep_dates:
@@ -762,7 +718,8 @@ def finalize_ingest(
     )
 
 
-_OWN_TMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?:\.nii\.gz|\.nii|\.json|\.md|\.gz)?")
+# atomic_path's temporary names: ".<name>.<8 mkstemp characters>.tmp<the final name's suffixes>"
+_OWN_TMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)*")
 
 
 def clean_stale(dst: Path) -> None:

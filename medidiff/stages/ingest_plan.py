@@ -291,7 +291,7 @@ def plan_ingest(
                 phi_values=sorted({v for s in slices for v in s.phi_values}),
                 display_key=scrub.uid(key_) or "",
                 modality=safe_modality(first.modality),
-                orientation=_orientation_of(first, orientation_label),
+                orientation=orientation_label(_iop_affine(first)),
                 digest=scrub.digest("series\0" + key_, 10),
             )
         )
@@ -326,13 +326,14 @@ def plan_ingest(
     )
 
 
-def _orientation_of(s: SliceRef, label: Callable[[Any], str]) -> str:
+def _iop_affine(s: SliceRef) -> Any:
+    """An affine whose first two columns are the slice's row and column directions."""
     import numpy as np
 
     aff = np.eye(4)
     aff[:3, 0] = s.iop[:3]
     aff[:3, 1] = s.iop[3:6]
-    return label(aff)
+    return aff
 
 
 def save_plan(plan: IngestPlan) -> Path:

@@ -28,7 +28,7 @@ from hashlib import sha256
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from medidiff.identity import Identity, IdentityMatcher, unlabelled_identity_spans
+from medidiff.identity import Identity, IdentityMatcher, normalize, unlabelled_identity_spans
 from medidiff.problems import Problem
 
 __all__ = ["KNOWN_MODALITIES", "Scrubber", "orientation_label", "output_stem", "safe_modality"]
@@ -157,7 +157,7 @@ class Scrubber:
         ).hexdigest()[:n]
 
     def _tag(self, text: str) -> str:
-        return f"redacted-{self.digest(_fold(text), 8)}"
+        return f"redacted-{self.digest(normalize(text), 8)}"
 
     # ------------------------------------------------------------------ text
     def text(self, value: str, *, unlabelled: bool = True) -> str:
@@ -203,6 +203,10 @@ class Scrubber:
         return base + sep + suffix
 
     # ------------------------------------------------------------------ paths
+    def know_paths(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record (real, display) input paths worked out elsewhere (by the plan)."""
+        self._paths.update(pairs)
+
     def path(self, path: str | Path) -> str:
         """Display form of an input path (see module docstring); cached."""
         p = str(path)
@@ -281,10 +285,6 @@ _UIDISH = re.compile(r"[0-9.]+(-[a-z][0-9]+)?")
 
 def _looks_absolute(text: str) -> bool:
     return text.startswith("/") or bool(re.match(r"[A-Za-z]:[\\/]", text))
-
-
-def _fold(text: str) -> str:
-    return re.sub(r"[\W_]+", "", text.casefold())
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
