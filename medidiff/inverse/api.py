@@ -18,15 +18,8 @@ from medidiff.inverse.afdps import AFDPS_VARIANTS, sample_afdps
 from medidiff.inverse.dps import sample_dps
 from medidiff.inverse.latent import ComposedOperator
 from medidiff.inverse.operators import LinearOperator
-from medidiff.inverse.smc import (
-    check_data_spectrum,
-    resolve_final,
-    resolve_final_var,
-    resolve_guidance,
-    resolve_proposal,
-    resolve_twist_cov,
-    sample_smc,
-)
+from medidiff.inverse.smc import sample_smc
+from medidiff.inverse.smc_options import SMCOptions
 
 __all__ = ["METHODS", "method_options", "reconstruct"]
 
@@ -50,6 +43,8 @@ def method_options(method: str) -> set[str]:
     """The names ``reconstruct(..., options=...)`` accepts for ``method``."""
     if method not in _SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if method == "smc":
+        return set(SMCOptions.names())
     params = inspect.signature(_SAMPLERS[method]).parameters.values()
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY} - _COMMON
 
@@ -117,7 +112,7 @@ def reconstruct(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     callback: StepCallback | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | SMCOptions | None = None,
 ) -> PosteriorResult:
     """Sample the posterior ``p(x | y) ∝ p(x) N(y; A x, sigma_y^2 I)`` of a diffusion prior.
 
@@ -146,10 +141,10 @@ def reconstruct(
         sigma_max: largest noise level of the Karras schedule.
         rho: Karras warping exponent.
         callback: called with ``(step, ess)`` after every step (e.g. for a progress bar).
-        options: method-specific settings: ``smc``: ``proposal`` (``"auto"``, ``"linearized"``,
-            ``"isotropic"``, ``"gradient"``), ``guidance``, ``data_var``, ``data_spectrum``,
-            ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``, ``final``, ``final_var``;
-            ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
+        options: method-specific settings: ``smc``: an :class:`~medidiff.inverse.smc_options.SMCOptions` or
+            a mapping of its fields over the defaults (``proposal``, ``guidance``, ``data_var``,
+            ``data_spectrum``, ``twist_cov``, ``decoder_gain``, ``ess_threshold``, ``temper_ess``,
+            ``final``, ``final_var``); ``afdps``: ``variant``, ``proximal``, ``corrector_steps``, ``corrector_step``,
             ``ess_threshold``; ``dps``: ``step_size``.
 
     Returns:
@@ -189,6 +184,24 @@ def reconstruct(
     y_t = _measurement(y, operator, generator.device)
     sched = _schedule(sigmas, int(steps), float(sigma_min), float(sigma_max), float(rho))
 
+    if method == "smc":
+        # typed, with every check against the operator made here, before any compute
+        smc_options = SMCOptions.from_mapping(options).resolved(operator)
+        return sample_smc(
+            denoiser,
+            operator,
+            y_t,
+            sched.to(torch.float64),
+            sigma_y=sigma_y,
+            n_particles=int(n_particles),
+            generator=generator,
+            chunk_size=chunk_size,
+            keep_samples=keep_samples,
+            callback=callback,
+            options=smc_options,
+        )
+    if isinstance(options, SMCOptions):
+        raise TypeError(f"SMCOptions are the options of method='smc'; method={method!r} takes a mapping.")
     opts = dict(options or {})
     unknown = set(opts) - method_options(method)
     if unknown:
@@ -200,26 +213,6 @@ def reconstruct(
         thr = opts["ess_threshold"]
         if isinstance(thr, bool) or not isinstance(thr, numbers.Real) or not 0.0 <= float(thr) <= 1.0:
             raise ValueError(f"ess_threshold must be a number in [0, 1]; got {thr!r}.")
-    if opts.get("temper_ess") is not None:
-        te = opts["temper_ess"]
-        if isinstance(te, bool) or not isinstance(te, numbers.Real) or not 0.0 < float(te) <= 1.0:
-            raise ValueError(f"temper_ess must be None or a number in (0, 1]; got {te!r}.")
-    if method == "smc":
-        resolve_proposal(opts.get("proposal", "auto"), operator, opts.get("twist_cov", "auto"))
-        resolve_guidance(opts.get("guidance", "auto"), operator)
-        resolve_twist_cov(opts.get("twist_cov", "auto"), operator)
-        resolve_final(opts.get("final", "denoise"), operator)
-        resolve_final_var(opts.get("final_var", "network"), opts.get("final", "denoise"))
-        if opts.get("data_var") is not None:
-            _positive_float(opts["data_var"], "data_var")
-        if opts.get("data_spectrum") is not None:
-            check_data_spectrum(
-                opts["data_spectrum"], operator, opts.get("proposal", "auto"), opts.get("data_var")
-            )
-        if opts.get("decoder_gain") is not None:
-            if not isinstance(operator, ComposedOperator):
-                raise ValueError("decoder_gain applies to latent priors (a ComposedOperator) only.")
-            _positive_float(opts["decoder_gain"], "decoder_gain")
     if method == "afdps":
         if opts.get("variant", "sde") not in AFDPS_VARIANTS:
             raise ValueError(f"afdps variant must be one of {AFDPS_VARIANTS}; got {opts['variant']!r}.")

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,7 +84,24 @@ from medidiff.inverse._common import (
     weighted_moments,
 )
 from medidiff.inverse.latent import ComposedOperator, decoded_moments
-from medidiff.inverse.operators import LinearOperator, MatrixOperator, batch_dot, stationary_filter
+from medidiff.inverse.operators import LinearOperator, batch_dot, stationary_filter
+from medidiff.inverse.smc_options import (
+    FINAL_CG_ITERS,
+    FINAL_FIT_ITERS,
+    FINAL_VARS,
+    FINALS,
+    GUIDANCE,
+    LINEARIZED_MAX_M,
+    PROPOSALS,
+    TWIST_COVS,
+    SMCOptions,
+    check_data_spectrum,
+    resolve_final,
+    resolve_final_var,
+    resolve_guidance,
+    resolve_proposal,
+    resolve_twist_cov,
+)
 
 __all__ = [
     "FINALS",
@@ -93,7 +111,11 @@ __all__ = [
     "GUIDANCE",
     "LINEARIZED_MAX_M",
     "PROPOSALS",
+    "RADIAL_BAND_EDGES",
     "TWIST_COVS",
+    "SMCOptions",
+    "check_data_spectrum",
+    "radial_bands",
     "resolve_final",
     "resolve_final_var",
     "resolve_guidance",
@@ -101,19 +123,6 @@ __all__ = [
     "resolve_twist_cov",
     "sample_smc",
 ]
-
-PROPOSALS = ("auto", "linearized", "gradient", "isotropic")
-GUIDANCE = ("auto", "network", "tweedie")
-TWIST_COVS = ("auto", "isotropic", "jacobian")
-FINALS = ("denoise", "posterior")
-FINAL_VARS = ("network", "evidence")
-FINAL_CG_ITERS = 300
-"""Conjugate-gradient iterations allowed to the solves of ``final="posterior"`` (at least; an operator's own
-cap applies where higher). A truncated twist only steers; a truncated last step leaves particles off y."""
-FINAL_FIT_ITERS = 20
-"""Iterations allowed to the fit of ``final_var="evidence"`` (``info["final_var_bands"]["iterations"]``)."""
-LINEARIZED_MAX_M = 256
-"""``proposal="auto"`` linearises when the operator is a dense matrix with at most this many rows."""
 
 _F64 = torch.float64
 
@@ -151,117 +160,6 @@ def _v_from_r2(r2: float, sigma: float) -> float:
     return math.inf if r2 >= s2 * (1.0 - 1e-12) else r2 * s2 / (s2 - r2)
 
 
-def resolve_proposal(
-    proposal: str, operator: LinearOperator | ComposedOperator, twist_cov: str = "auto"
-) -> str:
-    """``"auto"`` -> ``"linearized"`` for small dense real matrices, else ``"gradient"``; for a latent prior
-    ``"isotropic"`` with the dense Jacobian twist, else ``"gradient"``.
-
-    Raises:
-        ValueError: unknown name; ``"linearized"`` for a complex or a nonlinear (decoder) operator;
-            ``"isotropic"`` without accurate solves (or, for a latent prior, without the Jacobian twist).
-    """
-    if proposal not in PROPOSALS:
-        raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}.")
-    if isinstance(operator, ComposedOperator):
-        if proposal == "linearized":
-            raise ValueError(
-                "proposal='linearized' draws exactly from a linear-Gaussian model and needs a linear "
-                "operator; a latent prior's forward model A(Dec(z)) is nonlinear: use proposal='gradient'."
-            )
-        dense = resolve_twist_cov(twist_cov, operator) == "jacobian"
-        if proposal == "isotropic" and not dense:
-            raise ValueError(
-                "proposal='isotropic' for a latent prior needs the linearised decoder A J (twist_cov='jacobian', "
-                "a real operator with few measurements); use proposal='gradient'."
-            )
-        return ("isotropic" if dense else "gradient") if proposal == "auto" else proposal
-    if proposal == "isotropic" and not operator.accurate_solves:
-        raise ValueError(
-            "proposal='isotropic' draws exactly from a Gaussian built with gram_solve and needs accurate "
-            "solves; this operator's conjugate gradients are truncated (cg_strict=False): use 'gradient'."
-        )
-    if proposal == "auto":
-        small_dense = isinstance(operator, MatrixOperator) and operator.out_size <= LINEARIZED_MAX_M
-        return "linearized" if small_dense else "gradient"
-    if proposal == "linearized" and operator.is_complex:
-        raise ValueError("proposal='linearized' needs a real operator; use proposal='gradient'.")
-    return proposal
-
-
-def resolve_guidance(guidance: str, operator: LinearOperator | ComposedOperator) -> str:
-    """``"auto"`` -> ``"tweedie"`` for a latent prior (no gradient through the network), else ``"network"``."""
-    if guidance not in GUIDANCE:
-        raise ValueError(f"guidance must be one of {GUIDANCE}; got {guidance!r}.")
-    if guidance == "auto":
-        return "tweedie" if isinstance(operator, ComposedOperator) else "network"
-    return guidance
-
-
-def resolve_final(final: str, operator: LinearOperator | ComposedOperator) -> str:
-    """Check the last step's kind: ``"denoise"`` for any prior, ``"posterior"`` for pixel-space priors."""
-    if final not in FINALS:
-        raise ValueError(f"final must be one of {FINALS}; got {final!r}.")
-    if final == "posterior" and isinstance(operator, ComposedOperator):
-        raise ValueError(
-            "final='posterior' conditions the last step's image x0 on y in pixel space; a latent prior's "
-            "particles are latents: use final='denoise'."
-        )
-    return final
-
-
-def resolve_final_var(final_var: str, final: str) -> str:
-    """Check where ``final="posterior"`` takes its Gaussian ``x0 | x_K``: ``"network"`` or ``"evidence"``."""
-    if final_var not in FINAL_VARS:
-        raise ValueError(f"final_var must be one of {FINAL_VARS}; got {final_var!r}.")
-    if final_var == "evidence" and final != "posterior":
-        raise ValueError(
-            "final_var='evidence' fits the Gaussian of the last step's x0 | x_K, which only "
-            f"final='posterior' draws; got final={final!r}."
-        )
-    return final_var
-
-
-def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperator) -> str:
-    """Latent priors: ``"auto"`` -> ``"jacobian"`` for real operators with at most :data:`LINEARIZED_MAX_M`
-    measurements, else ``"isotropic"``; pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
-    if twist_cov not in TWIST_COVS:
-        raise ValueError(f"twist_cov must be one of {TWIST_COVS}; got {twist_cov!r}.")
-    if not isinstance(operator, ComposedOperator):
-        if twist_cov == "jacobian":
-            raise ValueError("twist_cov='jacobian' is for latent priors (a ComposedOperator) only.")
-        return "isotropic"
-    small_real = not operator.is_complex and operator.out_size <= LINEARIZED_MAX_M
-    if twist_cov == "jacobian" and not small_real:
-        raise ValueError(
-            f"twist_cov='jacobian' needs a real operator with at most {LINEARIZED_MAX_M} measurements "
-            f"(it forms the m x m matrix A J J^T A^T); this one has {operator.out_size}"
-            f"{' complex' if operator.is_complex else ''}: use twist_cov='isotropic'."
-        )
-    if twist_cov == "auto":
-        return "jacobian" if small_real else "isotropic"
-    return twist_cov
-
-
-def check_data_spectrum(
-    spectrum: object, operator: LinearOperator | ComposedOperator, proposal: str, data_var: object
-) -> None:
-    """Raise ``ValueError`` unless ``spectrum`` can serve as ``sample_smc``'s ``data_spectrum`` here."""
-    from medidiff.inverse.operators import check_spectrum
-
-    if isinstance(operator, ComposedOperator):
-        raise ValueError(
-            "data_spectrum is for pixel-space priors; a latent prior's twist runs through its decoder."
-        )
-    if resolve_proposal(proposal, operator) not in ("gradient", "isotropic"):
-        raise ValueError("data_spectrum works with proposal='gradient' or 'isotropic'; pass one of them.")
-    if data_var is not None:
-        raise ValueError("pass data_var or data_spectrum, not both: with a spectrum, data_var is its mean.")
-    check_spectrum(spectrum, operator.in_shape)  # type: ignore[arg-type]
-    if float(spectrum.mean()) <= 0:  # type: ignore[attr-defined]
-        raise ValueError("the data spectrum is zero everywhere; it must carry the data's power.")
-
-
 def sample_smc(
     denoiser: Denoiser,
     operator: LinearOperator | ComposedOperator,
@@ -271,16 +169,7 @@ def sample_smc(
     sigma_y: float,
     n_particles: int,
     generator: torch.Generator,
-    proposal: str = "auto",
-    guidance: str = "auto",
-    data_var: float | None = None,
-    data_spectrum: Tensor | None = None,
-    twist_cov: str = "auto",
-    decoder_gain: float | None = None,
-    ess_threshold: float = 0.5,
-    temper_ess: float | None = None,
-    final: str = "denoise",
-    final_var: str = "network",
+    options: SMCOptions | None = None,
     chunk_size: int | None = None,
     keep_samples: bool = True,
     callback: StepCallback | None = None,
@@ -297,162 +186,573 @@ def sample_smc(
         sigma_y: measurement noise standard deviation.
         n_particles: number of particles ``N``.
         generator: the only source of randomness; particles live on its device.
-        proposal: ``"linearized"``, ``"isotropic"``, ``"gradient"`` or ``"auto"`` (see
-            :func:`resolve_proposal` and the module docstring).
-        guidance: how the gradient proposal differentiates the twist: ``"network"``, ``"tweedie"`` or
-            ``"auto"`` (see :func:`resolve_guidance`).
-        data_var: data variance per voxel ``v`` for the isotropic posterior-variance model; None
-            estimates ``r_k^2`` at every step from the particles (one extra vector-Jacobian product
-            through the network). When given, the initial particles are drawn from
-            ``N(0, (sigma_0^2 + v) I)``, the noisy marginal of a zero-mean prior of that variance.
-        data_spectrum: pixel-space priors, ``proposal="gradient"`` or ``"isotropic"``: the data's power
-            per DFT coefficient ``p`` (shape ``operator.in_shape``, centred, unitary DFT; e.g. the mean
-            ``|F x|^2`` of training images), replacing the isotropic variance model by a stationary one:
-            ``Cov(x0 | x_s) ≈ F^H diag(s^2 p / (p + s^2)) F`` in the twist
-            (``operator.stationary_gram_solve``) and, with Tweedie guidance, ``dD/dx ≈ F^H diag(p / (p +
-            s^2)) F`` (a Wiener filter); with the isotropic proposal also in its Jacobian and the kernel's
-            covariance, which makes it exact for a stationary Gaussian prior. A natural image's power falls
-            steeply with frequency, so the isotropic model is over-confident where the power is large
-            (measured low frequencies) and under-guides where it is small. ``v`` is then ``mean(p)``
-            (``data_var`` must be None), which the gradient proposal's kernel variance keeps using.
-        twist_cov: latent priors: the twist's covariance ``sigma_y^2 I + r^2 M``: ``"jacobian"``,
-            ``M = A J J^T A^T`` with the decoder linearised once at the mean of ``D(z_0, sigma_0)`` (m
-            vector-Jacobian products; real operators with few measurements), or ``"isotropic"``,
-            ``M = gain A A^H``; ``"auto"`` picks (see :func:`resolve_twist_cov`).
-        decoder_gain: latent priors, isotropic twist: ``tr(J J^T) / n_pixels`` of the decoder; None
-            estimates it.
-        ess_threshold: resample when ESS < ``ess_threshold * N``.
-        temper_ess: None (default): exact weights. A fraction in (0, 1]: when a step's incremental
-            log-weights would leave fewer than ``temper_ess * N`` effective particles, they are scaled by the
-            largest ``lambda`` in [0, 1] that keeps that many (bisection; ``info["tempering"]`` records it
-            per step, ``info["tempering_initial"]`` for the initial weights, the first twist). A
-            high-dimensional prior whose twist is only approximate otherwise puts all the weight on one
-            particle at every step; tempering keeps the cloud's diversity at the price of exactness
-            (``lambda = 1`` at every step, as on the Gaussian benchmarks, is the exact sampler).
-        final: the last step, from ``x_K`` at ``sigma_K`` to ``x0``. ``"denoise"`` (default):
-            ``x0 = D(x_K, sigma_K)``, reweighted by the true likelihood. ``"posterior"`` (pixel-space priors):
-            ``x0`` is drawn from ``N(x0; D(x_K, sigma_K), r^2 I) N(y; A x0, sigma_y^2 I)`` by Matheron's rule,
-            with ``r^2 = sigma_K^2 tr(dD/dx) / d`` measured at the particles (Tweedie: ``Cov(x0 | x_K) =
-            sigma_K^2 dD/dx``; one Hutchinson probe each, at the step that reaches ``sigma_K``), and
-            reweighted by ``N(y; A D, sigma_y^2 I + r^2 A A^H) / g_K``. A trained network's smallest noise
-            level is often far above what the measurement resolves (sparse-view CT measures most
-            directions to ``sigma_y / sqrt(lambda)``); ``D(x_K, sigma_K)`` then leaves every particle that far
-            from the data, and the cloud is wider than its error. ``info["final_var"]`` records ``r^2``.
-        final_var: the Gaussian ``x0 | x_K`` of ``final="posterior"``. ``"network"`` (default): the network's
-            own, ``N(D, r^2 I)`` with the probed ``r^2`` above. ``"evidence"``: ``N(F^H diag(gamma) F D,
-            F^H diag(rho) F)`` with a gain ``gamma`` and a variance ``rho`` per radial frequency band
-            (:data:`RADIAL_BAND_EDGES`) that maximise the cloud's weighted log evidence ``sum_i W_i log N(y;
-            A F^H diag(gamma) F D_i, sigma_y^2 I + A F^H diag(rho) F A^H)`` (type-II maximum likelihood).
-            For particles drawn from ``p(x_K | y)``, ``(x_K, y)`` is a draw of the joint, so the residual
-            ``y - A D`` follows that evidence at the true moments: the measurement says, band by band
-            where it measures, how far ``x0`` lies from ``D`` and how much of ``D`` to keep. This corrects a
-            network that cannot tell fine texture from noise at ``sigma_K`` (it keeps part of the noise
-            and over-states the texture of a smooth volume). A band ``y`` does not inform keeps
-            ``gamma = 1, rho = r^2``. ``info["final_var"]`` is then the mean of ``rho`` over the frequencies,
-            ``info["final_var_bands"]`` the band values (``{"rho": [...], "gamma": [...], "iterations": n,
-            "converged": bool}``) and
-            ``info["final_var_network"]`` the probed ``r^2``.
+        options: the sampler's choices (:class:`~medidiff.inverse.smc_options.SMCOptions`; None: its
+            defaults). ``"auto"`` choices are resolved for ``operator`` here.
         chunk_size: particles per denoiser (and decoder) call (None: all at once).
         keep_samples: return the particles (else ``samples`` is None).
         callback: called with ``(step, ess)`` after every step.
 
     Returns:
-        A :class:`PosteriorResult`.
+        A :class:`PosteriorResult`; ``info`` records the resolved options, the tempering, the distinct
+        survivors of every resampling, the last step's variance (``final_var``, ``final_var_bands``) and
+        the backward passes per particle.
     """
-    proposal = resolve_proposal(proposal, operator, twist_cov)
-    guidance = resolve_guidance(guidance, operator)
-    twist_cov = resolve_twist_cov(twist_cov, operator)
-    final = resolve_final(final, operator)
-    final_var_kind = resolve_final_var(final_var, final)
-    final_posterior = final == "posterior"
-    composed = isinstance(operator, ComposedOperator)
-    lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
-    # The last step's draw must fit y: its solves may run longer than a (truncated) twist's.
-    lin_final = lin.with_cg_iters(FINAL_CG_ITERS)
-    spectrum: Tensor | None = None
-    if data_spectrum is not None:
-        check_data_spectrum(data_spectrum, operator, proposal, data_var)
-        spectrum = data_spectrum.to(device=generator.device, dtype=_F64)
-        data_var = float(spectrum.mean())
-    device = generator.device
-    dtype = y.real.dtype
-    shape, d, m = operator.in_shape, operator.in_size, operator.out_size
-    N = int(n_particles)
-    sig = [float(s) for s in sigmas]
-    steps = len(sig) - 1
-    y_b = y.unsqueeze(0)
-    # Only the linearized proposal uses y64, and it refuses complex operators (e.g. MRI).
-    y64 = None if y.is_complex() else y.reshape(1, m).to(_F64)
-    sy2 = float(sigma_y) ** 2
-    adaptive = data_var is None
-    gain = 1.0  # image-space variance per unit latent variance (1 for a pixel-space prior)
-    M_twist: Tensor | None = None  # dense A J J^T A^T (twist_cov="jacobian")
-    B_lin: Tensor | None = None  # dense A J (twist_cov="jacobian")
-    chol_cache: dict[float, Tensor] = {}
-    spec_cache: dict[float, Tensor] = {}
+    opts = (options or SMCOptions()).resolved(operator)
+    run = _SMCRun(
+        denoiser, operator, y, sigmas, float(sigma_y), int(n_particles), generator, opts, chunk_size
+    )
+    cloud = run.initial_cloud()
+    for k in range(run.steps):
+        cloud = run.step(cloud, k)
+        run.ess_trace.append(ess_of(cloud.logw))
+        if callback is not None:
+            callback(k, run.ess_trace[-1])
+    return run.result(cloud, keep_samples)
 
-    def post_spectrum(r2: float) -> Tensor:
-        """The stationary model's ``s^2 p / (p + s^2)`` at the level whose isotropic variance is ``r2``."""
-        if r2 not in spec_cache:
-            if len(spec_cache) > 4:
-                spec_cache.clear()
-            s2 = r2 * v / (v - r2) if r2 < v else math.inf  # invert r2 = s^2 v / (v + s^2)
-            p = spectrum  # type: ignore[assignment]
-            spec_cache[r2] = p if math.isinf(s2) else s2 * p / (p + s2)  # type: ignore[operator]
-        return spec_cache[r2]
 
-    def twist_solve(r: Tensor, r2: float | Tensor) -> Tensor:
-        """``(sigma_y^2 I + r2 M)^{-1} r`` for the twist's covariance model (``M = gain A A^H`` or dense;
-        with a data spectrum, ``A F^H diag(post_spectrum(r2)) F A^H``, or ``r2`` itself if a spectrum)."""
-        if isinstance(r2, Tensor):
-            return lin.stationary_gram_solve(r, sy2, r2)
-        if spectrum is not None:
-            return lin.stationary_gram_solve(r, sy2, post_spectrum(r2))
-        if M_twist is None:
-            return lin.gram_solve(r, sy2, r2 * gain)
-        if r2 not in chol_cache:
-            if len(chol_cache) > 4:  # a step uses two or three levels
-                chol_cache.clear()
-            eye = torch.eye(m, dtype=_F64, device=M_twist.device)
-            chol_cache[r2] = torch.linalg.cholesky(sy2 * eye + r2 * M_twist)
-        rr = r.reshape(r.shape[0], m).to(_F64)
-        u = torch.cholesky_solve(rr.T, chol_cache[r2]).T
-        return u.reshape(r.shape).to(r.dtype)
+@dataclass
+class _Cloud:
+    """The particles at one noise level and what the next step needs of them."""
 
-    def randn(*size: int) -> Tensor:
-        return torch.randn(*size, generator=generator, device=device, dtype=dtype)
+    x: Tensor  # particles (N, *shape)
+    D: Tensor  # D(x, sigma)
+    logg: Tensor  # log twist g(x), float64
+    h: Tensor  # Hutchinson terms probe . (dD/dx)^T probe (zeros when not probed), float64
+    g: Tensor | None  # guidance gradient of log g (gradient proposal only)
+    logw: Tensor  # log weights, float64
 
-    def measurement_noise() -> Tensor:
+
+class _SMCRun:
+    """One run of :func:`sample_smc`: the problem, the resolved options and the run's bookkeeping, with one
+    method per step of the algorithm (``initial_cloud``, ``resample``, ``propose``, ``reweight``,
+    ``final_posterior``, ``final_denoise``, ``evidence_fit``) and the linear algebra they share."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        operator: LinearOperator | ComposedOperator,
+        y: Tensor,
+        sigmas: Tensor,
+        sigma_y: float,
+        n_particles: int,
+        generator: torch.Generator,
+        opts: SMCOptions,
+        chunk_size: int | None,
+    ) -> None:
+        self.denoiser, self.operator, self.opts = denoiser, operator, opts
+        self.generator, self.chunk_size = generator, chunk_size
+        self.composed = isinstance(operator, ComposedOperator)
+        self.lin: LinearOperator = operator.operator if isinstance(operator, ComposedOperator) else operator
+        # The last step's draw must fit y: its solves may run longer than a (truncated) twist's.
+        self.lin_final = self.lin.with_cg_iters(FINAL_CG_ITERS)
+        self.spectrum: Tensor | None = None
+        self.data_var = opts.data_var
+        if opts.data_spectrum is not None:
+            self.spectrum = opts.data_spectrum.to(device=generator.device, dtype=_F64)
+            self.data_var = float(self.spectrum.mean())
+        self.final_posterior = opts.final == "posterior"
+        self.device = generator.device
+        self.dtype = y.real.dtype
+        self.shape, self.d, self.m = operator.in_shape, operator.in_size, operator.out_size
+        self.N = n_particles
+        self.sig = [float(s) for s in sigmas]
+        self.steps = len(self.sig) - 1
+        self.y_b = y.unsqueeze(0)
+        # Only the linearized proposal uses y64, and it refuses complex operators (e.g. MRI).
+        self.y64 = None if y.is_complex() else y.reshape(1, self.m).to(_F64)
+        self.sy2 = sigma_y**2
+        self.sigma_y = sigma_y
+        self.adaptive = self.data_var is None
+        # known up front with data_var or a spectrum (whose first twist reads it); probed otherwise
+        self.v = float(self.data_var) if self.data_var is not None else math.inf
+        self.gain = 1.0  # image-space variance per unit latent variance (1 for a pixel-space prior)
+        self.M_twist: Tensor | None = None  # dense A J J^T A^T (twist_cov="jacobian")
+        self.B_lin: Tensor | None = None  # dense A J (twist_cov="jacobian")
+        self.chol_cache: dict[float, Tensor] = {}
+        self.spec_cache: dict[float, Tensor] = {}
+        self.nfe = 1
+        self.n_backward = 0
+        self.ess_trace: list[float] = []
+        self.resample_steps: list[int] = []
+        self.unique_after: list[int] = []
+        self.lambdas: list[float] = []
+        self.lambda_initial = 1.0
+        self.final_r2: float | None = None
+        self.final_r2_network: float | None = None
+        self.final_bands: dict[str, Any] | None = None
+
+    # -- random numbers (every draw is made for all N particles before the chunks run) ---------------
+
+    def randn(self, *size: int) -> Tensor:
+        return torch.randn(*size, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def measurement_noise(self) -> Tensor:
         """Standard normal noise for N measurements (real and imaginary parts each unit variance)."""
-        n = torch.randn(N, *lin.out_shape, generator=generator, device=device, dtype=dtype)
+        g, lin = self.generator, self.lin
+        n = torch.randn(self.N, *lin.out_shape, generator=g, device=self.device, dtype=self.dtype)
         if lin.is_complex:
-            n = torch.complex(n, torch.randn(n.shape, generator=generator, device=device, dtype=dtype))
+            n = torch.complex(n, torch.randn(n.shape, generator=g, device=self.device, dtype=self.dtype))
         return n
 
-    def probed_r2(W: Tensor, hh: Tensor, k: int, s: float) -> float:
+    def rademacher(self) -> Tensor:
+        bits = torch.randint(0, 2, (self.N, *self.shape), generator=self.generator, device=self.device)
+        return (2 * bits - 1).to(self.dtype)
+
+    def chunks(self) -> list[slice]:
+        return list(chunks(self.N, self.chunk_size))
+
+    # -- variance models and twists ----------------------------------------------------------------
+
+    def post_spectrum(self, r2: float) -> Tensor:
+        """The stationary model's ``s^2 p / (p + s^2)`` at the level whose isotropic variance is ``r2``."""
+        if r2 not in self.spec_cache:
+            if len(self.spec_cache) > 4:
+                self.spec_cache.clear()
+            v = self.v
+            s2 = r2 * v / (v - r2) if r2 < v else math.inf  # invert r2 = s^2 v / (v + s^2)
+            p = self.spectrum
+            self.spec_cache[r2] = p if math.isinf(s2) else s2 * p / (p + s2)  # type: ignore[operator]
+        return self.spec_cache[r2]  # type: ignore[return-value]
+
+    def twist_solve(self, r: Tensor, r2: float | Tensor) -> Tensor:
+        """``(sigma_y^2 I + r2 M)^{-1} r`` for the twist's covariance model (``M = gain A A^H`` or dense;
+        with a data spectrum, ``A F^H diag(post_spectrum(r2)) F A^H``, or ``r2`` itself if a spectrum)."""
+        lin, sy2, m = self.lin, self.sy2, self.m
+        if isinstance(r2, Tensor):
+            return lin.stationary_gram_solve(r, sy2, r2)
+        if self.spectrum is not None:
+            return lin.stationary_gram_solve(r, sy2, self.post_spectrum(r2))
+        if self.M_twist is None:
+            return lin.gram_solve(r, sy2, r2 * self.gain)
+        if r2 not in self.chol_cache:
+            if len(self.chol_cache) > 4:  # a step uses two or three levels
+                self.chol_cache.clear()
+            eye = torch.eye(m, dtype=_F64, device=self.M_twist.device)
+            self.chol_cache[r2] = torch.linalg.cholesky(sy2 * eye + r2 * self.M_twist)
+        rr = r.reshape(r.shape[0], m).to(_F64)
+        u = torch.cholesky_solve(rr.T, self.chol_cache[r2]).T
+        return u.reshape(r.shape).to(r.dtype)
+
+    def iso_log_twist(self, D: Tensor, r2: float) -> Tensor:
+        with torch.no_grad():
+            r = self.y_b - self.operator.forward(D)
+        return -0.5 * batch_dot(r, self.twist_solve(r, r2)).to(_F64)
+
+    def probed_r2(self, W: Tensor, hh: Tensor, k: int, s: float) -> float:
         """``sigma^2 tr(dD/dx) / d`` at the weighted cloud from the Hutchinson terms ``hh``, in ``[0, sigma^2]``."""
         hw = float((W * hh).sum())
         if not math.isfinite(hw):
-            raise FloatingPointError(_non_finite_message(k, steps, s))
-        return s * s * min(max(hw / d, 0.0), 1.0)
+            raise FloatingPointError(_non_finite_message(k, self.steps, s))
+        return s * s * min(max(hw / self.d, 0.0), 1.0)
 
-    def rademacher(*size: int) -> Tensor:
-        bits = torch.randint(0, 2, size or (N, *shape), generator=generator, device=device)
-        return (2 * bits - 1).to(dtype)
+    def v_from_h(self, hh: Tensor, s: float) -> float:
+        """The data variance ``v`` whose variance model matches the mean Hutchinson estimate at ``s``."""
+        return _v_from_r2(s * s * min(max(float(hh.mean()) / self.d, 0.0), 1.0), s)
 
-    def final_solve(r: Tensor, r2: float, spec: Tensor | None) -> Tensor:
+    def meas(self, w: Tensor) -> Tensor:
+        """The linear model's ``A w``: ``A`` itself, or ``B = A J`` of a linearised decoder."""
+        if self.B_lin is None:
+            return self.lin.forward(w)
+        out = w.reshape(w.shape[0], -1).to(_F64) @ self.B_lin.T
+        return out.reshape(w.shape[0], *self.lin.out_shape).to(self.dtype)
+
+    def meas_t(self, u: Tensor) -> Tensor:
+        """Its adjoint (real part: the particles are real)."""
+        if self.B_lin is None:
+            return self.lin.adjoint(u).real.to(self.dtype)
+        out = u.reshape(u.shape[0], -1).to(_F64) @ self.B_lin
+        return out.reshape(u.shape[0], *self.shape).to(self.dtype)
+
+    # -- the network ---------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        xc: Tensor,
+        s: float,
+        r2_twist: float | None,
+        probe: Tensor | None,
+        D_known: Tensor | None = None,
+        want_grad: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """``D(x, s)`` (or ``D_known``); with ``r2_twist``, the isotropic log-twist and (``want_grad``) its
+        gradient; with ``probe``, the Hutchinson term ``probe . (dD/dx)^T probe``."""
+        guidance = self.opts.guidance
+        net_graph = probe is not None or (r2_twist is not None and want_grad and guidance == "network")
+        if not net_graph:
+            if D_known is not None:
+                D = D_known
+            else:
+                with torch.no_grad():
+                    D = denoise(self.denoiser, xc, s)
+            if r2_twist is None:
+                return D, None, None, None
+            if not want_grad:
+                return D, self.iso_log_twist(D, r2_twist), None, None
+            xg = Dg = None
+        else:
+            xg = xc.detach().requires_grad_(True)
+            with torch.enable_grad():
+                Dg = denoise(self.denoiser, xg, s)
+            D = Dg.detach()
+        log_g = grad = h = None
+        if r2_twist is not None and not want_grad:
+            log_g = self.iso_log_twist(D, r2_twist)
+        elif r2_twist is not None:
+            log_g, grad = self.twist_gradient(xg, Dg, D, s, r2_twist, keep=probe is not None)
+        if probe is not None:
+            (jp,) = torch.autograd.grad(Dg, xg, grad_outputs=probe)  # type: ignore[arg-type]
+            h = batch_dot(probe, jp).to(_F64)
+        return D, log_g, grad, h
+
+    def twist_gradient(
+        self, xg: Tensor | None, Dg: Tensor | None, D: Tensor, s: float, r2: float, keep: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The log twist at ``D`` and its guidance gradient: through the network's Jacobian (graph from
+        ``xg`` to ``Dg``) or Tweedie's isotropic / stationary one (graph from ``D``, through the decoder of a
+        latent prior). ``keep`` retains the network graph for a Hutchinson probe."""
+        network = self.opts.guidance == "network"
+        root, out = (xg, Dg) if network else (D.detach().requires_grad_(True), None)
+        out = root if out is None else out
+        if self.composed:
+            with torch.enable_grad():
+                out = self.operator.decode(out)  # type: ignore[union-attr]
+        r = self.y_b - self.lin.forward(out.detach())  # type: ignore[union-attr]
+        u = self.twist_solve(r, r2)
+        log_g = -0.5 * batch_dot(r, u).to(_F64)
+        pull = self.lin.adjoint(u).real.to(self.dtype)
+        if out is root:
+            grad = pull
+        else:
+            (grad,) = torch.autograd.grad(out, root, grad_outputs=pull, retain_graph=keep and network)  # type: ignore[arg-type]
+        if not network and self.spectrum is not None:
+            grad = stationary_filter(grad, self.post_spectrum(r2) / (s * s))
+        elif not network:
+            grad = grad * (r2 / (s * s))
+        return log_g, grad
+
+    # -- step 0: initial particles x_0 ~ N(0, sigma_0^2 I) (+ v I when v is given), weighted by g_0 ------
+
+    def initial_cloud(self) -> _Cloud:
+        N, shape, s0, o = self.N, self.shape, self.sig[0], self.opts
+        if self.spectrum is not None:  # the noisy marginal N(0, s0^2 I + C) of the stationary model
+            x = stationary_filter(self.randn(N, *shape), (s0 * s0 + self.spectrum).sqrt())
+        else:
+            x = (s0 if self.adaptive else math.sqrt(s0 * s0 + float(self.data_var))) * self.randn(N, *shape)  # type: ignore[arg-type]
+        probed = (self.adaptive and self.steps > 1) or (self.final_posterior and self.steps == 1)
+        probe0 = self.rademacher() if probed else None
+        Dx = torch.empty_like(x)
+        gx = torch.empty_like(x) if o.proposal == "gradient" else None
+        h = torch.zeros(N, dtype=_F64, device=self.device)
+        self.n_backward = 1 if probe0 is not None else 0
+        # The pixel-space network path takes D and a guidance gradient in one pass; at sigma_0 (before v
+        # is known) a flat twist serves. Latent priors and Tweedie guidance first need D (and v, gain).
+        one_pass = o.proposal == "gradient" and o.guidance == "network" and not self.composed
+        r2_grad0 = s0 * s0 if one_pass else None
+        for ch in self.chunks():
+            D_c, _, g_c, h_c = self.evaluate(x[ch], s0, r2_grad0, None if probe0 is None else probe0[ch])
+            Dx[ch] = D_c
+            if gx is not None and g_c is not None:
+                gx[ch] = g_c
+            if h_c is not None:
+                h[ch] = h_c
+        if one_pass:
+            self.n_backward += 1
+        if not bool(torch.isfinite(Dx.reshape(N, -1)).all(1).any()):
+            raise FloatingPointError(_non_finite_message(0, self.steps, s0))
+        if self.data_var is None:
+            self.v = self.v_from_h(h, s0) if probe0 is not None else math.inf
+        self.linearise_decoder(Dx)
+        r2_0 = _var_model(s0, self.v)
+        if o.proposal == "gradient" and not one_pass:
+            logg = torch.empty(N, dtype=_F64, device=self.device)
+            for ch in self.chunks():
+                _, lg_c, g_c, _ = self.evaluate(x[ch], s0, r2_0, None, D_known=Dx[ch])
+                logg[ch], gx[ch] = lg_c, g_c  # type: ignore[index]
+            self.nfe += 1 if o.guidance == "network" else 0
+            self.n_backward += 1 if o.guidance == "network" or self.composed else 0
+        else:
+            logg = torch.cat([self.iso_log_twist(Dx[ch], r2_0) for ch in self.chunks()])
+        # The initial weights are the first twist: tempered like every later increment (a sharp first twist
+        # otherwise puts the whole cloud on one starting point).
+        logw = self.reweight(torch.zeros(N, dtype=_F64, device=self.device), logg, -1, x, Dx)
+        self.lambda_initial = self.lambdas.pop()
+        return _Cloud(x, Dx, logg, h, gx, logw)
+
+    def linearise_decoder(self, Dx: Tensor) -> None:
+        """Latent priors: the dense ``B = A J`` at the cloud's mean (``twist_cov="jacobian"``), or the
+        decoder's Jacobian gain ``tr(J J^T) / n_pixels`` (isotropic twist; Hutchinson unless given)."""
+        op = self.operator
+        if not isinstance(op, ComposedOperator):
+            return
+        if self.opts.twist_cov == "jacobian":
+            self.B_lin = op.measurement_jacobian(Dx.mean(0), self.chunk_size).to(_F64)
+            self.M_twist = self.B_lin @ self.B_lin.T
+            self.n_backward += 1  # m products for the whole cloud, about one per particle when N ~ m
+            return
+        if self.opts.decoder_gain is not None:
+            gain = float(self.opts.decoder_gain)
+        else:
+            gprobe = torch.randint(
+                0, 2, (self.N, *op.image_shape), generator=self.generator, device=self.device
+            )
+            gprobe = (2 * gprobe - 1).to(self.dtype)
+            per = torch.cat([op.jacobian_gain(Dx[ch], gprobe[ch]) for ch in self.chunks()])
+            gain = float(per.mean())
+            self.n_backward += 1
+        if not (math.isfinite(gain) and gain > 0):
+            raise FloatingPointError(
+                f"the decoder's Jacobian gain came out as {gain}; the decoder returns non-finite or "
+                "constant images at the initial latents (check the checkpoint, or pass decoder_gain)."
+            )
+        self.gain = gain
+
+    # -- weights ---------------------------------------------------------------------------------------
+
+    def reweight(self, logw: Tensor, incr: Tensor, k: int, *states: Tensor) -> Tensor:
+        """``logw + lambda * incr`` with non-finite particles dropped and ``lambda`` from ``temper_ess``.
+
+        A particle whose ``states`` (or increment) are not finite gets weight 0; its states are zeroed in
+        place so that weighted sums (0 * NaN) stay finite until the next resampling removes it."""
+        N, temper = self.N, self.opts.temper_ess
+        bad = ~torch.isfinite(incr)
+        for t in states:
+            bad |= ~torch.isfinite(t.reshape(N, -1)).all(1)
+        if bool(bad.all()):
+            raise FloatingPointError(_non_finite_message(k + 1, self.steps, self.sig[max(k, 0)]))
+        for t in states:
+            t[bad] = 0
+        incr = torch.where(bad, torch.full_like(incr, -math.inf), incr)
+        lam = 1.0
+        if temper is not None and ess_of(logw + incr) < temper * N:
+            lo, hi = 0.0, 1.0
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if ess_of(logw + mid * incr) >= temper * N else (lo, mid)
+            lam = lo
+            # a dropped (non-finite) particle stays dropped whatever lambda is
+            incr = torch.where(bad, incr, lam * incr)
+        self.lambdas.append(lam)
+        return logw + incr
+
+    def resample(self, c: _Cloud, k: int) -> _Cloud:
+        """Systematic resampling; the weights start afresh."""
+        idx = systematic_resample(normalise(c.logw), self.generator)
+        # ESS is N right after resampling even when every copy comes from one survivor; the number of
+        # distinct survivors is what shows a collapse.
+        self.unique_after.append(int(torch.unique(idx).numel()))
+        self.resample_steps.append(k)
+        g = None if c.g is None else c.g[idx]
+        logw = torch.zeros(self.N, dtype=_F64, device=self.device)
+        return _Cloud(c.x[idx], c.D[idx], c.logg[idx], c.h[idx], g, logw)
+
+    # -- one step, sigma_k -> sigma_{k+1} ------------------------------------------------------------
+
+    def step(self, c: _Cloud, k: int) -> _Cloud:
+        """Resample if the ESS fell below the threshold, update the variance model, then move: a kernel step
+        with its proposal, or the last step to ``sigma = 0``."""
+        s, s_next = self.sig[k], self.sig[k + 1]
+        if ess_of(c.logw) < self.opts.ess_threshold * self.N:
+            c = self.resample(c, k)
+        W = normalise(c.logw)
+        if self.adaptive:
+            r2 = self.probed_r2(W, c.h, k, s)
+            self.v = _v_from_r2(r2, s)
+        else:
+            r2 = _var_model(s, self.v)
+        if s_next == 0.0 and self.final_posterior:
+            return self.final_posterior_step(c, k, W)
+        if s_next == 0.0:
+            return self.final_denoise_step(c, k)
+        return self.propose(c, k, r2)
+
+    def propose(self, c: _Cloud, k: int, r2: float) -> _Cloud:
+        """Move every particle from ``sigma_k`` to ``sigma_{k+1}`` with the proposal and weight it by
+        ``p(x' | x) g_{k+1}(x') / (q(x' | x) g_k(x))`` (the base kernel's mean ``a x + (1 - a) D`` and variance
+        ``s'^2 (1 - a) + (1 - a)^2 r^2``)."""
+        o, N, shape, steps = self.opts, self.N, self.shape, self.steps
+        s, s_next = self.sig[k], self.sig[k + 1]
+        a = (s_next / s) ** 2
+        c2 = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * r2
+        c2_spec = None
+        if self.spectrum is not None and o.proposal == "isotropic":
+            c2_spec = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * self.post_spectrum(r2)
+        mean = a * c.x + (1.0 - a) * c.D
+        z = self.randn(N, *shape)
+        eta = (
+            torch.randn(N, self.m, 1, generator=self.generator, device=self.device, dtype=_F64)
+            if o.proposal == "linearized"
+            else None
+        )
+        if o.proposal == "isotropic":
+            n1, w_img = self.measurement_noise(), self.randn(N, *shape)
+        # Hutchinson probes: at every level for the adaptive variance model; at sigma_K for final="posterior".
+        need_probe = (self.adaptive and k + 2 <= steps and self.sig[k + 2] > 0.0) or (
+            self.final_posterior and k + 2 == steps
+        )
+        probe = self.rademacher() if need_probe else None
+        r2_next = _var_model(s_next, self.v)
+
+        x_new, D_new = torch.empty_like(c.x), torch.empty_like(c.x)
+        logg_new, incr = (torch.empty(N, dtype=_F64, device=self.device) for _ in range(2))
+        h_new = torch.zeros(N, dtype=_F64, device=self.device)
+        g_new = torch.empty_like(c.x) if o.proposal == "gradient" else None
+        for ch in self.chunks():
+            p_c = None if probe is None else probe[ch]
+            if o.proposal == "linearized":
+                inc, x_c, D_c, lg_c, h_c = _linearized_move(
+                    self.denoiser, self.lin, mean[ch], s_next, c2, z[ch], eta[ch], self.y64, self.sy2,  # type: ignore[index, arg-type]
+                    self.evaluate, p_c,
+                )  # fmt: skip
+            elif o.proposal == "isotropic":
+                inc, x_c, D_c, lg_c, h_c = self.iso_move(
+                    mean[ch], c.D[ch], c2, c2_spec, r2_next, s_next, z[ch], n1[ch], w_img[ch], p_c
+                )
+            else:
+                inc, x_c, D_c, lg_c, g_c, h_c = self.gradient_move(
+                    mean[ch],
+                    c.g[ch],
+                    c2,
+                    r2_next,
+                    s_next,
+                    z[ch],
+                    p_c,  # type: ignore[index]
+                )
+                g_new[ch] = g_c  # type: ignore[index]
+            x_new[ch], D_new[ch], logg_new[ch] = x_c, D_c, lg_c
+            if h_c is not None:
+                h_new[ch] = h_c
+            incr[ch] = inc - c.logg[ch]
+        logw = self.reweight(c.logw, incr, k, x_new, D_new)
+        self.nfe += 2 if o.proposal == "linearized" else 1
+        self.n_backward += {"linearized": self.m, "gradient": 1}.get(o.proposal, 0) + (1 if need_probe else 0)
+        return _Cloud(x_new, D_new, logg_new, h_new, g_new, logw)
+
+    def gradient_move(
+        self, mu: Tensor, g: Tensor, c2: float, r2n: float, s_n: float, z_c: Tensor, probe_c: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """The kernel shifted by ``c^2 grad log g_k(x)`` (TDS): returns ``(log p/q + log g_{k+1}(x'), x',
+        D(x'), log g_{k+1}(x'), grad log g_{k+1}(x'), h)``."""
+        shift = c2 * g
+        cz = math.sqrt(c2) * z_c
+        x_c = mu + shift + cz
+        # log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + shift, c^2)
+        inc = (batch_dot(cz, cz) - batch_dot(cz + shift, cz + shift)).to(_F64) / (2.0 * c2)
+        D_c, lg_c, g_c, h_c = self.evaluate(x_c, s_n, r2n, probe_c)
+        return inc + lg_c, x_c, D_c, lg_c, g_c, h_c  # type: ignore[operator, return-value]
+
+    def iso_move(
+        self,
+        mu: Tensor,
+        D_prev: Tensor,
+        c2: float,
+        c2_spec: Tensor | None,
+        r2n: float,
+        s_n: float,
+        z_c: Tensor,
+        n1_c: Tensor,
+        w_c: Tensor,
+        probe_c: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Exact draw from ``N(x'; mu, c^2) N(y; F + A J (x' - mu), Sigma')`` (Matheron's rule), with
+        ``F = A D(x, s)`` and the variance model's Jacobian ``J = kappa I``, ``kappa = r2n / s_n^2``, and
+        ``Sigma' = sigma_y^2 I + r2n M``; with a data spectrum, ``J = F^H diag(C'/s_n^2) F`` and ``Sigma' =
+        sigma_y^2 I + A F^H diag(C') F A^H``, ``C' = post_spectrum(r2n)``, and the kernel covariance
+        ``F^H diag(c2_spec) F``. Returns ``(log Z - log g_lin(x') + log g_{k+1}(x'), x', D(x'), log
+        g_{k+1}(x'), h)``, constants dropped (the same for every particle)."""
+        if c2_spec is None:
+            kappa = r2n / (s_n * s_n)
+            cov_n: float | Tensor = r2n
+            cov_S: float | Tensor = r2n + c2 * kappa * kappa  # S = Sigma' + c^2 kappa^2 M
+            cz = math.sqrt(c2) * z_c
+
+            def jac(w: Tensor) -> Tensor:
+                return kappa * w
+
+            eta = math.sqrt(self.sy2) * n1_c + self.meas(math.sqrt(r2n) * w_c)  # ~ N(0, Sigma')
+            kernel_jac: float | Tensor = c2 * kappa
+        else:
+            # Stationary model: the kernel covariance K = F^H diag(s'^2 (1 - a) + (1 - a)^2 C_k) F is
+            # spectral too (c2_spec), and so is every matrix below.
+            cov_n = self.post_spectrum(r2n)
+            j = cov_n / (s_n * s_n)
+            cov_S = cov_n + c2_spec * j * j
+
+            def jac(w: Tensor) -> Tensor:
+                return stationary_filter(w, j)
+
+            cz = stationary_filter(z_c, c2_spec.sqrt())
+            eta = math.sqrt(self.sy2) * n1_c + self.meas(stationary_filter(w_c, cov_n.sqrt()))
+            kernel_jac = c2_spec * j
+
+        with torch.no_grad():
+            R0 = self.y_b - self.operator.forward(D_prev)
+        u = self.twist_solve(R0 - self.meas(jac(cz)) - eta, cov_S)
+        step = self.meas_t(u)
+        x_new = (
+            mu
+            + cz
+            + (kernel_jac * step if isinstance(kernel_jac, float) else stationary_filter(step, kernel_jac))
+        )
+        r_lin = R0 - self.meas(jac(x_new - mu))
+        log_Z = -0.5 * batch_dot(R0, self.twist_solve(R0, cov_S)).to(_F64)
+        log_g_lin = -0.5 * batch_dot(r_lin, self.twist_solve(r_lin, cov_n)).to(_F64)
+        D_new, lg, _, h_new = self.evaluate(x_new, s_n, r2n, probe_c, want_grad=False)
+        return log_Z - log_g_lin + lg, x_new, D_new, lg, h_new  # type: ignore[operator]
+
+    # -- the last step, sigma_K -> 0 ---------------------------------------------------------------
+
+    def final_denoise_step(self, c: _Cloud, k: int) -> _Cloud:
+        """``x0 = D(x_K, sigma_K)``, reweighted from the twist to the true likelihood."""
+        with torch.no_grad():
+            logL = torch.cat(
+                [log_likelihood(self.operator, c.D[ch], self.y_b, self.sigma_y) for ch in self.chunks()]  # type: ignore[arg-type]
+            )
+        x = c.D.clone()
+        logw = self.reweight(c.logw, logL - c.logg, k, x)
+        return _Cloud(x, c.D, c.logg, c.h, c.g, logw)
+
+    def final_solve(self, r: Tensor, r2: float, spec: Tensor | None) -> Tensor:
         """``(sigma_y^2 I + A C A^H)^{-1} r`` for the last step's ``C``: ``r2 I``, or ``F^H diag(spec) F``."""
         if spec is None:
-            return lin_final.gram_solve(r, sy2, r2)
-        return lin_final.stationary_gram_solve(r, sy2, spec)
+            return self.lin_final.gram_solve(r, self.sy2, r2)
+        return self.lin_final.stationary_gram_solve(r, self.sy2, spec)
 
-    def final_cov(t: Tensor, r2: float, spec: Tensor | None, root: bool = False) -> Tensor:
-        """``C t`` (``C^(1/2) t`` with ``root``) for the last step's ``C`` (as :func:`final_solve`)."""
+    def final_cov(self, t: Tensor, r2: float, spec: Tensor | None, root: bool = False) -> Tensor:
+        """``C t`` (``C^(1/2) t`` with ``root``) for the last step's ``C`` (as :meth:`final_solve`)."""
         if spec is None:
             return (math.sqrt(r2) if root else r2) * t
-        return stationary_filter(t, spec.sqrt() if root else spec).to(dtype)
+        return stationary_filter(t, spec.sqrt() if root else spec).to(self.dtype)
 
-    def evidence_fit(D: Tensor, W: Tensor, s: float, r2: float) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    def final_posterior_step(self, c: _Cloud, k: int, W: Tensor) -> _Cloud:
+        """``x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I)`` (Matheron), ``r^2`` from the probes at ``sigma_K`` (or the
+        band-fitted ``N(F^H diag(gamma) F D, F^H diag(rho) F)`` of ``final_var="evidence"``), reweighted from the
+        twist to that model's evidence ``N(y; A D, sigma_y^2 I + A C A^H)``."""
+        s, lin, y_b = self.sig[k], self.lin, self.y_b
+        self.final_r2 = self.final_r2_network = self.probed_r2(W, c.h, k, s)
+        cov_spec: Tensor | None = None
+        Dx = c.D
+        if self.opts.final_var == "evidence":
+            with torch.no_grad():
+                cov_spec, gain_spec, self.final_bands = self.evidence_fit(Dx, W, s, self.final_r2)
+                Dx = stationary_filter(Dx, gain_spec).to(self.dtype)
+            self.final_r2 = float(cov_spec.mean())
+        r2 = self.final_r2
+        z, n1 = self.randn(self.N, *self.shape), self.measurement_noise()
+        x_new = torch.empty_like(c.x)
+        log_Z = torch.empty(self.N, dtype=_F64, device=self.device)
+        with torch.no_grad():
+            for ch in self.chunks():
+                R0 = y_b - lin.forward(Dx[ch])
+                log_Z[ch] = -0.5 * batch_dot(R0, self.final_solve(R0, r2, cov_spec)).to(_F64)
+                x1 = Dx[ch] + self.final_cov(z[ch], r2, cov_spec, root=True)
+                u = self.final_solve(y_b - lin.forward(x1) - math.sqrt(self.sy2) * n1[ch], r2, cov_spec)
+                x_new[ch] = x1 + self.final_cov(lin.adjoint(u).real.to(self.dtype), r2, cov_spec)
+        logw = self.reweight(c.logw, log_Z - c.logg, k, x_new)
+        return _Cloud(x_new, Dx, c.logg, c.h, c.g, logw)
+
+    def evidence_fit(
+        self, D: Tensor, W: Tensor, s: float, r2: float
+    ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """``final_var="evidence"``: band gains ``gamma`` and variances ``rho`` (radial bands,
         :func:`radial_bands`) of the last step's ``x0 | x_K ~ N(F^H diag(gamma) F D, F^H diag(rho) F)``
         that maximise ``sum_i W_i log N(y; A F^H diag(gamma) F D_i, S)``, ``S = sigma_y^2 I + A F^H diag(rho)
@@ -480,6 +780,8 @@ def sample_smc(
         1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred ``rho`` and
         ``gamma`` spectra and the band values (None for a band without frequencies on this grid) with the
         iterations taken and whether it converged."""
+        shape, device, dtype, N, chunk_size = self.shape, self.device, self.dtype, self.N, self.chunk_size
+        lin_final, y_b, sy2 = self.lin_final, self.y_b, self.sy2
         dims = tuple(range(-len(shape), 0))
         band = radial_bands(shape, device)
         n_bands = len(RADIAL_BAND_EDGES) + 1
@@ -494,7 +796,7 @@ def sample_smc(
             return torch.fft.ifftn(spectrum, dim=dims, norm="ortho").real.to(dtype)
 
         counts = band_sums(torch.ones(shape, dtype=_F64, device=device))
-        z = rademacher()
+        z = self.rademacher()
         Az = torch.cat([lin_final.forward(zc) for zc in z.split(chunk_size or N)])
         Fz = torch.fft.fftn(z.to(_F64), dim=dims, norm="ortho")
         FD = torch.fft.fftn(D.to(_F64), dim=dims, norm="ortho")
@@ -519,7 +821,7 @@ def sample_smc(
                 trace += band_sums((Fz[ch].conj() * g[n_c:]).real.sum(0)) / N
                 fisher += band_sums((g[n_c:].abs() ** 2).sum(0)) / N
             if not bool(torch.isfinite(data).all() and torch.isfinite(trace).all()):
-                raise FloatingPointError(_non_finite_message(steps - 1, steps, s))
+                raise FloatingPointError(_non_finite_message(self.steps - 1, self.steps, s))
             informed = hi * trace >= 1.0
             step = (data - trace) / fisher.clamp_min(1e-300)
             new_rho = torch.where(informed, (rho + step).clamp(rho / 4, rho * 4), rho).clamp(lo, hi)
@@ -549,415 +851,54 @@ def sample_smc(
         }
         return torch.fft.fftshift(rho[band], dim=dims), torch.fft.fftshift(gamma[band], dim=dims), bands
 
-    def evaluate(
-        xc: Tensor,
-        s: float,
-        r2_twist: float | None,
-        probe: Tensor | None,
-        D_known: Tensor | None = None,
-        want_grad: bool = True,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """``D(x, s)`` (or ``D_known``); with ``r2_twist``, the isotropic log-twist and (``want_grad``) its
-        gradient; with ``probe``, the Hutchinson term ``probe . (dD/dx)^T probe``."""
-        net_graph = probe is not None or (r2_twist is not None and want_grad and guidance == "network")
-        if not net_graph:
-            if D_known is not None:
-                D = D_known
-            else:
-                with torch.no_grad():
-                    D = denoise(denoiser, xc, s)
-            if r2_twist is None:
-                return D, None, None, None
-            if not want_grad:
-                return D, iso_log_twist(D, r2_twist), None, None
-            xg = Dg = None
-        else:
-            xg = xc.detach().requires_grad_(True)
-            with torch.enable_grad():
-                Dg = denoise(denoiser, xg, s)
-            D = Dg.detach()
-        log_g = grad = h = None
-        if r2_twist is not None and not want_grad:
-            log_g = iso_log_twist(D, r2_twist)
-        elif r2_twist is not None:
-            # The guidance graph starts at x (network Jacobian) or at D (Tweedie's isotropic Jacobian).
-            root, out = (xg, Dg) if guidance == "network" else (D.detach().requires_grad_(True), None)
-            out = root if out is None else out
-            if composed:
-                with torch.enable_grad():
-                    out = operator.decode(out)  # type: ignore[union-attr]
-            r = y_b - lin.forward(out.detach())
-            u = twist_solve(r, r2_twist)
-            log_g = -0.5 * batch_dot(r, u).to(_F64)
-            pull = lin.adjoint(u).real.to(dtype)
-            if out is root:
-                grad = pull
-            else:
-                keep = probe is not None and guidance == "network"
-                (grad,) = torch.autograd.grad(out, root, grad_outputs=pull, retain_graph=keep)
-            if guidance == "tweedie" and spectrum is not None:
-                grad = stationary_filter(grad, post_spectrum(r2_twist) / (s * s))
-            elif guidance == "tweedie":
-                grad = grad * (r2_twist / (s * s))
-        if probe is not None:
-            (jp,) = torch.autograd.grad(Dg, xg, grad_outputs=probe)  # type: ignore[arg-type]
-            h = batch_dot(probe, jp).to(_F64)
-        return D, log_g, grad, h
+    # -- the result ----------------------------------------------------------------------------------
 
-    def iso_log_twist(D: Tensor, r2: float) -> Tensor:
-        with torch.no_grad():
-            r = y_b - operator.forward(D)
-        return -0.5 * batch_dot(r, twist_solve(r, r2)).to(_F64)
-
-    def v_from_h(hh: Tensor, s: float) -> float:
-        """The data variance ``v`` whose variance model matches the mean Hutchinson estimate at ``s``."""
-        return _v_from_r2(s * s * min(max(float(hh.mean()) / d, 0.0), 1.0), s)
-
-    def meas(w: Tensor) -> Tensor:
-        """The linear model's ``A w``: ``A`` itself, or ``B = A J`` of a linearised decoder."""
-        if B_lin is None:
-            return lin.forward(w)
-        return (w.reshape(w.shape[0], -1).to(_F64) @ B_lin.T).reshape(w.shape[0], *lin.out_shape).to(dtype)
-
-    def meas_t(u: Tensor) -> Tensor:
-        """Its adjoint (real part: the particles are real)."""
-        if B_lin is None:
-            return lin.adjoint(u).real.to(dtype)
-        return (u.reshape(u.shape[0], -1).to(_F64) @ B_lin).reshape(u.shape[0], *shape).to(dtype)
-
-    def iso_move(
-        mu: Tensor,
-        D_prev: Tensor,
-        c: float,
-        c2: float,
-        r2n: float,
-        s_n: float,
-        z_c: Tensor,
-        n1_c: Tensor,
-        w_c: Tensor,
-        probe_c: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """Exact draw from ``N(x'; mu, c^2) N(y; F + A J (x' - mu), Sigma')`` (Matheron's rule), with
-        ``F = A D(x, s)`` and the variance model's Jacobian ``J = kappa I``, ``kappa = r2n / s_n^2``, and
-        ``Sigma' = sigma_y^2 I + r2n M``; with a data spectrum, ``J = F^H diag(C'/s_n^2) F`` and ``Sigma' =
-        sigma_y^2 I + A F^H diag(C') F A^H``, ``C' = post_spectrum(r2n)``. Returns ``(log Z - log g_lin(x')
-        + log g_{k+1}(x'), x', D(x'), log g_{k+1}(x'), h)``, constants dropped (the same for every particle)."""
-        if spectrum is None:
-            kappa = r2n / (s_n * s_n)
-            cov_n: float | Tensor = r2n
-            cov_S: float | Tensor = r2n + c2 * kappa * kappa  # S = Sigma' + c^2 kappa^2 M
-
-            def jac(w: Tensor) -> Tensor:
-                return kappa * w
-
-            def root_cov(w: Tensor) -> Tensor:
-                return math.sqrt(r2n) * w
-
-            cz = c * z_c
-            kernel_jac = c2 * kappa
-        else:
-            # Stationary model: the kernel covariance K = F^H diag(s'^2 (1 - a) + (1 - a)^2 C_k) F is
-            # spectral too (c2_spec), and so is every matrix below.
-            cov_n = post_spectrum(r2n)
-            j = cov_n / (s_n * s_n)
-            cov_S = cov_n + c2_spec * j * j  # type: ignore[operator]
-
-            def jac(w: Tensor) -> Tensor:
-                return stationary_filter(w, j)
-
-            def root_cov(w: Tensor) -> Tensor:
-                return stationary_filter(w, cov_n.sqrt())  # type: ignore[union-attr]
-
-            cz = stationary_filter(z_c, c2_spec.sqrt())  # type: ignore[union-attr]
-            kernel_jac = c2_spec * j  # type: ignore[operator]
-
-        with torch.no_grad():
-            R0 = y_b - operator.forward(D_prev)
-        eta = math.sqrt(sy2) * n1_c + meas(root_cov(w_c))  # ~ N(0, Sigma')
-        u = twist_solve(R0 - meas(jac(cz)) - eta, cov_S)
-        step = meas_t(u)
-        x_new = (
-            mu
-            + cz
-            + (kernel_jac * step if isinstance(kernel_jac, float) else stationary_filter(step, kernel_jac))
-        )
-        r_lin = R0 - meas(jac(x_new - mu))
-        log_Z = -0.5 * batch_dot(R0, twist_solve(R0, cov_S)).to(_F64)
-        log_g_lin = -0.5 * batch_dot(r_lin, twist_solve(r_lin, cov_n)).to(_F64)
-        D_new, lg, _, h_new = evaluate(x_new, s_n, r2n, probe_c, want_grad=False)
-        return log_Z - log_g_lin + lg, x_new, D_new, lg, h_new  # type: ignore[operator]
-
-    # -- initial particles x_0 ~ N(0, sigma_0^2 I) (+ v I when v is given), weighted by g_0 -----------
-    s0 = sig[0]
-    if spectrum is not None:  # the noisy marginal N(0, s0^2 I + C) of the stationary model
-        x = stationary_filter(randn(N, *shape), (s0 * s0 + spectrum).sqrt())
-    else:
-        x = (s0 if adaptive else math.sqrt(s0 * s0 + float(data_var))) * randn(N, *shape)  # type: ignore[arg-type]
-    probe0 = rademacher() if (adaptive and steps > 1) or (final_posterior and steps == 1) else None
-    Dx = torch.empty_like(x)
-    gx = torch.empty_like(x) if proposal == "gradient" else None
-    h = torch.zeros(N, dtype=_F64, device=device)
-    nfe = 1
-    n_backward = 1 if probe0 is not None else 0
-    # The pixel-space network path takes D and a guidance gradient in one pass; at sigma_0 (before v
-    # is known) a flat twist serves. Latent priors and Tweedie guidance first need D (and v, gain).
-    one_pass = proposal == "gradient" and guidance == "network" and not composed
-    # known up front with data_var or a spectrum (whose first twist reads it); probed below otherwise
-    v = float(data_var) if data_var is not None else math.inf
-    r2_grad0 = s0 * s0 if one_pass else None
-    for ch in chunks(N, chunk_size):
-        D_c, _, g_c, h_c = evaluate(x[ch], s0, r2_grad0, None if probe0 is None else probe0[ch])
-        Dx[ch] = D_c
-        if gx is not None and g_c is not None:
-            gx[ch] = g_c
-        if h_c is not None:
-            h[ch] = h_c
-    if one_pass:
-        n_backward += 1
-    if not bool(torch.isfinite(Dx.reshape(N, -1)).all(1).any()):
-        raise FloatingPointError(_non_finite_message(0, steps, s0))
-    v = float(data_var) if data_var is not None else (v_from_h(h, s0) if probe0 is not None else math.inf)
-    if isinstance(operator, ComposedOperator) and twist_cov == "jacobian":
-        B_lin = operator.measurement_jacobian(Dx.mean(0), chunk_size).to(_F64)
-        M_twist = B_lin @ B_lin.T
-        n_backward += 1  # m products for the whole cloud, about one per particle when N ~ m
-    elif composed:
-        if decoder_gain is not None:
-            gain = float(decoder_gain)
-        else:
-            gprobe = rademacher(N, *operator.image_shape)  # type: ignore[union-attr]
-            per = torch.cat(
-                [operator.jacobian_gain(Dx[ch], gprobe[ch]) for ch in chunks(N, chunk_size)]  # type: ignore[union-attr]
+    def result(self, c: _Cloud, keep_samples: bool) -> PosteriorResult:
+        o = self.opts
+        weights = normalise(c.logw)
+        latents = None
+        if isinstance(self.operator, ComposedOperator):
+            images, mean_x, std_x = decoded_moments(
+                self.operator, c.x, weights, self.chunks(), keep=keep_samples
             )
-            gain = float(per.mean())
-            n_backward += 1
-        if not (math.isfinite(gain) and gain > 0):
-            raise FloatingPointError(
-                f"the decoder's Jacobian gain came out as {gain}; the decoder returns non-finite or "
-                "constant images at the initial latents (check the checkpoint, or pass decoder_gain)."
-            )
-    r2_0 = _var_model(s0, v)
-    if proposal == "gradient" and not one_pass:
-        logg = torch.empty(N, dtype=_F64, device=device)
-        for ch in chunks(N, chunk_size):
-            _, lg_c, g_c, _ = evaluate(x[ch], s0, r2_0, None, D_known=Dx[ch])
-            logg[ch], gx[ch] = lg_c, g_c  # type: ignore[index]
-        nfe += 1 if guidance == "network" else 0
-        n_backward += 1 if guidance == "network" or composed else 0
-    else:
-        logg = torch.cat([iso_log_twist(Dx[ch], r2_0) for ch in chunks(N, chunk_size)])
-
-    ess_trace: list[float] = []
-    final_r2: float | None = None
-    final_r2_network: float | None = None
-    final_bands: dict[str, Any] | None = None
-    resample_steps: list[int] = []
-    unique_after: list[int] = []
-    lambdas: list[float] = []
-
-    def add_increment(logw: Tensor, incr: Tensor, k: int, *states: Tensor) -> Tensor:
-        """``logw + lambda * incr`` with non-finite particles dropped and ``lambda`` from ``temper_ess``.
-
-        A particle whose ``states`` (or increment) are not finite gets weight 0; its states are zeroed in
-        place so that weighted sums (0 * NaN) stay finite until the next resampling removes it."""
-        bad = ~torch.isfinite(incr)
-        for t in states:
-            bad |= ~torch.isfinite(t.reshape(N, -1)).all(1)
-        if bool(bad.all()):
-            raise FloatingPointError(_non_finite_message(k + 1, steps, sig[max(k, 0)]))
-        for t in states:
-            t[bad] = 0
-        incr = torch.where(bad, torch.full_like(incr, -math.inf), incr)
-        lam = 1.0
-        if temper_ess is not None and ess_of(logw + incr) < temper_ess * N:
-            lo, hi = 0.0, 1.0
-            for _ in range(30):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if ess_of(logw + mid * incr) >= temper_ess * N else (lo, mid)
-            lam = lo
-            # a dropped (non-finite) particle stays dropped whatever lambda is
-            incr = torch.where(bad, incr, lam * incr)
-        lambdas.append(lam)
-        return logw + incr
-
-    # The initial weights are the first twist: tempered like every later increment (a sharp first twist
-    # otherwise puts the whole cloud on one starting point).
-    logw = add_increment(torch.zeros(N, dtype=_F64, device=device), logg, -1, x, Dx)
-    lambda_initial = lambdas.pop()
-
-    for k in range(steps):
-        s, s_next = sig[k], sig[k + 1]
-        if ess_of(logw) < ess_threshold * N:
-            idx = systematic_resample(normalise(logw), generator)
-            # ESS is N right after resampling even when every copy comes from one survivor; the
-            # number of distinct survivors is what shows a collapse.
-            unique_after.append(int(torch.unique(idx).numel()))
-            x, Dx, logg, h = x[idx], Dx[idx], logg[idx], h[idx]
-            gx = None if gx is None else gx[idx]
-            logw = torch.zeros(N, dtype=_F64, device=device)
-            resample_steps.append(k)
-        W = normalise(logw)
-        if adaptive:
-            r2 = probed_r2(W, h, k, s)
-            v = _v_from_r2(r2, s)
+            samples, latents = images, (c.x if keep_samples else None)
         else:
-            r2 = _var_model(s, v)
-
-        if s_next == 0.0 and final_posterior:
-            # Last step: x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I) (Matheron), r^2 from the probes at sigma_K;
-            # reweighted from the twist to that model's evidence N(y; A D, sigma_y^2 I + r^2 A A^H).
-            final_r2 = final_r2_network = probed_r2(W, h, k, s)
-            cov_spec: Tensor | None = None
-            if final_var_kind == "evidence":
-                with torch.no_grad():
-                    cov_spec, gain_spec, final_bands = evidence_fit(Dx, W, s, final_r2)
-                    Dx = stationary_filter(Dx, gain_spec).to(dtype)
-                final_r2 = float(cov_spec.mean())
-
-            z, n1 = randn(N, *shape), measurement_noise()
-            x_new = torch.empty_like(x)
-            log_Z = torch.empty(N, dtype=_F64, device=device)
-            with torch.no_grad():
-                for ch in chunks(N, chunk_size):
-                    R0 = y_b - lin.forward(Dx[ch])
-                    log_Z[ch] = -0.5 * batch_dot(R0, final_solve(R0, final_r2, cov_spec)).to(_F64)
-                    x1 = Dx[ch] + final_cov(z[ch], final_r2, cov_spec, root=True)
-                    u = final_solve(y_b - lin.forward(x1) - math.sqrt(sy2) * n1[ch], final_r2, cov_spec)
-                    x_new[ch] = x1 + final_cov(lin.adjoint(u).real.to(dtype), final_r2, cov_spec)
-            x = x_new
-            logw = add_increment(logw, log_Z - logg, k, x)
-            ess_trace.append(ess_of(logw))
-            if callback is not None:
-                callback(k, ess_trace[-1])
-            continue
-        if s_next == 0.0:
-            # Last step: x0 = D(x_K, sigma_K), reweighted from the twist to the true likelihood.
-            x = Dx
-            with torch.no_grad():
-                logL = torch.cat(
-                    [log_likelihood(operator, x[ch], y_b, float(sigma_y)) for ch in chunks(N, chunk_size)]  # type: ignore[arg-type]
-                )
-            x = x.clone()
-            logw = add_increment(logw, logL - logg, k, x)
-            ess_trace.append(ess_of(logw))
-            if callback is not None:
-                callback(k, ess_trace[-1])
-            continue
-
-        a = (s_next / s) ** 2
-        c2 = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * r2
-        c = math.sqrt(c2)
-        c2_spec = None
-        if spectrum is not None and proposal == "isotropic":
-            c2_spec = s_next**2 * (1.0 - a) + (1.0 - a) ** 2 * post_spectrum(r2)
-        mean = a * x + (1.0 - a) * Dx
-        z = randn(N, *shape)
-        eta = (
-            torch.randn(N, m, 1, generator=generator, device=device, dtype=_F64)
-            if proposal == "linearized"
-            else None
+            mean_x, std_x = weighted_moments(c.x, weights)
+            samples = c.x if keep_samples else None
+        return PosteriorResult(
+            samples=samples,
+            weights=weights,
+            mean=mean_x,
+            std=std_x,
+            ess=torch.tensor(self.ess_trace, dtype=_F64),
+            log_weights=c.logw,
+            n_resamples=len(self.resample_steps),
+            resample_steps=self.resample_steps,
+            nfe=self.nfe,
+            method="smc",
+            sigmas=torch.as_tensor(self.sig, dtype=_F64),
+            latents=latents,
+            info={
+                "unique_after_resampling": self.unique_after,
+                "proposal": o.proposal,
+                "guidance": o.guidance if o.proposal == "gradient" else None,
+                "data_var": self.data_var,
+                "data_spectrum": self.spectrum is not None,
+                "twist_cov": o.twist_cov if self.composed else None,
+                "decoder_gain": self.gain if self.composed and o.twist_cov == "isotropic" else None,
+                "ess_threshold": o.ess_threshold,
+                "temper_ess": o.temper_ess,
+                "tempering": self.lambdas,
+                "tempering_initial": self.lambda_initial,
+                "final": o.final,
+                "final_var": self.final_r2,
+                "final_var_kind": o.final_var if self.final_posterior else None,
+                "final_var_network": self.final_r2_network,
+                "final_var_bands": self.final_bands,
+                "final_var_band_edges": list(RADIAL_BAND_EDGES) if self.final_bands is not None else None,
+                "backward_per_particle": self.n_backward,
+            },
         )
-        if proposal == "isotropic":
-            n1 = measurement_noise()
-            w_img = randn(N, *shape)
-        # Hutchinson probes: at every level for the adaptive variance model; at sigma_K for final="posterior".
-        need_probe = (adaptive and k + 2 <= steps and sig[k + 2] > 0.0) or (
-            final_posterior and k + 2 == steps
-        )
-        probe = rademacher() if need_probe else None
-        r2_next = _var_model(s_next, v)
-
-        x_new = torch.empty_like(x)
-        D_new = torch.empty_like(x)
-        logg_new = torch.empty(N, dtype=_F64, device=device)
-        incr = torch.empty(N, dtype=_F64, device=device)
-        h_new = torch.zeros(N, dtype=_F64, device=device)
-        g_new = torch.empty_like(x) if proposal == "gradient" else None
-        for ch in chunks(N, chunk_size):
-            p_c = None if probe is None else probe[ch]
-            if proposal == "linearized":
-                inc, x_c, D_c, lg_c, h_c = _linearized_move(
-                    denoiser,
-                    lin,
-                    mean[ch],
-                    s_next,
-                    c2,
-                    z[ch],
-                    eta[ch],  # type: ignore[index]
-                    y64,  # type: ignore[arg-type]
-                    sy2,
-                    evaluate,
-                    p_c,
-                )
-            elif proposal == "isotropic":
-                inc, x_c, D_c, lg_c, h_c = iso_move(
-                    mean[ch], Dx[ch], c, c2, r2_next, s_next, z[ch], n1[ch], w_img[ch], p_c
-                )
-            else:
-                shift = c2 * gx[ch]  # type: ignore[index]
-                cz = c * z[ch]
-                x_c = mean[ch] + shift + cz
-                # log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + shift, c^2)
-                inc = (batch_dot(cz, cz) - batch_dot(cz + shift, cz + shift)).to(_F64) / (2.0 * c2)
-                D_c, lg_c, g_c, h_c = evaluate(x_c, s_next, r2_next, p_c)
-                g_new[ch] = g_c  # type: ignore[index]
-                inc = inc + lg_c  # type: ignore[operator]
-            x_new[ch], D_new[ch], logg_new[ch] = x_c, D_c, lg_c
-            if h_c is not None:
-                h_new[ch] = h_c
-            incr[ch] = inc - logg[ch]
-        logw = add_increment(logw, incr, k, x_new, D_new)
-        nfe += 2 if proposal == "linearized" else 1
-        n_backward += {"linearized": m, "gradient": 1}.get(proposal, 0) + (1 if need_probe else 0)
-        x, Dx, logg, h, gx = x_new, D_new, logg_new, h_new, g_new
-        ess_trace.append(ess_of(logw))
-        if callback is not None:
-            callback(k, ess_trace[-1])
-
-    weights = normalise(logw)
-    latents = None
-    if isinstance(operator, ComposedOperator):
-        images, mean_x, std_x = decoded_moments(
-            operator, x, weights, chunks(N, chunk_size), keep=keep_samples
-        )
-        samples, latents = images, (x if keep_samples else None)
-    else:
-        mean_x, std_x = weighted_moments(x, weights)
-        samples = x if keep_samples else None
-    return PosteriorResult(
-        samples=samples,
-        weights=weights,
-        mean=mean_x,
-        std=std_x,
-        ess=torch.tensor(ess_trace, dtype=_F64),
-        log_weights=logw,
-        n_resamples=len(resample_steps),
-        resample_steps=resample_steps,
-        nfe=nfe,
-        method="smc",
-        sigmas=torch.as_tensor(sig, dtype=_F64),
-        latents=latents,
-        info={
-            "unique_after_resampling": unique_after,
-            "proposal": proposal,
-            "guidance": guidance if proposal == "gradient" else None,
-            "data_var": data_var,
-            "data_spectrum": spectrum is not None,
-            "twist_cov": twist_cov if composed else None,
-            "decoder_gain": gain if composed and twist_cov == "isotropic" else None,
-            "ess_threshold": ess_threshold,
-            "temper_ess": temper_ess,
-            "tempering": lambdas,
-            "tempering_initial": lambda_initial,
-            "final": final,
-            "final_var": final_r2,
-            "final_var_kind": final_var_kind if final_posterior else None,
-            "final_var_network": final_r2_network,
-            "final_var_bands": final_bands,
-            "final_var_band_edges": list(RADIAL_BAND_EDGES) if final_bands is not None else None,
-            "backward_per_particle": n_backward,
-        },
-    )
 
 
 def _linearized_move(

@@ -24,7 +24,7 @@ the checkpoint as ``prior`` reconstructs the same patch, for side-by-side compar
 - a latent checkpoint: the gradient-guided proposal with Tweedie guidance (gradients through the decoder
   only) and ``data_var=1``;
 - a pixel-space checkpoint (``autoencoder.kind: identity``): the same proposal, ``data_var = 1 / c^2``
-  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`PIXEL_TEMPER_ESS`), a
+  (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`~medidiff.inverse.smc_options.PIXEL_TEMPER_ESS`), a
   top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``, and ``final="posterior"``: the last step draws each
   particle from ``p(x0 | x_K, y)`` rather than stopping at ``D(x_K)``, since the network's smallest noise
   level is far above what the measurement resolves (a stop at ``D(x_K)`` left CT particles at chi^2 ~ 22
@@ -93,6 +93,7 @@ from torch import Tensor
 from medidiff import __version__
 from medidiff.diffusion.spectrum import RadialSpectrum
 from medidiff.inverse.operators import LinearOperator
+from medidiff.inverse.smc_options import SMCOptions
 from medidiff.stages._reconstruct_io import (
     Geometry,
     RawMeasurement,
@@ -125,8 +126,6 @@ SIDECAR = "reconstruction.json"
 PIXEL_SIGMA_MAX_SPREADS = 3.0
 """A pixel-space checkpoint's default top noise level, in units of its data's spread ``1 / c``
 (docs/benchmarks.md: sigma_max 1-5 scored alike, the full range 1.6 dB lower)."""
-PIXEL_TEMPER_ESS = 0.5
-"""smc with a pixel-space checkpoint: keep at least this fraction of effective particles per step (tempering)."""
 
 ProgressCallback = Callable[[int, int, float], None]
 """``progress(step, total, ess)`` after each sampler step (``step`` counts from 1 to ``total``)."""
@@ -713,10 +712,10 @@ class _PixelDenoiser:
 
 def checkpoint_sampler(
     models: Any, op: LinearOperator, modality_code: int, method: str, autocast: torch.dtype | None
-) -> tuple[Any, Any, dict[str, float], dict[str, Any]]:
+) -> tuple[Any, Any, dict[str, float], SMCOptions | None]:
     """A loaded checkpoint (``load_models``) as the sampler sees it, with the stage's defaults.
 
-    Returns ``(denoiser, forward model, sigma range, default sampler options)``: a pixel-space model's
+    Returns ``(denoiser, forward model, sigma range, smc's default options or None for another method)``: a pixel-space model's
     denoiser on images in normalised units with the operator itself; a latent model's denoiser on scaled
     latents with ``A o Dec`` (:class:`~medidiff.inverse.ComposedOperator`).
     """
@@ -725,31 +724,20 @@ def checkpoint_sampler(
     net = models.denoiser()
     den: Any = _ConditionedDenoiser(net, modality_code, float(models.config.spacing_mm), autocast)
     scale = float(models.latent_scale_factor or 1.0)
-    options: dict[str, Any] = {}
+    options: SMCOptions | None = None
     if models.config.autoencoder.is_identity:
         den = _PixelDenoiser(den, scale)
         # Start where the noise is PIXEL_SIGMA_MAX_SPREADS times the data's spread (1/c): the image is
         # hidden there already, and an eps network's top noise levels are its least accurate.
         top = min(den.sigma_max, PIXEL_SIGMA_MAX_SPREADS / scale)
         if method == "smc":
-            # A trained image prior is far from the isotropic Gaussian the "isotropic" proposal is exact
-            # for (its power falls steeply with frequency): that proposal over-shoots the measured
-            # directions at high noise (9 dB against 20 dB, docs/benchmarks.md). The Tweedie-guided shift
-            # needs no gradient through the network; ESS-controlled tempering keeps the cloud diverse where
-            # the approximate twist would collapse it to one particle.
-            # The last step conditions x0 on y (smallest training noise level >> what y resolves), and
-            # its Gaussian N(gamma D, rho) is fitted per radial band to y: at sigma_K the network cannot
-            # tell fine texture from noise (on CT it passes a third of the noise and over-states the
-            # texture); on MRI the fit leaves the figures as they were.
-            options = {"proposal": "gradient", "guidance": "tweedie", "temper_ess": PIXEL_TEMPER_ESS,
-                       "data_var": 1.0 / (scale * scale), "final": "posterior",
-                       "final_var": "evidence"}  # fmt: skip
+            options = SMCOptions.pixel_prior(scale)
         return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
     forward = ComposedOperator(
         op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast
     )
     if method == "smc":
-        options = {"data_var": 1.0}  # the scale factor gives the latents unit variance
+        options = SMCOptions.latent_prior()
     return den, forward, {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}, options
 
 
@@ -767,30 +755,29 @@ def _sample(
 ) -> Any:
     from medidiff.inverse import reconstruct
 
-    options = dict(s.options)
+    options: Mapping[str, Any] | SMCOptions = dict(s.options)
     sigma_kw: dict[str, float] = {}
     if pri.kind == "latent":
         from medidiff.models.config import MODALITY_CODES
         from medidiff.train.checkpoint import load_models
 
         models = load_models(pri.checkpoint.path, device=dev, expect_stage="latent")
-        denoiser, forward, sigma_kw, defaults = checkpoint_sampler(
+        denoiser, forward, sigma_kw, preset = checkpoint_sampler(
             models, op, MODALITY_CODES.get(modality, MODALITY_CODES["OT"]), s.method, prec.autocast_dtype
         )
-        options = {**defaults, **options}
-        if options.get("final") != "posterior" and "final_var" not in s.options:
-            options.pop("final_var", None)  # the default fits the posterior last step's Gaussian only
-        if s.spectrum is not None:
-            options.pop("data_var", None)
-            grid_spectrum = RadialSpectrum.from_json(s.spectrum).on_grid(op.in_shape)
-            options["data_spectrum"] = grid_spectrum.to(device=dev, dtype=y.real.dtype)
+        if preset is not None:  # smc: the user's options over the checkpoint's defaults
+            options = preset.updated(s.options)
+            if s.spectrum is not None:
+                grid_spectrum = RadialSpectrum.from_json(s.spectrum).on_grid(op.in_shape)
+                spectrum = grid_spectrum.to(device=dev, dtype=y.real.dtype)
+                options = options.updated(data_var=None, data_spectrum=spectrum)
     else:
         denoiser = pri.denoiser
         forward = op
         if s.method == "smc" and op.accurate_solves:
             # The exact draw under the isotropic-Jacobian model keeps the weights in high dimension,
             # where the gradient shift degenerates (see medidiff.inverse.smc).
-            options.setdefault("proposal", "isotropic")
+            options = SMCOptions(proposal="isotropic").updated(s.options)
         for key in ("sigma_min", "sigma_max"):
             if isinstance(getattr(denoiser, key, None), int | float):
                 sigma_kw[key] = float(getattr(denoiser, key))
