@@ -116,8 +116,16 @@ def test_latent_prior_simulate_paths_write_everything(
     m = res.metrics
     for key in ("psnr_db", "ssim", "chi2_mean", "chi2_samples", "coverage90"):
         assert np.isfinite(m[key]), key
-    assert 0.0 <= m["coverage90"] <= 1.0 and -1.0 <= m["ssim"] <= 1.0
+    assert -1.0 <= m["ssim"] <= 1.0
     side = json.loads((out / "reconstruction.json").read_text())
+    # coverage90 is what the sidecar says it is: the share of reference voxels inside mean -/+ std_factor *
+    # std, rebuilt from the written maps. This untrained prior makes no claim on its value (dps covers 0.97
+    # here; latent smc's cloud covers 0.0, far narrower than its error: the collapse issue 15 is about)
+    iv = side["interval90"]
+    assert iv["effective_sample_size"] >= 2, iv
+    ref_a, mean_a, std_a = (nib.load(out / f"{n}.nii.gz").get_fdata() for n in ("reference", "mean", "std"))
+    inside = np.abs(ref_a - mean_a) <= iv["std_factor"] * std_a
+    assert float(inside.mean()) == pytest.approx(m["coverage90"], abs=0.01)
     assert len(side["ess"]) == 5 and abs(sum(side["weights"]) - 1.0) < 1e-9
     assert side["prior"]["kind"] == "latent"
     norm = side["normalization"]  # the prior's data.json: its MR percentiles, CT's clip-and-scale
