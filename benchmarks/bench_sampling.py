@@ -4,30 +4,41 @@ Both pipelines get the same AutoencoderKL, the same latent UNet weights and cond
 noise and the same number of steps (= network evaluations); only what runs around the networks differs:
 
 - MONAI: ``LatentDiffusionInferer(DDIMScheduler(same betas, clip_sample=False), scale_factor)``,
-  ``scheduler.set_timesteps(steps)``, ``inferer.sample(noise, autoencoder, unet, scheduler, verbose=False)``,
-  fp32 with eager networks, as MONAI's tutorials run it.
+  ``scheduler.set_timesteps(steps)``, ``inferer.sample(noise, autoencoder, unet, scheduler, verbose=False)``.
 - medidiff: ``D = from_monai_scheduler(unet, ddpm_scheduler)``, sigmas at MONAI's timesteps
   (``ddpm_sigmas(alphas_cumprod, steps, "linspace")``, so the network sees the same times), ``sample_ddim``
   (eta 0) or ``sample_dpmpp_2m``, then the autoencoder decodes ``z / scale_factor``.
 
 The demo UNet is conditioned on modality (class embedding) and voxel spacing (extra input channels).
-:class:`BoundUNet` binds that conditioning and takes MONAI's call signature ``(x, timesteps, context=None)``;
-MONAI's inferer and medidiff's denoiser call this one module, so the conditioning cannot differ.
+:class:`BoundUNet` binds that conditioning and takes MONAI's call signature ``(x, timesteps, context=None)``.
 
-Configurations (all in ``torch.inference_mode``):
+Parity: at each precision and graph mode the networks are prepared once, and MONAI's inferer and medidiff's
+denoiser call those very same prepared modules (MONAI through :func:`as_monai_unet` and
+:class:`DecoderAsAutoencoder`, which only adapt the call), so conditioning, weights, graph and precision
+cannot differ. Ways of running the networks (``--graph`` picks the non-eager one):
 
-- ``monai_ddim_fp32``: the MONAI pipeline above.
-- ``medidiff_ddim_fp32_eager``: medidiff's DDIM over the same eager modules: the sampling machinery alone.
-- ``medidiff_{ddim,dpmpp}_fp32``: medidiff's inference path: networks frozen into one TorchScript graph each
-  (``torch.jit.trace`` + ``freeze`` + ``optimize_for_inference``; same weights and arithmetic, no per-layer
-  Python, oneDNN convolutions; ``--graph`` chooses). On CPU, eager PyTorch runs a batch-1 fp32 ``conv3d``
-  whose ``N*C*D*H <= 20480`` with its im2col ``slow_conv3d`` kernel: almost every layer of a 32^3 decoder
-  and an 8^3 latent UNet. The frozen graph uses oneDNN throughout.
-- ``medidiff_{ddim,dpmpp}_bf16``: the same under the project's precision policy with bf16 autocast (the
-  casts are recorded into the frozen graph; sampler arithmetic and the sigma schedule stay fp32).
-- ``*_eq``: MONAI's DDIM and medidiff's DPM-Solver++ at the network evaluations that reached equal quality
-  on the Gaussian-mixture benchmark (``bench_gmm_nfe.py``; documented figures unless ``--gmm-json`` or
-  ``--gmm-rerun``).
+- ``eager``: the modules as built (bf16: autocast around each network call).
+- ``frozen`` (``--graph jit``, default): one TorchScript graph per network (``torch.jit.trace`` + ``freeze``
+  + ``optimize_for_inference``; same weights and arithmetic, no per-layer Python, oneDNN convolutions). On
+  CPU, eager PyTorch runs a batch-1 fp32 ``conv3d`` whose ``N*C*D*H <= 20480`` with its im2col
+  ``slow_conv3d`` kernel: almost every layer of a 32^3 decoder and an 8^3 latent UNet. Under bf16 the
+  autocast casts are recorded into the graph; sampler arithmetic and the sigma schedule stay fp32 in both
+  pipelines. ``--graph compile``: ``torch.compile`` with inductor freezing (label ``compiled``).
+
+Configurations (all in ``torch.inference_mode``), for ``p`` in fp32, bf16 and ``g`` the ``--graph`` label:
+
+- ``monai_ddim_{p}_{g}``, ``medidiff_ddim_{p}_{g}``, ``medidiff_dpmpp_{p}_{g}``: the parity rows.
+- ``monai_ddim_{p}_{g}_eq``, ``medidiff_dpmpp_{p}_{g}_eq``: MONAI's DDIM and medidiff's DPM-Solver++ at
+  the network evaluations that reached equal quality on the Gaussian-mixture benchmark (``bench_gmm_nfe.py``;
+  documented figures unless ``--gmm-json`` or ``--gmm-rerun``), same networks and precision.
+- ``monai_ddim_{p}_eager``, ``medidiff_ddim_{p}_eager``: both pipelines on the eager modules; MONAI fp32
+  eager is how MONAI's tutorials run it.
+
+Headline ratios are at parity (``sampling_report.py``: same prepared networks, graph and precision, and
+equal NFE where steps are compared): medidiff's DDIM / MONAI's DDIM at equal steps, and medidiff's
+DPM-Solver++ / MONAI's DDIM each at its NFE for equal quality. Ratios across graph modes or precisions
+(what freezing and bf16 buy, and the earlier headline of frozen medidiff against eager MONAI) are reported
+as context only.
 
 Repeats are interleaved (one run of every configuration per round) after one warm-up run each; best and
 median seconds per volume are reported with fixed ``torch.set_num_threads``. Peak memory: on CPU each
@@ -35,7 +46,7 @@ configuration runs in a fresh subprocess (VmHWM of ``/proc/self/status`` once th
 reset through ``/proc/self/clear_refs`` and read again after two volumes); on CUDA
 ``torch.cuda.max_memory_allocated``. Checks: finite outputs, frozen vs eager, bf16 vs fp32 (relative L2 error
 of the decoded volumes), and MONAI vs medidiff DDIM on a timestep grid where MONAI's step arithmetic is
-self-consistent (see ``equivalence_check``).
+self-consistent (see ``equivalence_check``), on eager and on frozen fp32 networks.
 
 With ``--config`` the networks are randomly initialised from a seed. MONAI zero-initialises the last
 convolution of every UNet residual block and the UNet's output convolution, so such a UNet predicts exactly
@@ -76,6 +87,9 @@ from medidiff.models.config import MODALITY_CODES, ModelConfig, NoiseScheduleCon
 from medidiff.train.precision import Precision, autocast_context, resolve_precision
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import sampling_report as report  # noqa: E402  (benchmarks/ is not a package)
 
 # bench_gmm_nfe.py as run for docs/benchmarks.md (--init exact, N=2000 x 5 noises, 10% of converged SW).
 GMM_DOCUMENTED: dict[str, Any] = {
@@ -131,6 +145,24 @@ class CallCounter(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         self.calls += 1
         return self.net(*args, **kwargs)
+
+
+def as_monai_unet(unet: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A prepared UNet ``(x, t)`` called as MONAI's inferer calls a diffusion model (``context`` is unused:
+    the conditioning is bound). A frozen graph takes positional inputs only."""
+
+    def call(x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
+        del context
+        return unet(x, timesteps)
+
+    return call
+
+
+class DecoderAsAutoencoder:
+    """A prepared decoder ``z -> volume`` where MONAI's inferer expects ``autoencoder.decode_stage_2_outputs``."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor]) -> None:
+        self.decode_stage_2_outputs = decode
 
 
 @dataclass
@@ -297,28 +329,9 @@ def build_pipeline(
 ) -> tuple[Pipeline, Any, str]:
     """The pipeline of ``c``, a call counter on its network, and how its networks run.
 
-    ``cache`` shares prepared networks between configurations of the same precision and graph.
+    ``cache`` shares the prepared networks between all configurations (MONAI's and medidiff's) of the same
+    precision and graph: at parity both pipelines call the very same modules.
     """
-    if c.pipeline == "monai":
-        from monai.inferers import LatentDiffusionInferer
-
-        ddim = monai_ddim_scheduler(nets.config.scheduler, nets.ddpm)
-        # Timesteps stay on the CPU, as in MONAI's tutorials: step() indexes the scheduler's CPU tables.
-        ddim.set_timesteps(c.steps)
-        inferer = LatentDiffusionInferer(scheduler=ddim, scale_factor=nets.scale_factor)
-        counter = CallCounter(nets.unet)
-
-        def run_monai(noise: Tensor) -> Tensor:
-            return inferer.sample(
-                input_noise=noise,
-                autoencoder_model=nets.autoencoder,
-                diffusion_model=counter,
-                scheduler=ddim,
-                verbose=False,
-            )
-
-        return run_monai, counter, "eager"
-
     precision = resolve_precision(c.precision, device)
     cache = {} if cache is None else cache
     if (c.precision, c.graph) not in cache:
@@ -329,6 +342,30 @@ def build_pipeline(
             prepare(Decode(nets.autoencoder), (z,), precision, device, c.graph),
         )
     (unet, how_u), (decode, how_d) = cache[c.precision, c.graph]
+    how = how_u if how_u == how_d else f"unet {how_u}, decoder {how_d}"
+
+    if c.pipeline == "monai":
+        from monai.inferers import LatentDiffusionInferer
+
+        ddim = monai_ddim_scheduler(nets.config.scheduler, nets.ddpm)
+        # Timesteps stay on the CPU, as in MONAI's tutorials: step() indexes the scheduler's CPU tables.
+        ddim.set_timesteps(c.steps)
+        inferer = LatentDiffusionInferer(scheduler=ddim, scale_factor=nets.scale_factor)
+        counter = CallCounter(as_monai_unet(unet))
+        autoencoder = DecoderAsAutoencoder(decode)
+
+        def run_monai(noise: Tensor) -> Tensor:
+            image = inferer.sample(
+                input_noise=noise,
+                autoencoder_model=autoencoder,  # type: ignore[arg-type]
+                diffusion_model=counter,
+                scheduler=ddim,
+                verbose=False,
+            )
+            return image.float()  # as medidiff's: a bf16 decoder returns bf16
+
+        return run_monai, counter, how
+
     counter = CallCounter(unet)
     # Sigmas at the training timesteps MONAI's set_timesteps picks; "nearest" hands the network those exact
     # integer timesteps (no interpolated time), as MONAI does.
@@ -341,27 +378,32 @@ def build_pipeline(
         latent = sampler(D, noise * x_scale, sigmas)
         return decode(latent / nets.scale_factor).float()
 
-    how = how_u if how_u == how_d else f"unet {how_u}, decoder {how_d}"
     return run_medidiff, counter, how
 
 
 def configs_for(steps: int, graph: Graph, eq_nfe: dict[str, int | None], equal_quality: bool) -> list[Config]:
-    """The benchmark's configurations (see the module docstring)."""
-    out = [
-        Config("monai_ddim_fp32", "monai", "ddim", "fp32", "eager", steps),
-        Config("medidiff_ddim_fp32_eager", "medidiff", "ddim", "fp32", "eager", steps),
-        Config("medidiff_ddim_fp32", "medidiff", "ddim", "fp32", graph, steps),
-        Config("medidiff_dpmpp_fp32", "medidiff", "dpmpp_2m", "fp32", graph, steps),
-        Config("medidiff_ddim_bf16", "medidiff", "ddim", "bf16", graph, steps),
-        Config("medidiff_dpmpp_bf16", "medidiff", "dpmpp_2m", "bf16", graph, steps),
-    ]
+    """The benchmark's configurations (see the module docstring): parity rows first, eager context last."""
+    g, name = report.GRAPH_LABEL[graph], report.config_name
+    out: list[Config] = []
+    for p in report.PRECISIONS:
+        out += [
+            Config(name("monai", "ddim", p, g), "monai", "ddim", p, graph, steps),
+            Config(name("medidiff", "ddim", p, g), "medidiff", "ddim", p, graph, steps),
+            Config(name("medidiff", "dpmpp_2m", p, g), "medidiff", "dpmpp_2m", p, graph, steps),
+        ]
     n_ddim, n_dpm = eq_nfe.get("ddim"), eq_nfe.get("dpmpp_2m")
     if equal_quality and n_ddim and n_dpm:
-        out += [
-            Config("monai_ddim_fp32_eq", "monai", "ddim", "fp32", "eager", n_ddim),
-            Config("medidiff_dpmpp_fp32_eq", "medidiff", "dpmpp_2m", "fp32", graph, n_dpm),
-            Config("medidiff_dpmpp_bf16_eq", "medidiff", "dpmpp_2m", "bf16", graph, n_dpm),
-        ]
+        for p in report.PRECISIONS:
+            out += [
+                Config(name("monai", "ddim", p, g, eq=True), "monai", "ddim", p, graph, n_ddim),
+                Config(name("medidiff", "dpmpp_2m", p, g, eq=True), "medidiff", "dpmpp_2m", p, graph, n_dpm),
+            ]
+    if graph != "eager":  # context: what freezing buys each pipeline
+        for p in report.PRECISIONS:
+            out += [
+                Config(name("monai", "ddim", p, "eager"), "monai", "ddim", p, "eager", steps),
+                Config(name("medidiff", "ddim", p, "eager"), "medidiff", "ddim", p, "eager", steps),
+            ]
     return out
 
 
@@ -387,35 +429,46 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a64 - b64).norm() / b64.norm().clamp_min(1e-300))
 
 
-def equivalence_check(nets: Networks, noise: Tensor, steps: int, device: torch.device) -> dict[str, Any]:
+def equivalence_check(
+    nets: Networks,
+    noise: Tensor,
+    steps: int,
+    device: torch.device,
+    unet: Callable[..., Tensor] | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    label: str = "fp32 eager",
+) -> dict[str, Any]:
     """MONAI's DDIM and medidiff's ``sample_ddim`` on one timestep grid where both take the same steps.
 
     MONAI 1.6's ``DDIMScheduler.step`` moves from ``t`` to ``t - T // steps`` while ``set_timesteps`` spaces
     the timesteps by ``linspace``, so at the default grid MONAI evaluates the network at a time other than the
     one the sample is at (docs/benchmarks.md). On the "leading" grid ``t_i = (steps - 1 - i) T // steps`` the
-    two agree, and the two pipelines must then give the same volume up to rounding.
+    two agree, and the two pipelines must then give the same volume up to rounding. ``unet``/``decode``:
+    prepared networks both pipelines call (default: the eager modules).
     """
     from monai.inferers import LatentDiffusionInferer
 
+    unet = nets.unet if unet is None else unet
+    decode = Decode(nets.autoencoder) if decode is None else decode
     T = nets.ddpm.num_train_timesteps
     ddim = monai_ddim_scheduler(nets.config.scheduler, nets.ddpm)
     ddim.set_timesteps(steps)
     ddim.timesteps = torch.arange(steps - 1, -1, -1) * (T // steps)
     inferer = LatentDiffusionInferer(scheduler=ddim, scale_factor=nets.scale_factor)
-    D = from_monai_scheduler(nets.unet, nets.ddpm, timestep_mode="nearest")
+    D = from_monai_scheduler(unet, nets.ddpm, timestep_mode="nearest")
     sigmas = ddpm_sigmas(nets.ddpm.alphas_cumprod, steps, "leading")
     with torch.inference_mode():
         ref = inferer.sample(
             input_noise=noise,
-            autoencoder_model=nets.autoencoder,
-            diffusion_model=nets.unet,
+            autoencoder_model=DecoderAsAutoencoder(decode),  # type: ignore[arg-type]
+            diffusion_model=as_monai_unet(unet),  # type: ignore[arg-type]
             scheduler=ddim,
             verbose=False,
         )
         z = SAMPLERS["ddim"](D, noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas)
-        ours = nets.autoencoder.decode_stage_2_outputs(z / nets.scale_factor)
+        ours = decode(z / nets.scale_factor)
     return {
-        "grid": f"leading: t_i = (steps-1-i) * {T // steps}, {steps} steps, fp32 eager",
+        "grid": f"leading: t_i = (steps-1-i) * {T // steps}, {steps} steps, {label}",
         "rel_err_decoded_volume": rel_err(ours, ref),
     }
 
@@ -444,6 +497,7 @@ def time_all(
             "pipeline": c.pipeline,
             "sampler": c.sampler,
             "precision": c.precision,
+            "graph": c.graph,
             "networks": how,
             "steps": c.steps,
             "nfe": counter.calls,
@@ -456,33 +510,52 @@ def time_all(
             times[c.name].append(timed(built[c.name][0], noise, device)[0] / n)
     per_volume = {k: {"best": min(v), "median": statistics.median(v)} for k, v in times.items()}
     for name, rec in records.items():
-        rec["seconds_per_volume"] = {
-            "best": round(per_volume[name]["best"], 4),
-            "median": round(per_volume[name]["median"], 4),
-            "all": [round(x, 4) for x in times[name]],
+        rec["seconds_per_volume"] = {  # microseconds kept: the ratios are computed from these figures
+            "best": round(per_volume[name]["best"], 6),
+            "median": round(per_volume[name]["median"], 6),
+            "all": [round(x, 6) for x in times[name]],
         }
     return records, outputs, per_volume
 
 
 def accuracy_checks(
-    outputs: dict[str, Tensor], nets: Networks, noise: Tensor, steps: int, device: torch.device
+    outputs: dict[str, Tensor],
+    nets: Networks,
+    noise: Tensor,
+    steps: int,
+    graph: Graph,
+    device: torch.device,
+    cache: dict[Any, Any],
 ) -> dict[str, Any]:
     """Finite outputs, frozen vs eager, bf16 vs fp32, MONAI vs medidiff (relative L2 of decoded volumes)."""
-    return {
-        "all_finite": {k: bool(torch.isfinite(v).all()) for k, v in outputs.items()},
-        "rel_err_frozen_vs_eager_fp32_ddim": rel_err(
-            outputs["medidiff_ddim_fp32"], outputs["medidiff_ddim_fp32_eager"]
-        ),
-        "rel_err_bf16_vs_fp32_ddim": rel_err(outputs["medidiff_ddim_bf16"], outputs["medidiff_ddim_fp32"]),
-        "rel_err_bf16_vs_fp32_dpmpp": rel_err(outputs["medidiff_dpmpp_bf16"], outputs["medidiff_dpmpp_fp32"]),
-        # nonzero by design: MONAI's DDIM steps to t - T // steps, not to its next timestep (see
-        # equivalence_check)
-        "rel_diff_monai_vs_medidiff_ddim_default_grid": rel_err(
-            outputs["medidiff_ddim_fp32_eager"], outputs["monai_ddim_fp32"]
-        ),
-        "equivalence_leading_grid": equivalence_check(nets, noise, steps, device),
-        "volume_std": round(float(outputs["monai_ddim_fp32"].std()), 4),
-    }
+    g, name = report.GRAPH_LABEL[graph], report.config_name
+
+    def err(a: str, b: str) -> float | None:
+        return rel_err(outputs[a], outputs[b]) if a in outputs and b in outputs else None
+
+    (unet, _), (decode, _) = cache["fp32", graph]
+    equivalence = {"fp32_eager": equivalence_check(nets, noise, steps, device)}
+    if graph != "eager":
+        equivalence[f"fp32_{g}"] = equivalence_check(nets, noise, steps, device, unet, decode, f"fp32 {g}")
+    checks: dict[str, Any] = {"all_finite": {k: bool(torch.isfinite(v).all()) for k, v in outputs.items()}}
+    for pipeline in ("monai", "medidiff"):
+        if graph != "eager":
+            checks[f"rel_err_{g}_vs_eager_fp32_{pipeline}_ddim"] = err(
+                name(pipeline, "ddim", "fp32", g), name(pipeline, "ddim", "fp32", "eager")
+            )
+        checks[f"rel_err_bf16_vs_fp32_{pipeline}_ddim"] = err(
+            name(pipeline, "ddim", "bf16", g), name(pipeline, "ddim", "fp32", g)
+        )
+    checks["rel_err_bf16_vs_fp32_medidiff_dpmpp"] = err(
+        name("medidiff", "dpmpp_2m", "bf16", g), name("medidiff", "dpmpp_2m", "fp32", g)
+    )
+    # nonzero by design: MONAI's DDIM steps to t - T // steps, not to its next timestep (see equivalence_check)
+    checks["rel_diff_monai_vs_medidiff_ddim_default_grid"] = err(
+        name("medidiff", "ddim", "fp32", g), name("monai", "ddim", "fp32", g)
+    )
+    checks["equivalence_leading_grid"] = equivalence
+    checks["volume_std"] = round(float(outputs[name("monai", "ddim", "fp32", g)].std()), 4)
+    return checks
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -560,86 +633,6 @@ def _gmm_summary(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# -------------------------------------------------------------------------------------------------- report
-# (key, numerator, denominator, what): ratios of seconds per volume.
-RATIOS: list[tuple[str, str, str, str]] = [
-    ("machinery_only_fp32", "medidiff_ddim_fp32_eager", "monai_ddim_fp32", "same eager modules: loop only"),
-    ("ddim_fp32", "medidiff_ddim_fp32", "monai_ddim_fp32", "medidiff inference path fp32 / MONAI fp32"),
-    ("dpmpp_fp32", "medidiff_dpmpp_fp32", "monai_ddim_fp32", "medidiff inference path fp32 / MONAI fp32"),
-    (
-        "ddim_bf16_vs_monai_fp32",
-        "medidiff_ddim_bf16",
-        "monai_ddim_fp32",
-        "precision policy bf16 / MONAI fp32",
-    ),
-    (
-        "dpmpp_bf16_vs_monai_fp32",
-        "medidiff_dpmpp_bf16",
-        "monai_ddim_fp32",
-        "precision policy bf16 / MONAI fp32",
-    ),
-    ("bf16_vs_fp32_ddim", "medidiff_ddim_bf16", "medidiff_ddim_fp32", "bf16 / fp32, same pipeline"),
-    ("bf16_vs_fp32_dpmpp", "medidiff_dpmpp_bf16", "medidiff_dpmpp_fp32", "bf16 / fp32, same pipeline"),
-    ("equal_quality_fp32", "medidiff_dpmpp_fp32_eq", "monai_ddim_fp32_eq", "GMM equal-quality NFE, fp32"),
-    (
-        "equal_quality_bf16",
-        "medidiff_dpmpp_bf16_eq",
-        "monai_ddim_fp32_eq",
-        "GMM equal-quality NFE, bf16 / fp32",
-    ),
-]
-
-
-def ratios(per_volume: dict[str, dict[str, float]]) -> dict[str, Any]:
-    out = {}
-    for key, num, den, what in RATIOS:
-        if num in per_volume and den in per_volume:
-            a, b = per_volume[num], per_volume[den]
-            out[key] = {
-                "ratio_best": round(a["best"] / b["best"], 3),
-                "ratio_median": round(a["median"] / b["median"], 3),
-                "of": f"{num} / {den}",
-                "what": what,
-            }
-    return out
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    m, mach = result["model"], result["machine"]
-    lines = [
-        "# Sampling benchmark (bench_sampling.py)",
-        "",
-        f"Command: `{result['command']}`",
-        "",
-        f"Machine: {mach['cpu']}, device {mach['device']}, {mach['threads']} thread(s), "
-        f"torch {mach['torch']}, "
-        f"MONAI {mach['monai']}; load average {mach['load_before']} before, {mach['load_after']} after.",
-        f"Model: {m['source']}; volume {m['volume_shape']}, latent {m['latent_shape']}, conditioning "
-        f"{m['conditioning']}; {result['n']} volume(s) per batch, {result['repeats']} interleaved repeats.",
-        "",
-        "| configuration | pipeline | sampler | precision | networks | steps | NFE | s/volume best | "
-        "median | peak memory (MB) | increase while sampling (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, r in result["configs"].items():
-        mem = r.get("memory", {})
-        peak = mem.get("peak_rss_sampling_mb", mem.get("max_allocated_mb", "-"))
-        t = r["seconds_per_volume"]
-        lines.append(
-            f"| {name} | {r['pipeline']} | {r['sampler']} | {r['precision']} | {r['networks']} | "
-            f"{r['steps']} | {r['nfe']} | {t['best']:.3f} | {t['median']:.3f} | {peak} | "
-            f"{mem.get('sampling_increase_mb', '-')} |"
-        )
-    lines += ["", "| ratio | best | median | what |", "| --- | --- | --- | --- |"]
-    for key, r in result["ratios"].items():
-        lines.append(f"| {key} ({r['of']}) | {r['ratio_best']} | {r['ratio_median']} | {r['what']} |")
-    lines += ["", f"Target: {result['target']}", "", "Checks:"]
-    lines += [f"- {k}: {v}" for k, v in result["checks"].items()]
-    lines += ["", f"NFE for equal quality (GMM): {result['nfe_for_equal_quality']}"]
-    lines += ["", f"One network evaluation / one decode (ms, median): {result['components_ms']}", ""]
-    return "\n".join(lines)
-
-
 def components(
     nets: Networks, batch: int, graph: Graph, device: torch.device, cache: dict[Any, Any], reps: int = 7
 ) -> dict[str, dict[str, float]]:
@@ -704,6 +697,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gmm-json", type=Path, default=None, help="saved output of bench_gmm_nfe.py")
     ap.add_argument("--gmm-rerun", action="store_true", help="rerun bench_gmm_nfe.py reduced (~1 min)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write a markdown summary here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON object here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -740,8 +734,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cache: dict[Any, Any] = {}
     built = {c.name: build_pipeline(c, nets, device, args.n, cache) for c in cfgs}
 
-    result_cfgs, outputs, per_volume = time_all(cfgs, built, noise, device, args.repeats)
-    checks = accuracy_checks(outputs, nets, noise, args.steps, device)
+    result_cfgs, outputs, _ = time_all(cfgs, built, noise, device, args.repeats)
+    checks = accuracy_checks(outputs, nets, noise, args.steps, args.graph, device, cache)
     comp = components(nets, args.n, args.graph, device, cache)
 
     if not args.no_memory:
@@ -751,10 +745,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 result_cfgs[c.name]["memory"] = memory_in_subprocess(c, argv)
 
-    rat = ratios(per_volume)
-    target_rows = {
-        k: v["ratio_median"] for k, v in rat.items() if k in ("ddim_fp32", "ddim_bf16_vs_monai_fp32")
-    }
+    g = report.GRAPH_LABEL[args.graph]
+    rat = report.ratios(result_cfgs, report.ratio_specs(g))
+    head = report.headline(rat, g)
     import monai
 
     result = {
@@ -781,14 +774,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "steps": args.steps,
         "n": args.n,
         "repeats": args.repeats,
+        "headline": head,
         "configs": result_cfgs,
         "ratios": rat,
         "target": {
             "ratio": 0.5,
-            "at_equal_steps_median": target_rows,
-            "met_fp32": rat.get("ddim_fp32", {}).get("ratio_median", math.inf) <= 0.5,
-            "met_bf16_vs_monai_fp32": rat.get("ddim_bf16_vs_monai_fp32", {}).get("ratio_median", math.inf)
-            <= 0.5,
+            "what": "issue 3: at most half MONAI's seconds per volume, judged at parity",
+            "met_at_equal_steps": {
+                p: None if r is None else r <= 0.5 for p, r in head["ddim_equal_steps"].items()
+            },
+            "met_at_equal_quality": {
+                p: None if r is None else r <= 0.5 for p, r in head["equal_quality"].items()
+            },
         },
         "checks": checks,
         "nfe_for_equal_quality": gmm,
@@ -796,10 +793,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(result, indent=1))
-    if args.markdown is not None:
+    if args.markdown is not None or args.json is not None:
         from medidiff.io.atomic import atomic_write_text
 
-        atomic_write_text(args.markdown, to_markdown(result))
+        if args.markdown is not None:
+            atomic_write_text(args.markdown, report.to_markdown(result))
+        if args.json is not None:
+            atomic_write_text(args.json, json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

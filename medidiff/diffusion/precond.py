@@ -25,6 +25,7 @@ Samplers never see any of this: they only call ``D(x, sigma)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -145,6 +146,15 @@ class DiscreteTimesteps:
         self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)  # float64, increasing
         self.log_sigmas = torch.log(self.sigmas)
         self.mode = mode
+        self._log_sigmas_on: dict[torch.device, Tensor] = {}
+
+    def _log_sigmas(self, device: torch.device) -> Tensor:
+        # One copy per device: copying the table at every call would stall the host on an accelerator
+        # (a blocking host-to-device copy) once per network evaluation.
+        ls = self._log_sigmas_on.get(device)
+        if ls is None:
+            ls = self._log_sigmas_on[device] = self.log_sigmas.to(device)
+        return ls
 
     @property
     def sigma_min(self) -> float:
@@ -160,11 +170,11 @@ class DiscreteTimesteps:
         """Timesteps for ``sigma`` (same shape; float in sigma's precision (at least float32) for
         ``"interpolate"``, int64 for ``"nearest"``)."""
         log_s = torch.log(sigma.detach().to(torch.float64).clamp_min(1e-300))
-        ls = self.log_sigmas.to(log_s.device)
+        ls = self._log_sigmas(log_s.device)
         if self.mode == "nearest":
             return (log_s[..., None] - ls).abs().argmin(-1)
         T = ls.numel()
-        log_s = log_s.clamp(float(ls[0]), float(ls[-1]))
+        log_s = log_s.clamp(ls[0], ls[-1])  # tensor bounds: no value read back from the device
         hi = torch.searchsorted(ls, log_s.contiguous()).clamp(1, T - 1)
         lo = hi - 1
         w = (log_s - ls[lo]) / (ls[hi] - ls[lo])
@@ -173,7 +183,7 @@ class DiscreteTimesteps:
     def sigma_of(self, t: Tensor) -> Tensor:
         """Inverse map: noise level of a (possibly fractional) timestep, log-linear between neighbours."""
         t64 = t.detach().to(torch.float64).clamp(0, self.sigmas.numel() - 1)
-        ls = self.log_sigmas.to(t64.device)
+        ls = self._log_sigmas(t64.device)
         lo = t64.floor().long().clamp_max(ls.numel() - 2)
         w = t64 - lo
         return torch.exp(ls[lo] + w * (ls[lo + 1] - ls[lo]))
@@ -226,7 +236,10 @@ class PreconditionedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: float | Tensor, **net_kwargs: Any) -> Tensor:
         """Denoise ``x`` (shape ``(B, C, *spatial)`` or any ``(B, ...)`` the network accepts) at ``sigma``
-        (a scalar or ``(B,)``); returns ``x0_hat`` with the shape and dtype of ``x``."""
+        (a scalar or ``(B,)``); returns ``x0_hat`` with the shape and dtype of ``x``.
+
+        Negative or non-finite ``sigma`` raises ``ValueError`` when it is on the CPU; on an accelerator its
+        values are not read back (no host synchronisation per call)."""
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
             raise TypeError("x must be a floating-point tensor of shape (B, ...).")
         B = x.shape[0]
@@ -236,8 +249,12 @@ class PreconditionedDenoiser(nn.Module):
             s = s.expand(B)
         if s.shape != (B,):
             raise ValueError(f"sigma must be a scalar or have shape ({B},); got {tuple(s.shape)}.")
-        if bool((s < 0).any()) or not bool(torch.isfinite(s).all()):
-            raise ValueError("sigma must be finite and >= 0.")
+        # Checked where reading the values is free (the CPU); on an accelerator the read-back would stall the
+        # host at every network evaluation, and the samplers check their whole schedule up front instead.
+        if s.device.type == "cpu" and s.numel() > 0:
+            lo, hi = torch.aminmax(s)  # NaN propagates to both
+            if not (float(lo) >= 0 and math.isfinite(float(hi))):
+                raise ValueError("sigma must be finite and >= 0.")
         c_skip, c_out, c_in = (
             c.reshape(B, *([1] * (x.ndim - 1)))
             for c in precond_coefficients(s, self.prediction, self.process, self.sigma_data)

@@ -276,8 +276,8 @@ def sample_ddim(
         s, s_next = sig[i], sig[i + 1]
         sigma_down, sigma_up = get_ancestral_step(s, s_next, eta)
         denoised = _denoise(denoiser, x, s)
-        eps_hat = (x - denoised) / s
-        x = denoised + sigma_down * eps_hat
+        # x' = D + sigma_down * (x - D) / sigma, in one fused op
+        x = torch.lerp(denoised, x, sigma_down / s)
         if sigma_up > 0:
             x = x + sigma_up * randn_like_per_sample(x, generator)  # type: ignore[arg-type]
         _report(callback, i, x, s, s_next, denoised)
@@ -338,8 +338,9 @@ def sample_dpmpp_2m(
                 d_eff = denoised
             else:
                 r = (math.log(sig[i - 1]) - math.log(s)) / h
-                d_eff = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (s_next / s) * x - math.expm1(-h) * d_eff
+                d_eff = torch.lerp(old_denoised, denoised, 1 + 1 / (2 * r))  # one fused op
+            # exp(-h) = sigma'/sigma, so x' = (sigma'/sigma) x - expm1(-h) D_eff is a lerp from D_eff to x
+            x = torch.lerp(d_eff, x, s_next / s)
         old_denoised = denoised
         _report(callback, i, x, s, s_next, denoised)
     return x

@@ -3,7 +3,8 @@
 On CPU, eager PyTorch runs most of these small 3D convolutions through a slow kernel at batch
 size 1; a traced, frozen and optimised graph (``torch.jit.trace`` + ``freeze`` +
 ``optimize_for_inference``) switches them to oneDNN and halves the time of each network call with
-the same weights and arithmetic (``benchmarks/bench_sampling.py`` measures it against MONAI).
+the same weights and arithmetic (``benchmarks/bench_sampling.py`` measures it for MONAI's
+pipeline and medidiff's alike).
 Autocast decisions are recorded into the trace, so a bf16 graph needs no autocast around it.
 
 A graph is traced per batch size and conditioning (both are constant during one synthesis run);

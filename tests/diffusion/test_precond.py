@@ -199,3 +199,27 @@ def test_bad_configurations_raise() -> None:
         D(torch.zeros(2, 3), torch.ones(3))
     with pytest.raises(ValueError, match="mode"):
         DiscreteTimesteps(DDPMScheduler(num_train_timesteps=10).alphas_cumprod, mode="floor")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        D(torch.zeros(2, 3), torch.tensor([1.0, -1.0]))  # values are checked on the CPU
+
+
+@pytest.mark.parametrize("spatial", [(4, 4), (4, 4, 4)], ids=["2d", "3d"])
+@pytest.mark.parametrize("mode", ["nearest", "interpolate"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_a_sampling_loop_reads_no_values_back_from_the_device(spatial, mode: str, sampler: str) -> None:
+    """Meta tensors have no values: any read-back (``bool``, ``float``, ``.item()``, a copy to the host) raises.
+    A loop that runs on them never stalls the host waiting for an accelerator between network calls."""
+    from medidiff.diffusion.samplers import SAMPLERS
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    seen: list[torch.Tensor] = []
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(t)
+        return x * t.to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+    D = from_monai_scheduler(net, sched, timestep_mode=mode)  # type: ignore[arg-type]
+    x = torch.empty(2, 3, *spatial, device="meta")
+    out = SAMPLERS[sampler](D, x, ddpm_sigmas(sched.alphas_cumprod, 5, "linspace"))
+    assert out.device.type == "meta" and out.shape == x.shape
+    assert len(seen) == 5 and all(t.device.type == "meta" and t.shape == (2,) for t in seen)
