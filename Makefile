@@ -1,6 +1,9 @@
 # medidiff — two commands (see README):
 #   make demo   set up a fresh clone and run the main job on the built-in demo cohort
 #   make test   set up and run the test suite
+# and, for the imaging benchmark (benchmarks/bench_imaging.py):
+#   make prior          train the benchmark's reconstruction prior on the demo cohort, print its hash
+#   make bench-imaging  tune TV / DPS / smc on the tuning part, then report on the reporting part
 #
 # TORCH_SPEC picks the PyTorch build. The default is the CPU wheel; on a CUDA cluster use e.g.
 #   make demo TORCH_SPEC="torch==2.6.*" TORCH_INDEX=https://download.pytorch.org/whl/cu124
@@ -9,10 +12,14 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR    ?= demo_out
+# The demo cohort is synthetic, so it is hashed with a public key: its subject ids, hence the training
+# split and the imaging benchmark's tuning/reporting volumes (benchmarks/imaging_split.json), are the
+# same on every clone. Never use a public key for real patients (see docs/ingest.md, privacy).
+DEMO_HASH_KEY ?= medidiff-demo-cohort-synthetic-public-key-v1
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench prior bench-imaging clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +31,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/medidiff demo-data $(DEMO_DIR)/drop --seed 0
-	$(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml \
+	MEDIDIFF_HASH_KEY=$(DEMO_HASH_KEY) $(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml \
 		--name "medidiff demo cohort (seed 0)" \
 		--source "synthetic: MNI152 2009a template (nilearn package data) and analytic CT phantoms" \
 		--licence "MNI152: permissive with notice (LICENSE_MNI152.txt); phantoms: CC0"
@@ -41,6 +48,39 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_ingest.py
+
+# The imaging benchmark's prior: the pixel-space demo model (configs/model_pixel_demo.yaml sets its 2000
+# steps; about 1.6 s per step at 1 thread, 55 min). Its data config reads demo_out/ingested (the default
+# DEMO_DIR). One thread, as the documented checkpoint was built, so that a rebuild on the same kind of CPU
+# gives the same weights (the hash docs/benchmarks.md records); more threads are faster but sum in
+# another order. A run folder that holds checkpoints is resumed, so this is a no-op once the run is
+# complete; to rebuild from scratch, remove $(PRIOR_RUN) first. The last line prints the weights'
+# SHA-256 and whether benchmarks/imaging_tuned.json was tuned for them.
+PRIOR_RUN     ?= runs/pixel
+PRIOR_THREADS ?= 1
+
+prior: setup
+	test -f demo_out/ingested/manifest.json || $(MAKE) demo DEMO_DIR=demo_out
+	OMP_NUM_THREADS=$(PRIOR_THREADS) $(VENV)/bin/medidiff train configs/model_pixel_demo.yaml configs/data_demo.yaml $(PRIOR_RUN)
+	$(PY) benchmarks/bench_imaging.py --checkpoint $(PRIOR_RUN)/latent --print-hash
+
+# Tuning (writes benchmarks/imaging_tuned.json), then reporting with the tuned values over three seeds.
+# Each prints its CPU-time estimate first (add --estimate to BENCH_ARGS to see only that).
+BENCH_PARTICLES ?= 16
+BENCH_DPS_PARTICLES ?= 4
+BENCH_SETTINGS  ?= mri:8 ct:30
+BENCH_SEEDS     ?= 0 1 2
+BENCH_OUT       ?= bench_out/imaging
+BENCH_ARGS      ?=
+
+bench-imaging: setup
+	$(PY) benchmarks/bench_imaging.py --checkpoint $(PRIOR_RUN)/latent --part tuning --tune \
+		--particles $(BENCH_PARTICLES) --dps-particles $(BENCH_DPS_PARTICLES) --steps 30 --settings $(BENCH_SETTINGS) \
+		--markdown $(BENCH_OUT)/tuning.md --json $(BENCH_OUT)/tuning.json $(BENCH_ARGS)
+	$(PY) benchmarks/bench_imaging.py --checkpoint $(PRIOR_RUN)/latent --part reporting --seeds $(BENCH_SEEDS) \
+		--particles $(BENCH_PARTICLES) --dps-particles $(BENCH_DPS_PARTICLES) --steps 30 --settings $(BENCH_SETTINGS) \
+		--img-dir $(BENCH_OUT)/img \
+		--markdown $(BENCH_OUT)/report.md --json $(BENCH_OUT)/report.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

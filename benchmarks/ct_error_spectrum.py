@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_imaging import ROOT, _operator_of, held_out_volumes, resolve_checkpoint, training_spectra_of
+from bench_imaging import ROOT, held_out_volumes, resolve_checkpoint
+from imaging_runs import operator_of, training_spectra_of
 
 BANDS = (0.0, 0.1, 1.0, 10.0, 100.0, float("inf"))
 HIGH_K = 0.2
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref, samples = load("reference.nii.gz"), np.moveaxis(load("samples.nii.gz"), -1, 0)
     w = np.asarray(side["weights"], dtype=np.float64)
     mean = np.einsum("n,n...->...", w, samples)
-    table = band_table(mean - ref, samples - mean, w, slice_matrix(_operator_of(out)), args.sigma_y)
+    table = band_table(mean - ref, samples - mean, w, slice_matrix(operator_of(out)), args.sigma_y)
     metrics = {k: res.metrics.get(k) for k in ("psnr_db", "ssim", "coverage90", "chi2_mean", "chi2_samples")}
     report = {
         "benchmark": "ct_error_spectrum",
