@@ -186,20 +186,26 @@ def reconstruct(
 
     if method == "smc":
         # typed, with every check against the operator made here, before any compute
-        smc_options = SMCOptions.from_mapping(options).resolved(operator)
-        return sample_smc(
-            denoiser,
-            operator,
-            y_t,
-            sched.to(torch.float64),
-            sigma_y=sigma_y,
-            n_particles=int(n_particles),
-            generator=generator,
-            chunk_size=chunk_size,
-            keep_samples=keep_samples,
-            callback=callback,
-            options=smc_options,
-        )
+        extra: dict[str, Any] = {"options": SMCOptions.from_mapping(options).resolved(operator)}
+    else:
+        extra = _method_options(method, options)
+    return _SAMPLERS[method](
+        denoiser,
+        operator,
+        y_t,
+        sched.to(torch.float64),
+        sigma_y=sigma_y,
+        n_particles=int(n_particles),
+        generator=generator,
+        chunk_size=chunk_size,
+        keep_samples=keep_samples,
+        callback=callback,
+        **extra,
+    )
+
+
+def _method_options(method: str, options: Mapping[str, Any] | SMCOptions | None) -> dict[str, Any]:
+    """The checked keyword options of ``afdps`` or ``dps`` (ValueError / TypeError before any compute)."""
     if isinstance(options, SMCOptions):
         raise TypeError(f"SMCOptions are the options of method='smc'; method={method!r} takes a mapping.")
     opts = dict(options or {})
@@ -224,17 +230,4 @@ def reconstruct(
             raise ValueError(f"corrector_steps must be an integer >= 0; got {opts['corrector_steps']!r}.")
     if method == "dps" and "step_size" in opts:
         _positive_float(opts["step_size"], "step_size")
-
-    return _SAMPLERS[method](
-        denoiser,
-        operator,
-        y_t,
-        sched.to(torch.float64),
-        sigma_y=sigma_y,
-        n_particles=int(n_particles),
-        generator=generator,
-        chunk_size=chunk_size,
-        keep_samples=keep_samples,
-        callback=callback,
-        **opts,
-    )
+    return opts
