@@ -22,8 +22,8 @@ the very same simulated measurement (same mask / angles, same noise) on the same
 - ``dps``: DPS with the same prior, particles and steps, guidance step ``step_size`` from ``sigma_max``.
 
 **Tuning.** ``--part tuning --tune`` sweeps, on the tuning volumes, TV's ``tv_multiple`` (``--tv-grid``,
-default 0.003-10, 8 values half a decade apart), DPS's ``step_size`` (``--dps-grid``, 0.01-1, 5 values;
-at ``--sigma-max``, default the stage's) and smc's ``sigma_max`` (``--smc-grid``, 1, 2, 3 and the stage's
+default 0.003-10, 8 values half a decade apart), DPS's ``step_size`` (``--dps-grid``, 0.01-30, 8 values;
+at ``--sigma-max``, default the stage's) and smc's ``sigma_max`` (``--smc-grid``, 0.25, 0.5, 1, 2, 3 and the stage's
 default): one knob per method, 4-8 values each. The best value per method and setting kind (MRI / CT) is
 the one of highest PSNR averaged over the tuning runs of that kind (volumes, settings, seeds); a best
 value at the edge of its grid is warned about. TV is then rerun at its best weight with 3000 iterations:

@@ -32,13 +32,13 @@ MODALITY_OF_KIND = {"mri": "MR", "ct": "CT"}
 # Tuning grids. TV: multiples of the stage's default weight lambda0 = sigma_y ||A||, half a decade apart
 # from 0.003 to 10 (on the tuning CT volume at 30 views the best weight was ~0.01 lambda0, 3.5 dB above
 # lambda0: at a 32^3 patch, 30 views x 49 detectors over-determine each 32^2 slice). DPS: the guidance step
-# zeta on ||y - A D(x)|| (medidiff.inverse.dps); step 1 diverged at 30 levels and 0.02-0.5 at 20 levels
-# scored alike (docs/benchmarks.md), so the grid runs half a decade apart from 0.01 to 1. smc: its top
+# zeta on ||y - A D(x)|| (medidiff.inverse.dps), half a decade apart from 0.01 to 30 (the 2000-step pixel
+# prior's best: 10 at MRI 8x, 0.3 at CT 30, where 1 diverges; docs/benchmarks.md). smc: its top
 # noise level sigma_max (normalised units; None = the stage's default, 3 / c for a pixel prior), the knob
-# its defaults were once chosen by.
+# its defaults were once chosen by (best: 3 at MRI 8x, flat within 0.05 dB; 0.5 at CT 30).
 TV_MULTIPLES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-DPS_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0)
-SMC_SIGMA_MAX: tuple[float | None, ...] = (1.0, 2.0, 3.0, None)
+DPS_STEPS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+SMC_SIGMA_MAX: tuple[float | None, ...] = (0.25, 0.5, 1.0, 2.0, 3.0, None)
 TV_ITERS = 300
 TV_ITERS_CHECK = 3000
 TV_CONVERGED_DB = 0.05
