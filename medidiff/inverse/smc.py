@@ -224,8 +224,17 @@ class _Cloud:
 
 class _SMCRun:
     """One run of :func:`sample_smc`: the problem, the resolved options and the run's bookkeeping, with one
-    method per step of the algorithm (``initial_cloud``, ``resample``, ``propose``, ``reweight``,
-    ``final_posterior``, ``final_denoise``, ``evidence_fit``) and the linear algebra they share."""
+    method per step of the algorithm and the linear algebra they share. Against ``shared/design/SMC.md``
+    ("a discrete-time Feynman-Kac SMC fixes this"):
+
+    - :meth:`initial_cloud`: particles from the top of the prior's chain, weighted by the first twist
+      ``g_0(x) = N(y; A D(x, sigma_0), sigma_y^2 I + r_0^2 A A^T)``;
+    - :meth:`step`: resample (:meth:`resample`) when ESS < ``ess_threshold * N``, update ``r_k^2``, then
+      :meth:`propose` (the prior's reverse kernel as base, a proposal folding in ``g_{k+1}``:
+      :func:`_linearized_move`, :meth:`iso_move` or :meth:`gradient_move`), weighted by
+      ``p(x'|x) g_{k+1}(x') / (q(x'|x) g_k(x))`` through :meth:`reweight` (tempering, non-finite particles);
+    - the last step: the true likelihood (:meth:`final_denoise_step`) or ``x0`` drawn given ``y``
+      (:meth:`final_posterior_step`, with :meth:`evidence_fit` for ``final_var="evidence"``)."""
 
     def __init__(
         self,
