@@ -349,7 +349,7 @@ def reconstruct_volume(
     samples = weights = None
     std = None
     if s.method in BASELINES:
-        mean = _baseline(s, op, y, sy)
+        mean, info = _baseline(s, op, y, sy)
     else:
         res = _sample(s, pri, op, y, sy, mod, dev, prec, seeds["sampler"], progress)
         mean, std = res.mean, res.std
@@ -658,17 +658,21 @@ def _direct(kind: str, op: LinearOperator, y: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ compute
-def _baseline(s: ReconstructSettings, op: LinearOperator, y: Tensor, sy: float) -> Tensor:
+def _baseline(
+    s: ReconstructSettings, op: LinearOperator, y: Tensor, sy: float
+) -> tuple[Tensor, dict[str, Any]]:
+    """A baseline's image, and for ``tv`` the sidecar record of the weight it used beside the default."""
     from medidiff.inverse.baselines import spectral_norm, tv_least_squares
 
     if s.method in ("zero_filled", "fbp"):
-        return _direct("mri" if s.method == "zero_filled" else "ct", op, y).to(torch.float32)
+        return _direct("mri" if s.method == "zero_filled" else "ct", op, y).to(torch.float32), {}
     exact = bool(getattr(op, "has_exact_normal_solve", False))
     norm = spectral_norm(op, torch.float32, y.device)
     lam = s.tv_lambda if s.tv_lambda is not None else sy * norm
-    return tv_least_squares(
+    image = tv_least_squares(
         op, y, lam=lam, iters=s.tv_iters, data_prox=exact, op_norm=None if exact else norm
     )
+    return image, {"tv": {"lambda": float(lam), "lambda_default": float(sy * norm), "iters": int(s.tv_iters)}}
 
 
 class _ConditionedDenoiser:

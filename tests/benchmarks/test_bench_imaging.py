@@ -293,6 +293,10 @@ def test_lambda0_is_the_stages_default_tv_weight(tmp_path: Path, kind: str, kw: 
     other = reconstruct_volume(tmp_path / "c", method="tv", tv_iters=30, tv_lambda=10 * lam0, **common)
     assert explicit.metrics["psnr_db"] == pytest.approx(default.metrics["psnr_db"], abs=1e-9)
     assert other.metrics["psnr_db"] != pytest.approx(default.metrics["psnr_db"], abs=1e-3)
+    # the stage records the weight it used and its default in the sidecar
+    assert default.sidecar["tv"]["lambda"] == default.sidecar["tv"]["lambda_default"] == pytest.approx(lam0)
+    assert other.sidecar["tv"]["lambda"] == pytest.approx(10 * lam0)
+    assert other.sidecar["tv"]["lambda_default"] == pytest.approx(lam0) and other.sidecar["tv"]["iters"] == 30
 
 
 @pytest.fixture(scope="module")
