@@ -8,6 +8,7 @@ Used by :mod:`bench_imaging` (its docstring describes the procedure). Every call
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -119,6 +120,7 @@ def operator_of(run_dir: Path) -> Any:
     return SliceAxisLast(ParallelBeamCT((K, I, J), angles, n_detectors=n_det))
 
 
+@functools.cache
 def pixel_space(ck: Path) -> bool:
     """True for a pixel-space checkpoint (``autoencoder.kind: identity``)."""
     from medidiff.train.checkpoint import load_checkpoint

@@ -303,8 +303,11 @@ class _SMCRun:
             n = torch.complex(n, torch.randn(n.shape, generator=g, device=self.device, dtype=self.dtype))
         return n
 
-    def rademacher(self) -> Tensor:
-        bits = torch.randint(0, 2, (self.N, *self.shape), generator=self.generator, device=self.device)
+    def rademacher(self, *size: int) -> Tensor:
+        """Random signs, shape ``size`` (default: one per particle voxel)."""
+        bits = torch.randint(
+            0, 2, size or (self.N, *self.shape), generator=self.generator, device=self.device
+        )
         return (2 * bits - 1).to(self.dtype)
 
     def chunks(self) -> list[slice]:
@@ -501,10 +504,7 @@ class _SMCRun:
         if self.opts.decoder_gain is not None:
             gain = float(self.opts.decoder_gain)
         else:
-            gprobe = torch.randint(
-                0, 2, (self.N, *op.image_shape), generator=self.generator, device=self.device
-            )
-            gprobe = (2 * gprobe - 1).to(self.dtype)
+            gprobe = self.rademacher(self.N, *op.image_shape)
             per = torch.cat([op.jacobian_gain(Dx[ch], gprobe[ch]) for ch in self.chunks()])
             gain = float(per.mean())
             self.n_backward += 1

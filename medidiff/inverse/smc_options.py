@@ -203,12 +203,6 @@ class SMCOptions:
             final=resolve_final(self.final, operator),  # type: ignore[arg-type]
         )
 
-    def record(self) -> dict[str, Any]:
-        """JSON-ready values (the spectrum as a flag: it is recorded where it came from)."""
-        out = dataclasses.asdict(self)
-        out["data_spectrum"] = self.data_spectrum is not None
-        return out
-
 
 def resolve_proposal(
     proposal: str, operator: LinearOperator | ComposedOperator, twist_cov: str = "auto"

@@ -64,8 +64,8 @@ def test_presets_and_overrides() -> None:
         pixel.updated({"final": "denoise", "final_var": "evidence"})
     assert pixel.updated(final_var="network").final == "posterior"
     assert pixel.updated({"temper_ess": None}).temper_ess is None
-    rec = pixel.updated(data_spectrum=torch.ones(4)).record()
-    assert rec["data_spectrum"] is True and rec["final_var"] == "evidence"
+    with_spectrum = pixel.updated(data_spectrum=torch.ones(4))
+    assert with_spectrum.data_spectrum is not None and with_spectrum.final_var == "evidence"
 
 
 def test_resolved_options_are_checked_against_the_operator_before_any_compute() -> None:
