@@ -13,10 +13,30 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medidiff.data.split import check_fractions
 from medidiff.transforms import NormalizationConfig
 
-__all__ = ["DataConfig"]
+__all__ = ["AugmentationConfig", "DataConfig"]
 
 # Bumped whenever the cached part of the pipeline changes meaning, so old disk caches are not reused.
 PIPELINE_VERSION = 1
+
+
+class AugmentationConfig(BaseModel):
+    """Random augmentation of training patches (never of evaluation patches); off by default.
+
+    A left-right flip (the first axis of the RAS volume) and a small intensity change
+    ``v * (1 + a) + b`` with ``a`` uniform in ``[-intensity_scale, intensity_scale]`` and ``b`` in
+    ``[-intensity_shift, intensity_shift]``, each applied with its probability. The draws come from
+    the pipeline's seeded random state, so a run's patches are reproducible.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    flip_lr_prob: float = Field(0.5, ge=0, le=1, description="probability of a left-right flip")
+    intensity_scale: float = Field(0.1, ge=0, lt=1, description="largest relative intensity scale change")
+    intensity_shift: float = Field(
+        0.02, ge=0, description="largest additive intensity shift (normalised units)"
+    )
+    intensity_prob: float = Field(0.5, ge=0, le=1, description="probability of each intensity change")
 
 
 class DataConfig(BaseModel):
@@ -50,6 +70,9 @@ class DataConfig(BaseModel):
     seed: int = 0
     samples_per_volume: int = Field(1, ge=1, description="random patches per volume and epoch (train)")
     eval_patches: Literal["center", "grid"] = "center"
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig, description="random flips/intensity changes of training patches"
+    )
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_file: Path | None = Field(None, description="reuse this split JSON instead of computing one")
     verify_hashes: bool = Field(True, description="check every volume's SHA-256 against the manifest")

@@ -16,6 +16,10 @@ Per volume, in this order (``describe_pipeline`` returns the same list for model
    Everything up to here is deterministic, and this is what the memory and disk caches hold.
 6. Patches: ``RandSpatialCropSamplesd`` (training) or a centre crop / covering grid
    (evaluation), then :class:`Finalized` (plain tensors; 2D patches lose their unit axis).
+   With ``augmentation.enabled``, training patches (only) are flipped left-right
+   (``RandFlipd``) and scaled and shifted in intensity (``RandScaleIntensityd``,
+   ``RandShiftIntensityd``) before :class:`Finalized`; the draws come from the random state that
+   :func:`medidiff.data.build_dataset` seeds with the config's seed.
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     RandSpatialCropSamplesd,
     Spacingd,
     SpatialPad,
     Transform,
 )
 
-from medidiff.data.config import DataConfig
+from medidiff.data.config import AugmentationConfig, DataConfig
 from medidiff.transforms import NormalizationConfig, normalize
 from medidiff.volume import Volume, spacing_from_affine
 
@@ -50,6 +57,7 @@ __all__ = [
     "NormalizeByModalityd",
     "PadToAtLeastd",
     "ToContractd",
+    "augmentation_transforms",
     "build_transforms",
     "describe_pipeline",
     "modality_code",
@@ -222,6 +230,20 @@ def preprocess_transforms(cfg: DataConfig) -> list[Transform]:
     return steps
 
 
+def augmentation_transforms(aug: AugmentationConfig) -> list[Transform]:
+    """Random training augmentation of ``image`` (empty when ``aug.enabled`` is false)."""
+    if not aug.enabled:
+        return []
+    steps: list[Transform] = []
+    if aug.flip_lr_prob > 0:
+        steps.append(RandFlipd(keys="image", prob=aug.flip_lr_prob, spatial_axis=0))  # RAS: axis 0 is L-R
+    if aug.intensity_scale > 0 and aug.intensity_prob > 0:
+        steps.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_prob))
+    if aug.intensity_shift > 0 and aug.intensity_prob > 0:
+        steps.append(RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_prob))
+    return steps
+
+
 def build_transforms(cfg: DataConfig, stage: Literal["train", "eval"]) -> Compose:
     """The whole chain for training (random patches) or evaluation (centre or grid patches)."""
     if stage not in ("train", "eval"):
@@ -233,6 +255,7 @@ def build_transforms(cfg: DataConfig, stage: Literal["train", "eval"]) -> Compos
                 keys="image", roi_size=cfg.roi_size, num_samples=cfg.samples_per_volume, random_size=False
             )
         )
+        steps += augmentation_transforms(cfg.augmentation)
     elif cfg.eval_patches == "center":
         steps.append(CenterSpatialCropd(keys="image", roi_size=cfg.roi_size))
     else:
@@ -279,6 +302,14 @@ def describe_pipeline(cfg: DataConfig, stage: Literal["train", "eval"]) -> list[
                 "num_samples": cfg.samples_per_volume,
             }
         )
+        if cfg.augmentation.enabled:
+            steps.append(
+                {
+                    "step": "augment",
+                    "impl": "monai.transforms.RandFlipd(spatial_axis=0), RandScaleIntensityd, RandShiftIntensityd",
+                    **cfg.augmentation.model_dump(mode="json"),
+                }
+            )
     else:
         steps.append({"step": f"{cfg.eval_patches}_patches", "roi_size": list(cfg.roi_size)})
     return steps

@@ -242,6 +242,19 @@ class TrainConfig(_Strict):
     )
     # autoencoder losses
     kl_weight: float = Field(1e-6, ge=0)
+    sample_posterior: bool = Field(
+        True,
+        description="decode a posterior sample mu + sigma * eps (VAE); false decodes mu (a deterministic "
+        "autoencoder whose latent scale the KL term still bounds)",
+    )
+    ssim_weight: float = Field(0.0, ge=0, description="weight of MONAI's SSIMLoss (1 - SSIM); 0 = off")
+    ssim_data_range: float = Field(
+        1.0, gt=0, description="intensity range SSIM assumes (1 for MR in [0, 1], 2 for CT in [-1, 1])"
+    )
+    ssim_win_size: int = Field(7, ge=3, description="side of SSIM's Gaussian window (voxels, odd)")
+    spectral_weight: float = Field(
+        0.0, ge=0, description="weight of the L1 between log(1 + |FFT|) magnitudes; 0 = off"
+    )
     perceptual_weight: float = Field(0.0, ge=0)
     perceptual_network: Literal["resnet50"] = "resnet50"
     perceptual_weights: Path | None = Field(
@@ -266,8 +279,15 @@ class TrainConfig(_Strict):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas {self.adam_betas} must lie in [0, 1)")
-        if self.stage == "latent" and (self.perceptual_weight > 0 or self.adversarial_weight > 0):
-            raise ValueError("perceptual and adversarial losses belong to the autoencoder stage")
+        if self.ssim_win_size % 2 == 0:
+            raise ValueError(
+                f"ssim_win_size={self.ssim_win_size} must be odd (the window has a centre voxel)"
+            )
+        ae_only = ("perceptual_weight", "adversarial_weight", "ssim_weight", "spectral_weight")
+        if self.stage == "latent" and any(getattr(self, k) > 0 for k in ae_only):
+            raise ValueError(
+                f"{', '.join(ae_only)} belong to the autoencoder stage; set them to 0 for 'latent'"
+            )
         return self
 
     def lr_at(self, step: int) -> float:

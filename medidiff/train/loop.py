@@ -1,7 +1,7 @@
 """The training stages: ``train(model_cfg, data, out_dir, stage=...)``.
 
-Stage ``"autoencoder"`` trains MONAI's ``AutoencoderKL`` (L1 + KL, optional perceptual and patch-
-adversarial losses); stage ``"latent"`` freezes a trained autoencoder, computes the latent scale
+Stage ``"autoencoder"`` trains MONAI's ``AutoencoderKL`` (L1 + KL, optional SSIM, spectral, perceptual
+and patch-adversarial losses); stage ``"latent"`` freezes a trained autoencoder, computes the latent scale
 factor ``1 / std(z)`` on the first ``scale_factor_batches`` training batches (the LDM convention,
 Rombach et al. 2022, Sec. 4.3.2), and trains the ``DiffusionModelUNet`` on scaled latents with MONAI's
 ``DDPMScheduler.add_noise``. Both stages keep EMA weights, clip gradients, follow a warmup + cosine
@@ -49,7 +49,7 @@ from medidiff.train.checkpoint import (
     save_checkpoint,
 )
 from medidiff.train.ema import EMA
-from medidiff.train.losses import VAEForward, make_perceptual_loss
+from medidiff.train.losses import VAEForward, make_perceptual_loss, make_ssim_loss
 from medidiff.train.metrics import (
     METRICS_FILE,
     append_jsonl,
@@ -376,6 +376,8 @@ def _build_stage(
                 "path": str(ae_ckpt.path / WEIGHTS_FILE),
                 "sha256": ae_ckpt.weights_sha256,
                 "step": ae_ckpt.step,
+                "planned_steps": ae_ckpt.config.training("autoencoder").steps,
+                "eval_psnr_ema": ae_ckpt.metrics.get("eval_psnr_ema"),
             }
         frozen.to(dev).eval()
         for p in frozen.parameters():
@@ -399,6 +401,8 @@ def _build_stage(
         scheduler=scheduler,
         extra=extra,
     )
+    if stage == "autoencoder" and tc.ssim_weight > 0:
+        m.ssim = make_ssim_loss(tc, cfg.autoencoder.spatial_dims).to(dev)
     if stage == "autoencoder" and tc.perceptual_weight > 0:
         m.perceptual = make_perceptual_loss(tc, cfg.autoencoder.spatial_dims).to(dev)
     if stage == "autoencoder" and tc.adversarial_weight > 0:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from medidiff.models.config import MODALITY_CODES, ModelConfig, TrainConfig
 from medidiff.train.ddp import DistInfo, all_reduce_sum
 from medidiff.train.ema import EMA
-from medidiff.train.losses import diffusion_target, kl_loss, psnr, reparameterize
+from medidiff.train.losses import diffusion_target, kl_loss, psnr, reparameterize, spectral_loss
 from medidiff.train.precision import Precision, autocast_context
 
 __all__ = ["Batch", "StageModules", "StepResult", "autoencoder_step", "latent_step", "unpack_batch"]
@@ -59,6 +59,7 @@ class StageModules:
     scheduler: Any | None = None
     latent_scale_factor: float | None = None
     perceptual: nn.Module | None = None
+    ssim: nn.Module | None = None
     discriminator: nn.Module | None = None
     disc_forward: nn.Module | None = None
     disc_optimizer: torch.optim.Optimizer | None = None
@@ -179,15 +180,26 @@ def _set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 
 def autoencoder_step(m: StageModules, batch: Batch, step: int) -> StepResult:
-    """L1 + KL (+ perceptual, + adversarial from ``adversarial_start``) step, then the discriminator's."""
+    """L1 + KL (+ SSIM, spectral, perceptual, + adversarial from ``adversarial_start``) step, then the
+    discriminator's."""
     tc, x = m.tc, batch.image
     with autocast_context(m.precision, m.device):
-        recon, z_mu, z_sigma = m.forward(x, m.generator)
+        recon, z_mu, z_sigma = m.forward(x, m.generator, tc.sample_posterior)
     recon = recon.float()
     l1 = (recon - x).abs().mean()
     kl = kl_loss(z_mu, z_sigma)
     loss = l1 + tc.kl_weight * kl
     parts = {"l1": l1, "kl": kl}
+    if tc.ssim_weight > 0:
+        if m.ssim is None:
+            raise RuntimeError("ssim_weight > 0 needs the SSIM loss module (StageModules.ssim)")
+        ssim_l = m.ssim(recon, x)
+        loss = loss + tc.ssim_weight * ssim_l
+        parts["ssim_loss"] = ssim_l
+    if tc.spectral_weight > 0:
+        spec = spectral_loss(recon, x)
+        loss = loss + tc.spectral_weight * spec
+        parts["spectral"] = spec
     if m.perceptual is not None:
         # MONAI's 2.5D perceptual loss draws slices from the global generator: seed it from ours.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=m.generator))
@@ -242,12 +254,18 @@ def _discriminator_step(m: StageModules, x: Tensor, recon: Tensor, parts: dict[s
 
 
 def encode_latents(m: StageModules, x: Tensor, generator: torch.Generator) -> Tensor:
-    """Posterior sample ``z = mu + sigma * eps`` of the frozen autoencoder, float32 (unscaled)."""
+    """Posterior sample ``z = mu + sigma * eps`` of the frozen autoencoder, float32 (unscaled).
+
+    An autoencoder trained with ``sample_posterior: false`` (the config's ``autoencoder_training``)
+    never learned a meaningful sigma: its latents are the posterior mean ``mu``.
+    """
     ae: Any = m.autoencoder
     if ae is None:
         raise RuntimeError("the latent stage needs the frozen autoencoder")
     with torch.no_grad(), autocast_context(m.precision, m.device):
         z_mu, z_sigma = ae.encode(x)
+    if not m.cfg.autoencoder_training.sample_posterior:
+        return z_mu.float()
     return reparameterize(z_mu.float(), z_sigma.float(), generator)
 
 

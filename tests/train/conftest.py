@@ -15,7 +15,8 @@ TINY_YAML = ROOT / "configs" / "model_tiny.yaml"
 
 
 _AE_ONLY = ("kl_weight", "perceptual_weight", "perceptual_weights", "adversarial_weight", "adversarial_start",
-            "discriminator", "eval_batches")  # fmt: skip
+            "discriminator", "eval_batches", "ssim_weight", "ssim_data_range", "ssim_win_size",
+            "spectral_weight", "sample_posterior")  # fmt: skip
 _STAGE_ONLY = {**dict.fromkeys(_AE_ONLY, "autoencoder"), "scale_factor_batches": "latent"}
 
 

@@ -1,0 +1,58 @@
+"""checkpoint_warnings: an intermediate diffusion checkpoint, an unfinished or poor autoencoder are named;
+a finished model with a good autoencoder passes silently."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from medidiff.train.checkpoint import load_checkpoint
+from medidiff.train.quality import AE_PSNR_FLOOR_DB, checkpoint_warnings
+from tests.stages.test_reconstruct import latent_prior, pixel_prior  # noqa: F401 (fixtures)
+
+
+def _with(ck, *, step=None, ae=None, metrics=None):  # a real checkpoint with some fields changed
+    info = dict(ck.info)
+    if step is not None:
+        info["step"] = step
+    if ae is not None:
+        info["training_state"] = {**info["training_state"], "autoencoder_checkpoint": ae}
+    if metrics is not None:
+        info["metrics"] = metrics
+    return dataclasses.replace(ck, info=info)
+
+
+def test_warnings_name_what_is_unfinished_or_poor(latent_prior, pixel_prior) -> None:  # noqa: F811
+    lat = load_checkpoint(latent_prior["latent"])
+    record = dict(lat.training_state["autoencoder_checkpoint"])
+    # the latent checkpoint records its autoencoder's planned steps and held-out PSNR at training time
+    ae = load_checkpoint(latent_prior["autoencoder"])
+    assert record["planned_steps"] == ae.config.training("autoencoder").steps == record["step"]
+    assert record["eval_psnr_ema"] == ae.metrics["eval_psnr_ema"] < AE_PSNR_FLOOR_DB
+    (only,) = checkpoint_warnings(lat)  # finished, but two training steps: a poor autoencoder
+    assert only.startswith("its autoencoder reconstructs held-out patches at") and "floor" in only
+
+    good = {**record, "eval_psnr_ema": AE_PSNR_FLOOR_DB + 1}
+    assert checkpoint_warnings(_with(lat, ae=good)) == []
+    planned = lat.config.training("latent").steps
+    (w,) = checkpoint_warnings(_with(lat, ae=good, step=planned - 1))
+    assert w.startswith(
+        f"intermediate checkpoint: the diffusion network stopped at step {planned - 1} of {planned}"
+    )
+    unfinished = {**good, "step": 1, "planned_steps": 5}
+    (w,) = checkpoint_warnings(_with(lat, ae=unfinished))
+    assert "its autoencoder is unfinished: step 1 of 5 planned" in w
+    unknown = {k: v for k, v in good.items() if k not in ("eval_psnr_ema", "path")}
+    assert checkpoint_warnings(_with(lat, ae=unknown)) == [
+        "its autoencoder has no recorded held-out reconstruction PSNR; its quality is unknown."
+    ]
+    # an older record without the PSNR: read from the autoencoder checkpoint it names, when present
+    legacy = {k: v for k, v in record.items() if k != "eval_psnr_ema"}
+    assert checkpoint_warnings(_with(lat, ae=legacy)) == checkpoint_warnings(lat)
+
+    # a pixel-space model has no autoencoder: only the intermediate check applies
+    pix = load_checkpoint(pixel_prior)
+    assert checkpoint_warnings(pix) == []
+    assert len(checkpoint_warnings(_with(pix, step=1))) == 1
+    # an autoencoder checkpoint on its own
+    assert any("floor" in w for w in checkpoint_warnings(ae))
+    assert checkpoint_warnings(_with(ae, metrics={"eval_psnr_ema": 40.0})) == []
