@@ -220,6 +220,7 @@ def prepare(args: argparse.Namespace, ck: Path) -> Path:
         sigma_y=args.sigma_y,
         seed=args.seed,
         device="cpu",
+        crop=True,  # one prior patch: the scaling study's fixed problem size
     )
     (out / "volume.txt").write_text(vols[0]["path"] + "\n")
     return out

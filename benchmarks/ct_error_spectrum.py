@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = reconstruct_volume(
         out, prior=ck, reference=vol["file"], simulate="ct", method="smc", views=args.views,
         sigma_y=args.sigma_y, seed=args.seed, device="cpu", n_particles=args.particles, steps=args.steps,
-        sigma_max=args.sigma_max, options={"final": args.final}, keep_samples=True,
+        sigma_max=args.sigma_max, options={"final": args.final}, keep_samples=True, crop=True,
     )  # fmt: skip
     side = res.sidecar
     scale = float(side["normalization"]["scale"])  # normalised = scale * written + offset

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -446,9 +447,23 @@ def reconstruct(
     grid: Annotated[
         str | None,
         typer.Option(
-            help="I,J,K: reconstruction grid (pixel-space priors: any block up to the whole volume)."
+            help="I,J,K: reconstruct this centred block instead of the whole volume (multiples of the "
+            "prior's downsampling)."
         ),
     ] = None,
+    crop: Annotated[
+        bool, typer.Option(help="Reconstruct only the prior's training patch at the volume's centre.")
+    ] = False,
+    tiling: Annotated[
+        str,
+        typer.Option(
+            help="patches (default): the prior on overlapping patches of its training size, seams "
+            "blended; whole: on the whole grid at once (its attention then spans the whole volume)."
+        ),
+    ] = "patches",
+    tile_overlap: Annotated[
+        float, typer.Option(help="Overlap fraction of the patches (--tiling patches).")
+    ] = 0.25,
     precision: Annotated[
         str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
     ] = "auto",
@@ -476,6 +491,12 @@ def reconstruct(
         def cb(step: int, total: int, ess: float) -> None:
             bar.update(task, completed=step, total=total, description=f"Sampling (ESS {ess:.1f}/{particles})")
 
+        def say(message: str) -> None:
+            if message.startswith("warning: "):
+                console.print(f"[yellow]warning:[/yellow] {escape(message.removeprefix('warning: '))}")
+            else:
+                console.print(escape(message))
+
         try:
             result = reconstruct_volume(
                 out,
@@ -498,9 +519,13 @@ def reconstruct(
                 keep_samples=keep_samples,
                 device=device,
                 grid=grid_t,  # type: ignore[arg-type]
+                crop=crop,
+                tiling=tiling,
+                tile_overlap=tile_overlap,
                 precision=precision,
                 chunk_size=chunk_size,
                 progress=cb,
+                notify=say,
             )
         except (ValueError, FileNotFoundError, CheckpointError) as e:
             console.print(f"[red]error:[/red] {e}")

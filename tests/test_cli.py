@@ -11,6 +11,7 @@ import numpy as np
 
 from medidiff.io.dicom_write import write_dicom_series
 from medidiff.volume import Volume
+from tests.stages.test_reconstruct import latent_prior, reference  # noqa: F401 (fixtures)
 
 CLI = [sys.executable, "-m", "medidiff.cli"]
 
@@ -132,3 +133,28 @@ def test_reconstruct_grid_option(tmp_path: Path) -> None:
     assert rec["grid"]["shape"] == [12, 16, 8]
     bad = _run(*common, "--out", str(tmp_path / "bad"), "--grid", "12,16")
     assert bad.returncode == 2 and "--grid must be three positive integers" in bad.stderr
+
+
+def test_reconstruct_says_what_it_reconstructs_and_warns_about_the_prior(
+    latent_prior,  # noqa: F811 (the fixture)
+    reference,  # noqa: F811
+    tmp_path,
+) -> None:
+    """A user sees, before the progress bar, that the whole volume is reconstructed (and its padding),
+    and a warning that this barely trained prior's autoencoder is below the quality floor; --crop
+    brings back the single centred patch, and says so."""
+    common = ["reconstruct", "--prior", str(latent_prior["latent"]), "--reference", str(reference)]
+    common += ["--simulate", "mri", "--particles", "2", "--steps", "2"]
+    out = _run(*common, "--out", str(tmp_path / "whole"))
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stderr.split())  # rich wraps long lines
+    assert "Reconstructing the whole volume, 15x18x14 voxels at 2 mm, padded to 16x20x16" in text
+    assert "warning: its autoencoder reconstructs held-out patches at" in text
+    assert text.index("Reconstructing the whole volume") < text.index("Sampling")
+    crop = _run(*common, "--crop", "--out", str(tmp_path / "crop"))
+    assert crop.returncode == 0, crop.stderr
+    assert "Reconstructing centre crop on request: one 16x16x16 patch" in " ".join(crop.stderr.split())
+    rec = json.loads((tmp_path / "crop" / "reconstruction.json").read_text())
+    assert rec["extent"]["mode"] == "crop" and rec["grid"]["shape"] == [16, 16, 16]
+    bad = _run(*common, "--tiling", "tiles", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "tiling" in bad.stderr

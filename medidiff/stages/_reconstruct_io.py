@@ -226,6 +226,7 @@ class Reference:
     modality: str
     how: str
     warnings: list[str] = field(default_factory=list)
+    source_shape: tuple[int, ...] = ()  # the resampled volume's shape before cropping / padding
 
     def volume_in_units(self) -> Any:
         """The reference back in its own units (clipped to the normalisation window where it clips)."""
@@ -243,8 +244,10 @@ def load_reference(
     spacing_mm: float | None,
     grid: tuple[int, ...] | None,
     normalization: Any,
+    multiple_of: int = 1,
 ) -> Reference:
-    """Read a NIfTI, reorient to RAS, resample, normalise (whole volume), then crop / pad to ``grid``.
+    """Read a NIfTI, reorient to RAS, resample, normalise (whole volume), then crop / pad to ``grid``
+    (or, without one, pad to the next multiple of ``multiple_of`` along every axis).
 
     Raises:
         ValueError: the volume holds NaN or infinite values.
@@ -269,10 +272,16 @@ def load_reference(
         how.append(f"resampled to {spacing_mm:g} mm")
     vol, params = normalize(vol, normalization)
     arr, affine = np.asarray(vol.array, np.float32), vol.affine
-    if grid is not None and tuple(arr.shape) != tuple(grid):
+    source = tuple(int(v) for v in arr.shape)
+    if grid is None and multiple_of > 1:
+        grid = tuple(-(-n // multiple_of) * multiple_of for n in source)
+        if grid != source:
+            arr, affine = _crop_or_pad(arr, affine, grid)
+            how.append(f"padded from {list(source)} to {list(grid)} (multiples of {multiple_of})")
+    elif grid is not None and tuple(arr.shape) != tuple(grid):
         arr, affine = _crop_or_pad(arr, affine, tuple(int(g) for g in grid))
         how.append(f"centre-cropped/padded from {list(vol.shape)} to {list(grid)}")
-    return Reference(arr, affine, dict(params), modality, ", ".join(how), warnings)
+    return Reference(arr, affine, dict(params), modality, ", ".join(how), warnings, source)
 
 
 def _crop_or_pad(arr: np.ndarray, affine: np.ndarray, grid: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -52,14 +52,28 @@ the JSON gives ``k``): it holds a new posterior draw with probability 0.9 even f
 where the raw 5%-95% quantiles of 16 particles hold one about 15/17 of the time, less after
 reweighting (``coverage90_quantile`` reports those).
 
-Whole volumes (a stated limitation): a latent prior was trained on patches of ``patch_size`` voxels at
-``spacing_mm``. The reference is reoriented to RAS, resampled to that spacing, normalised, then
-centre-cropped (or padded with its minimum) to one patch; that patch is simulated and reconstructed,
-and every output lies on its grid (``reference.nii.gz`` is the reference on the same grid and affine).
-A raw measurement must already be on the patch grid. Patch-wise reconstruction of larger volumes is
-not done here. A pixel-space checkpoint is convolutional: by default it reconstructs its patch too, and
-with ``grid=(I, J, K)`` (multiples of its UNet's downsampling) any larger block, up to the whole
-volume. A denoiser callable reconstructs the reference's grid (or ``grid``/``spacing_mm``).
+Whole volumes (the default): a checkpoint's prior was trained on patches of ``patch_size`` voxels at
+``spacing_mm``. The reference is reoriented to RAS, resampled to that spacing and normalised; the
+whole volume is then padded (centred, with its minimum, as the training pipeline pads) up to the
+next multiple of the prior's downsampling (:func:`grid_multiple`: the UNet's, times the
+autoencoder's for a latent prior), and that grid is simulated and reconstructed. Every output lies
+on it (``reference.nii.gz`` is the reference on the same grid and affine). By default
+(``tiling="patches"``) the denoiser runs on overlapping patches of its training size with
+Gaussian-blended seams (:class:`~medidiff.inverse.tiling.PatchDenoiser`; ``tile_overlap`` 0.25):
+each patch is what the network saw in training, GroupNorm statistics and attention included. A
+latent prior's decoder decodes the whole latent grid (it is convolutional unless configured with
+non-local attention). ``tiling="whole"`` runs the UNet on the whole grid at once (fewer voxels
+computed, but its normalisation and middle-block attention then span the volume; attention runs as
+scaled-dot-product attention so no tokens x tokens matrix is formed, and particles per call are
+bounded by :data:`WHOLE_GRID_VOXELS_PER_CALL`). ``crop=True`` reconstructs only the prior's patch at
+the centre of the volume (the earlier behaviour, on request); ``grid=(I, J, K)`` (multiples of the
+downsampling) a centred block. A raw measurement fixes its own grid. A denoiser callable
+reconstructs the reference's grid (or ``grid``/``spacing_mm``). What was chosen is reported through
+``notify`` before any compute and recorded as ``extent`` in the sidecar.
+
+Checkpoint quality: an intermediate checkpoint, an unfinished autoencoder, or an autoencoder whose
+recorded held-out PSNR is below :data:`~medidiff.train.quality.AE_PSNR_FLOOR_DB` is named in the
+sidecar's ``warnings`` and through ``notify`` (:func:`~medidiff.train.quality.checkpoint_warnings`).
 
 Layout of ``out_dir``::
 
@@ -113,6 +127,7 @@ __all__ = [
     "BASELINES",
     "METHODS",
     "SAMPLING_METHODS",
+    "NotifyCallback",
     "ProgressCallback",
     "ReconstructSettings",
     "ReconstructionResult",
@@ -129,6 +144,8 @@ PIXEL_SIGMA_MAX_SPREADS = 3.0
 
 ProgressCallback = Callable[[int, int, float], None]
 """``progress(step, total, ess)`` after each sampler step (``step`` counts from 1 to ``total``)."""
+NotifyCallback = Callable[[str], None]
+"""``notify(message)``: what the stage is about to do, and warnings, before the compute starts."""
 
 
 class ReconstructSettings(BaseModel):
@@ -154,6 +171,9 @@ class ReconstructSettings(BaseModel):
     tv_iters: int = Field(300, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     grid: tuple[int, int, int] | None = None
+    crop: bool = Field(False, description="reconstruct only the prior's patch at the volume's centre")
+    tiling: Literal["whole", "patches"] = "patches"
+    tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     spacing_mm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     spectrum: dict[str, Any] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -182,11 +202,13 @@ class _Prior:
     kind: Literal["latent", "pixel", "none"]
     checkpoint: Any = None  # medidiff.train.checkpoint.Checkpoint
     denoiser: Any = None  # a pixel-space callable
-    grid: tuple[int, int, int] | None = None
+    grid: tuple[int, int, int] | None = None  # a fixed grid (crop: the patch; or the user's); None: whole
     spacing_mm: float | None = None
     normalization: Any = None  # NormalizationConfig
     warnings: list[str] = field(default_factory=list)
     pixel_space: bool = False  # a checkpoint of a pixel-space model (autoencoder.kind: identity)
+    multiple: int = 1  # grid axes must be multiples of this (the networks' downsampling)
+    patch: tuple[int, int, int] | None = None  # the training patch, image voxels
 
 
 def reconstruct_volume(
@@ -216,14 +238,18 @@ def reconstruct_volume(
     precision: str = "fp32",
     device: str | torch.device | None = None,
     grid: tuple[int, int, int] | None = None,
+    crop: bool = False,
+    tiling: str = "patches",
+    tile_overlap: float = 0.25,
     spacing_mm: float | None = None,
     normalization: Any = None,
     spectrum: RadialSpectrum | None = None,
     options: Mapping[str, Any] | None = None,
     progress: ProgressCallback | None = None,
+    notify: NotifyCallback | None = None,
     run_id: str | None = None,
 ) -> ReconstructionResult:
-    """Reconstruct one volume (one prior patch, see the module docstring) and write the results.
+    """Reconstruct one volume (the whole volume by default, see the module docstring) and write the results.
 
     Args:
         out_dir: output folder (created).
@@ -258,8 +284,13 @@ def reconstruct_volume(
         precision: network precision policy (:mod:`medidiff.train.precision`): ``"fp32"``, ``"bf16"``,
             ``"fp16"``, ``"auto"``. Weights and metrics stay in float64.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
-        grid: reconstruction grid ``(I, J, K)`` for a pixel-space prior or a baseline (default: the
-            reference's); a latent prior's grid is its patch.
+        grid: reconstruction grid ``(I, J, K)`` (default: the whole reference at the prior's spacing,
+            padded to multiples of its downsampling); for a checkpoint, multiples of
+            :func:`grid_multiple`.
+        crop: reconstruct only the checkpoint's training patch at the centre of the volume.
+        tiling: ``"patches"``: the denoiser on overlapping patches of its training size, blended
+            (:class:`~medidiff.inverse.tiling.PatchDenoiser`); ``"whole"``: on the whole grid at once.
+        tile_overlap: the patches' overlap fraction (``tiling="patches"``).
         spacing_mm: resample the reference to this isotropic spacing first (pixel-space priors and
             baselines; a latent prior uses its own).
         normalization: the prior's :class:`~medidiff.transforms.NormalizationConfig` (or its dict) when
@@ -272,6 +303,8 @@ def reconstruct_volume(
         options: sampler options (see :func:`medidiff.inverse.reconstruct`); latent ``smc`` defaults to
             ``data_var=1`` (scaled latents have unit variance).
         progress: ``progress(step, total, ess)`` after every sampler step.
+        notify: ``notify(message)`` with the plan (grid, padding, tiling) and any warning about the
+            prior, before the compute starts (the CLI prints them).
         run_id: provenance run id (default a random one).
 
     Returns:
@@ -305,6 +338,9 @@ def reconstruct_volume(
         tv_iters=tv_iters,
         precision=precision,  # type: ignore[arg-type]
         grid=grid,
+        crop=crop,
+        tiling=tiling,  # type: ignore[arg-type]
+        tile_overlap=tile_overlap,
         spacing_mm=spacing_mm,
         spectrum=spectrum.to_json() if spectrum is not None else None,
         options=dict(options or {}),
@@ -337,8 +373,14 @@ def reconstruct_volume(
             spacing_mm=pri.spacing_mm if pri.kind == "latent" else s.spacing_mm,
             grid=pri.grid if pri.kind == "latent" else s.grid,
             normalization=pri.normalization,
+            multiple_of=pri.multiple,
         )
     geom = _geometry(s, pri, ref, raw)
+    extent = _extent(s, pri, ref, geom)
+    if notify is not None:
+        notify(extent["message"])
+        for w in pri.warnings:
+            notify(f"warning: {w}")
     op = build_operator(kind, geom.grid, s, raw, mask_seed=seeds["mask"])
     y, sy, norm_params = _measurement_in_model_units(kind, op, s, raw, ref, geom, mod, pri, seeds["noise"])
 
@@ -411,6 +453,7 @@ def reconstruct_volume(
         "prior": _prior_record(pri),
         "modality": mod,
         "grid": {"shape": list(geom.grid), "affine_ras": geom.affine.tolist(), "how": geom.how},
+        "extent": extent,
         "normalization": jsonable(norm_params),
         "metrics": jsonable(metrics),
         "seeds": seeds,
@@ -498,23 +541,28 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
             raise ValueError(
                 f"{ck.path} is a 2D (axial-slice) prior; reconstruct_volume reconstructs 3D patches only."
             )
+        from medidiff.train.quality import checkpoint_warnings
+
         norm, warnings = normalization_config(normalization, ck.path.parent / "data.json")
-        grid = tuple(int(v) for v in ck.config.patch_size)
-        pixel = bool(ck.config.autoencoder.is_identity)
-        if pixel and s.grid is not None:
-            # A pixel-space UNet is convolutional: any grid its levels can halve works (whole volumes).
-            f = int(ck.config.unet.downsample_factor)
+        patch = tuple(int(v) for v in ck.config.patch_size)
+        f = grid_multiple(ck.config)
+        grid: tuple[int, ...] | None = None  # the whole volume, padded to multiples of f
+        if s.grid is not None:
+            if s.crop:
+                raise ValueError("pass grid=(I, J, K) or crop=True, not both.")
+            # The networks are convolutional: any grid their levels can halve works.
             if any(int(v) % f for v in s.grid):
                 raise ValueError(
-                    f"grid={s.grid}: every axis must be a multiple of {f} for this prior's UNet; "
+                    f"grid={s.grid}: every axis must be a multiple of {f} for this prior's networks; "
                     f"e.g. {tuple(-(-int(v) // f) * f for v in s.grid)}."
                 )
             grid = tuple(int(v) for v in s.grid)
-        elif s.grid is not None and tuple(s.grid) != grid:
-            raise ValueError(f"grid={s.grid} differs from the prior's patch {grid}; leave grid unset.")
+        elif s.crop:
+            grid = patch
         return _Prior(
             "latent", checkpoint=ck, grid=grid, spacing_mm=float(ck.config.spacing_mm), normalization=norm,
-            warnings=warnings, pixel_space=pixel,
+            warnings=warnings + checkpoint_warnings(ck), pixel_space=bool(ck.config.autoencoder.is_identity),
+            multiple=f, patch=patch,
         )  # fmt: skip
     if callable(prior):
         return _Prior("pixel", denoiser=prior, normalization=normalization_config(normalization, None)[0])
@@ -522,6 +570,11 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
 
 
 def _check_method(s: ReconstructSettings, pri: _Prior, kind: str) -> None:
+    if s.crop and pri.kind != "latent":
+        raise ValueError(
+            "crop=True reconstructs a checkpoint's training patch; without a checkpoint prior pass "
+            "grid=(I, J, K) to reconstruct a centred block."
+        )
     if (
         s.sigma_max is not None
         and s.method in SAMPLING_METHODS
@@ -603,12 +656,88 @@ def _geometry(s: ReconstructSettings, pri: _Prior, ref: Any, raw: RawMeasurement
         raise ValueError(
             f"the sinogram has {raw.data.shape[0]} slices but the grid {geom.grid} has {geom.grid[2]}."
         )
-    if pri.kind == "latent" and tuple(geom.grid) != tuple(pri.grid):  # type: ignore[arg-type]
+    if pri.kind == "latent" and pri.grid is not None and tuple(geom.grid) != tuple(pri.grid):
         raise ValueError(
-            f"the measurement's image grid {geom.grid} (I, J, K) differs from the prior's patch {pri.grid}; "
-            "reconstruct_volume reconstructs one patch of the prior's grid."
+            f"the measurement's image grid {geom.grid} (I, J, K) differs from the requested grid {pri.grid}; "
+            "leave grid and crop unset to reconstruct the measurement's grid."
+        )
+    if pri.kind == "latent" and any(g % pri.multiple for g in geom.grid):
+        raise ValueError(
+            f"the measurement's image grid {geom.grid} (I, J, K) is not a multiple of {pri.multiple} along "
+            "every axis, which this prior's networks need; resample or pad the data before measuring."
         )
     return geom
+
+
+def grid_multiple(config: Any) -> int:
+    """What every axis of a checkpoint's reconstruction grid must be a multiple of: the UNet's
+    downsampling, times the autoencoder's for a latent prior."""
+    return int(config.unet.downsample_factor) * int(config.autoencoder.downsample_factor)
+
+
+WHOLE_GRID_VOXELS_PER_CALL = 2_000_000
+"""``tiling="whole"``: particles x voxels per network call when ``chunk_size`` is not given. Guidance
+keeps the UNet's activations for its backward pass: 8 particles x 1.55 M voxels (a whole demo head at
+2 mm) exceeded 24 GiB with the demo pixel prior; 2 M particle-voxels stay near 4 GiB."""
+
+
+def _chunk_size(s: ReconstructSettings, pri: _Prior, grid: Any) -> int | None:
+    """Particles per network call: the user's, or on a whole grid larger than the training patch, as
+    many as :data:`WHOLE_GRID_VOXELS_PER_CALL` allows (patches bound memory themselves)."""
+    if s.chunk_size is not None or s.tiling != "whole" or pri.kind != "latent":
+        return s.chunk_size
+    voxels = math.prod(int(g) for g in grid)
+    if voxels <= math.prod(pri.patch or grid):
+        return None
+    return max(1, min(s.n_particles, WHOLE_GRID_VOXELS_PER_CALL // voxels))
+
+
+def _extent(s: ReconstructSettings, pri: _Prior, ref: Any, geom: Geometry) -> dict[str, Any]:
+    """What part of the volume is reconstructed and how the prior covers it (sidecar + console)."""
+    grid = tuple(int(v) for v in geom.grid)
+    sp = pri.spacing_mm if pri.kind == "latent" else (s.spacing_mm if ref is not None else None)
+    shown = "x".join(map(str, grid))
+    at = f" at {sp:g} mm" if sp else ""
+    source = tuple(ref.source_shape) if ref is not None else grid
+    if ref is None:
+        mode, what = "measurement", f"the measurement's grid, {shown} voxels{at}"
+    elif s.crop:
+        mode = "crop"
+        what = (
+            f"centre crop on request: one {shown} patch of the {'x'.join(map(str, source))}-voxel volume{at}"
+        )
+    elif s.grid is not None:
+        mode, what = (
+            "grid",
+            f"the requested {shown} grid, centred on the {'x'.join(map(str, source))}-voxel volume{at}",
+        )
+    else:
+        mode = "whole"
+        what = f"the whole volume, {'x'.join(map(str, source))} voxels{at}"
+        if source != grid:
+            what += f", padded to {shown}" + (f" (multiples of {pri.multiple})" if pri.multiple > 1 else "")
+    record: dict[str, Any] = {"mode": mode, "grid": list(grid), "volume_shape": list(source)}
+    if pri.kind == "latent" and s.method in SAMPLING_METHODS:
+        record["chunk_size"] = _chunk_size(s, pri, grid)
+    how = ""
+    if pri.kind == "latent" and s.method in SAMPLING_METHODS:
+        patch = tuple(pri.patch or grid)
+        record.update(tiling=s.tiling, patch=list(patch))
+        if all(g <= p for g, p in zip(grid, patch, strict=True)):
+            how = "; the prior covers it in one patch"
+        elif s.tiling == "whole":
+            how = "; the prior runs on the whole grid at once"
+        else:
+            from medidiff.inverse.tiling import patch_windows
+
+            n = len(patch_windows(grid, patch, s.tile_overlap)[1])
+            record.update(n_patches=n, tile_overlap=s.tile_overlap)
+            how = (
+                f"; the prior runs on {n} overlapping {'x'.join(map(str, patch))} patches "
+                f"(overlap {s.tile_overlap:g}, Gaussian-blended seams)"
+            )
+    record["message"] = f"Reconstructing {what}{how}."
+    return record
 
 
 def _measurement_in_model_units(
@@ -702,11 +831,11 @@ class _PixelDenoiser:
     ``D(x, sigma) = D_c(c x, c sigma) / c``; its noise range is ``sigma_{min,max} / c``.
     """
 
-    def __init__(self, inner: _ConditionedDenoiser, scale: float) -> None:
-        self.inner = inner
+    def __init__(self, inner: Callable[[Tensor, Any], Tensor], scale: float, net: Any) -> None:
+        self.inner = inner  # a _ConditionedDenoiser, or a PatchDenoiser over one
         self.scale = float(scale)
-        self.sigma_min = float(inner.net.sigma_min) / self.scale
-        self.sigma_max = float(inner.net.sigma_max) / self.scale
+        self.sigma_min = float(net.sigma_min) / self.scale
+        self.sigma_max = float(net.sigma_max) / self.scale
 
     def __call__(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         c = self.scale
@@ -715,22 +844,45 @@ class _PixelDenoiser:
 
 
 def checkpoint_sampler(
-    models: Any, op: LinearOperator, modality_code: int, method: str, autocast: torch.dtype | None
+    models: Any,
+    op: LinearOperator,
+    modality_code: int,
+    method: str,
+    autocast: torch.dtype | None,
+    *,
+    tiling: str = "patches",
+    tile_overlap: float = 0.25,
 ) -> tuple[Any, Any, dict[str, float], SMCOptions | None]:
-    """A loaded checkpoint (``load_models``) as the sampler sees it, with the stage's defaults.
+    """A loaded checkpoint (``load_models``) as the sampler sees it on ``op``'s grid, with the stage's defaults.
 
     Returns ``(denoiser, forward model, sigma range, smc's default options or None for another method)``: a pixel-space model's
     denoiser on images in normalised units with the operator itself; a latent model's denoiser on scaled
-    latents with ``A o Dec`` (:class:`~medidiff.inverse.ComposedOperator`).
+    latents of ``op``'s grid over the autoencoder's downsampling, with ``A o Dec``
+    (:class:`~medidiff.inverse.ComposedOperator`). With ``tiling="patches"`` and a grid larger than the
+    training patch, the denoiser runs on overlapping patches (:class:`~medidiff.inverse.tiling.PatchDenoiser`).
     """
     from medidiff.inverse import ComposedOperator
+    from medidiff.inverse.tiling import PatchDenoiser
 
+    cfg = models.config
     net = models.denoiser()
-    den: Any = _ConditionedDenoiser(net, modality_code, float(models.config.spacing_mm), autocast)
+    den: Any = _ConditionedDenoiser(net, modality_code, float(cfg.spacing_mm), autocast)
+    f = int(cfg.autoencoder.downsample_factor)
+    latent_grid = tuple(int(g) // f for g in op.in_shape)
+    patch = tuple(int(v) // f for v in cfg.patch_size)
+    if any(g > p for g, p in zip(latent_grid, patch, strict=True)):
+        if tiling == "patches":
+            den = PatchDenoiser(den, patch, overlap=tile_overlap)
+        else:
+            # The whole grid at once: MONAI's attention blocks form a tokens x tokens matrix (its UNet's
+            # middle block always attends); scaled-dot-product attention computes the same without it.
+            for m in models.unet.modules():
+                if hasattr(m, "use_flash_attention"):
+                    m.use_flash_attention = True
     scale = float(models.latent_scale_factor or 1.0)
     options: SMCOptions | None = None
-    if models.config.autoencoder.is_identity:
-        den = _PixelDenoiser(den, scale)
+    if cfg.autoencoder.is_identity:
+        den = _PixelDenoiser(den, scale, net)
         # Start where the noise is PIXEL_SIGMA_MAX_SPREADS times the data's spread (1/c): the image is
         # hidden there already, and an eps network's top noise levels are its least accurate.
         top = min(den.sigma_max, PIXEL_SIGMA_MAX_SPREADS / scale)
@@ -738,7 +890,11 @@ def checkpoint_sampler(
             options = SMCOptions.pixel_prior(scale)
         return den, op, {"sigma_min": den.sigma_min, "sigma_max": top}, options
     forward = ComposedOperator(
-        op, models.autoencoder, models.config.latent_shape, scale=scale, autocast=autocast
+        op,
+        models.autoencoder,
+        (cfg.autoencoder.latent_channels, *latent_grid),
+        scale=scale,
+        autocast=autocast,
     )
     if method == "smc":
         options = SMCOptions.latent_prior()
@@ -767,8 +923,9 @@ def _sample(
 
         models = load_models(pri.checkpoint.path, device=dev, expect_stage="latent")
         denoiser, forward, sigma_kw, preset = checkpoint_sampler(
-            models, op, MODALITY_CODES.get(modality, MODALITY_CODES["OT"]), s.method, prec.autocast_dtype
-        )
+            models, op, MODALITY_CODES.get(modality, MODALITY_CODES["OT"]), s.method, prec.autocast_dtype,
+            tiling=s.tiling, tile_overlap=s.tile_overlap,
+        )  # fmt: skip
         if preset is not None:  # smc: the user's options over the checkpoint's defaults
             options = preset.updated(s.options)
             if s.spectrum is not None:
@@ -811,7 +968,7 @@ def _sample(
         steps=s.steps,
         generator=torch.Generator(device=dev).manual_seed(sampler_seed),
         keep_samples=True,  # coverage needs them; written only with keep_samples
-        chunk_size=s.chunk_size,
+        chunk_size=_chunk_size(s, pri, op.in_shape),
         callback=callback,
         options=options,
         **sigma_kw,  # type: ignore[arg-type]

@@ -269,6 +269,9 @@ def _plan(
         warnings.append("the decoder attends over the whole volume: tiled decoding approximates it")
     if data is None:
         warnings.append(f"no {DATA_FILE} beside {ck.path}: spacing from the model config, voxels as decoded")
+    from medidiff.train.quality import checkpoint_warnings
+
+    warnings += checkpoint_warnings(ck)
     return _Plan(
         models=models,
         denoiser=denoiser,

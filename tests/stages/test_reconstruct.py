@@ -13,8 +13,8 @@ from torch import Tensor
 
 from medidiff.io.nifti_write import write_nifti
 from medidiff.provenance import read_record, record_path
-from medidiff.stages.reconstruct import reconstruct_volume
-from medidiff.train.checkpoint import CheckpointError
+from medidiff.stages.reconstruct import grid_multiple, reconstruct_volume
+from medidiff.train.checkpoint import CheckpointError, load_checkpoint
 from medidiff.volume import Volume
 from tests.train.conftest import blob_batches, tiny_config
 
@@ -106,13 +106,19 @@ def test_latent_prior_simulate_paths_write_everything(
     raw = ["kspace.npy", "mask.npy"] if simulate == "mri" else ["sinogram.npy", "angles.npy"]
     _expected_files(out, ["mean.nii.gz", "std.nii.gz", "samples.nii.gz", "reference.nii.gz", *raw])
     assert [s[0] for s in seen] == [1, 2, 3, 4, 5] and all(s[1] == 5 and 1 <= s[2] <= 4 for s in seen)
-    # One 16^3 patch at the prior's 2 mm; every output on the reference's (processed) grid and affine.
+    # The whole volume at the prior's 2 mm, padded to the networks' multiple (the decoder and the UNet
+    # run on the whole latent grid); every output on the reference's (processed) grid and affine.
     mean = nib.load(out / "mean.nii.gz")
     ref = nib.load(out / "reference.nii.gz")
-    assert mean.shape == ref.shape == (16, 16, 16)
+    ext = res.sidecar["extent"]
+    f = grid_multiple(load_checkpoint(latent_prior["latent"]).config)
+    assert ext["mode"] == "whole" and ext["tiling"] == "patches" and ext["n_patches"] == 2 and f > 1
+    assert mean.shape == ref.shape == tuple(ext["grid"])
+    assert all(g % f == 0 and 0 <= g - v < f for g, v in zip(ext["grid"], ext["volume_shape"], strict=True))
+    assert ext["volume_shape"] == [15, 18, 14] and ext["grid"] != ext["patch"] == [16, 16, 16]
     np.testing.assert_allclose(mean.affine, ref.affine)
     np.testing.assert_allclose(np.abs(np.diag(mean.affine)[:3]), 2.0)
-    assert nib.load(out / "samples.nii.gz").shape == (16, 16, 16, 4)
+    assert nib.load(out / "samples.nii.gz").shape == (*ext["grid"], 4)
     m = res.metrics
     for key in ("psnr_db", "ssim", "chi2_mean", "chi2_samples", "coverage90"):
         assert np.isfinite(m[key]), key
@@ -180,15 +186,21 @@ def pixel_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize(("method", "grid"), [("smc", None), ("afdps", (16, 20, 16))])
 def test_pixel_space_checkpoint_is_a_pixel_prior(pixel_prior, reference, tmp_path, method, grid) -> None:
-    """A pixel-space checkpoint runs the pixel path (exact k-space proposal, afdps allowed) on its patch
-    or, being convolutional, on any grid its UNet can halve."""
+    """A pixel-space checkpoint runs the pixel path (exact k-space proposal, afdps allowed) on the whole
+    volume padded to what its UNet can halve (the default) or on a requested grid."""
     out = tmp_path / "out"
     res = reconstruct_volume(
         out, prior=pixel_prior, reference=reference, simulate="mri", method=method, acceleration=4,
         sigma_y=0.02, n_particles=6, steps=4, grid=grid,
     )  # fmt: skip
-    assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 16, 16))
     side = res.sidecar
+    # the reference at 2 mm is 15 x 18 x 14: padded to 16 x 18 x 14, the UNet halving once
+    assert nib.load(out / "mean.nii.gz").shape == (grid or (16, 18, 14))
+    assert side["extent"]["mode"] == ("grid" if grid else "whole") and side["extent"]["volume_shape"] == [
+        15,
+        18,
+        14,
+    ]
     assert side["prior"]["kind"] == "latent" and side["prior"]["space"] == "pixel"
     from medidiff.inverse.smc import FINAL_FIT_ITERS
     from medidiff.stages.reconstruct import PIXEL_SIGMA_MAX_SPREADS
@@ -376,9 +388,9 @@ def test_checkpoint_refusals_before_any_compute(latent_prior, reference, tmp_pat
         reconstruct_volume(tmp_path / "b", prior=tmp_path, **kw)
     with pytest.raises(ValueError, match=r"afdps.*pixel-space"):
         reconstruct_volume(tmp_path / "c", prior=latent_prior["latent"], method="afdps", **kw)
-    k = np.ones((16, 16, 8), np.complex64)
+    k = np.ones((16, 16, 6), np.complex64)  # an image grid of 16 x 6 x 16: 6 is no multiple of 4
     bad = {"measurement": _save(tmp_path / "k.npy", k), "mask": _save(tmp_path / "m.npy", np.abs(k) > 0)}
-    with pytest.raises(ValueError, match="prior's patch"):
+    with pytest.raises(ValueError, match="not a multiple of 4"):
         reconstruct_volume(tmp_path / "d", prior=latent_prior["latent"], sigma_y=0.1, **bad)
     assert not any((tmp_path / n).exists() for n in "abcd")
 
@@ -404,7 +416,8 @@ def test_a_training_spectrum_sets_the_stationary_variance_model(
     )
     info = res.sidecar["sampler_info"]
     assert info["data_spectrum"] is True and info["proposal"] == "isotropic"
-    assert info["data_var"] == pytest.approx(float(spec.on_grid((16, 16, 16)).mean()), rel=1e-5)
+    grid = tuple(res.sidecar["grid"]["shape"])
+    assert info["data_var"] == pytest.approx(float(spec.on_grid(grid).mean()), rel=1e-5)
     assert RadialSpectrum.from_json(res.sidecar["settings"]["spectrum"]) == spec
     bad = [
         (dict(prior=pixel_prior, method="dps", spectrum=spec), "does not use one"),
