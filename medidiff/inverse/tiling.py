@@ -134,14 +134,11 @@ class PatchDenoiser:
         # recomputed in the backward pass (activation checkpointing), so memory does not grow with
         # the number of patches.
         recompute = torch.is_grad_enabled() and x.requires_grad
-        out: Tensor | None = None
+        out = torch.zeros_like(x)  # a denoiser's output has its input's shape
         for w in windows:
             if recompute:
                 d = torch.utils.checkpoint.checkpoint(self.denoiser, x[lead + w], sigma, use_reentrant=False)
             else:
                 d = self.denoiser(x[lead + w], sigma)
-            if out is None:
-                out = torch.zeros(x.shape[: x.ndim - nd] + grid, dtype=d.dtype, device=d.device)
-            out[lead + w] += d * weight.to(d.dtype)
-        assert out is not None  # at least one window covers a non-empty grid
+            out[lead + w] += (d * weight.to(d.dtype)).to(out.dtype)
         return out * inv_total.to(out.dtype)

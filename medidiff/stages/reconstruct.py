@@ -717,12 +717,10 @@ def _extent(s: ReconstructSettings, pri: _Prior, ref: Any, geom: Geometry) -> di
         if source != grid:
             what += f", padded to {shown}" + (f" (multiples of {pri.multiple})" if pri.multiple > 1 else "")
     record: dict[str, Any] = {"mode": mode, "grid": list(grid), "volume_shape": list(source)}
-    if pri.kind == "latent" and s.method in SAMPLING_METHODS:
-        record["chunk_size"] = _chunk_size(s, pri, grid)
     how = ""
     if pri.kind == "latent" and s.method in SAMPLING_METHODS:
         patch = tuple(pri.patch or grid)
-        record.update(tiling=s.tiling, patch=list(patch))
+        record.update(chunk_size=_chunk_size(s, pri, grid), tiling=s.tiling, patch=list(patch))
         if all(g <= p for g, p in zip(grid, patch, strict=True)):
             how = "; the prior covers it in one patch"
         elif s.tiling == "whole":

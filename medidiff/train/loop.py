@@ -371,6 +371,14 @@ def _build_stage(
                     f"the autoencoder checkpoint {ae_ckpt.path} was trained with another autoencoder config; "
                     "use the same 'autoencoder' section in both stages"
                 )
+            # encode_latents reads sample_posterior from this run's config: it must be the autoencoder's.
+            trained = ae_ckpt.config.autoencoder_training.sample_posterior
+            if trained != cfg.autoencoder_training.sample_posterior:
+                raise ValueError(
+                    f"the autoencoder checkpoint {ae_ckpt.path} was trained with sample_posterior: {trained}, "
+                    f"this config says {cfg.autoencoder_training.sample_posterior}; use the same "
+                    "autoencoder_training.sample_posterior in both stages"
+                )
             frozen.load_state_dict(ae_ckpt.weights("ema" if "ema" in ae_ckpt.parts else "model"))
             extra["autoencoder_checkpoint"] = {
                 "path": str(ae_ckpt.path / WEIGHTS_FILE),

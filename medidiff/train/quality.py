@@ -15,7 +15,6 @@ volumes lose detail that a reconstruction or a synthetic scan cannot get back.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,13 @@ def _ae_psnr(record: dict[str, Any]) -> float | None:
     autoencoder checkpoint it names (when that folder is still there)."""
     value = record.get("eval_psnr_ema")
     if value is None and record.get("path"):
-        info = Path(str(record["path"])).parent / "checkpoint.json"
-        if info.is_file():
-            try:
-                value = (json.loads(info.read_text(encoding="utf-8")).get("metrics") or {}).get(
-                    "eval_psnr_ema"
-                )
-            except (OSError, ValueError):
-                value = None
+        from medidiff.train.checkpoint import CheckpointError, load_checkpoint
+
+        folder = Path(str(record["path"])).parent
+        try:
+            value = load_checkpoint(folder, verify=False).metrics.get("eval_psnr_ema")
+        except (CheckpointError, OSError):
+            value = None  # the autoencoder's folder is gone or unreadable: its quality is unknown
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 

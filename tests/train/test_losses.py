@@ -139,3 +139,18 @@ def test_sample_posterior_switches_the_latent_noise(sample: bool) -> None:
 def test_training_without_posterior_noise_runs_and_logs_every_term(tmp_path: Path) -> None:
     rows = _rows(tmp_path, sample_posterior=False, ssim_weight=0.1, spectral_weight=0.1)
     assert all(math.isfinite(r["loss"]) and {"l1", "kl", "ssim_loss", "spectral"} <= set(r) for r in rows)
+
+
+def test_the_latent_stage_refuses_an_autoencoder_trained_with_the_other_sample_posterior(
+    tmp_path: Path,
+) -> None:
+    """encode_latents takes sample_posterior from the latent run's config: an autoencoder trained on its
+    posterior mean must not be paired with a config that samples (noisy latents, silently)."""
+    ae_cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=0, sample_posterior=False)
+    ae = train(ae_cfg, blob_batches(2, SHAPES[3]), tmp_path / "ae", stage="autoencoder", progress=False)
+    latent_cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=0, scale_factor_batches=1)
+    with pytest.raises(ValueError, match="sample_posterior: False, this config says True"):
+        train(
+            latent_cfg, blob_batches(2, SHAPES[3]), tmp_path / "lat", stage="latent",
+            autoencoder=ae.checkpoint, progress=False,
+        )  # fmt: skip
