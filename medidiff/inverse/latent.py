@@ -170,6 +170,40 @@ class ComposedOperator:
         (g,) = torch.autograd.grad(img, zg, grad_outputs=probe.to(img.dtype))
         return batch_dot(g, g).to(torch.float64) / self.image_size
 
+    def jvp(self, z: Tensor, w: Tensor) -> Tensor:
+        """``J(z) w``: the decoder's Jacobian at latents ``z`` applied to latent directions ``w`` (both
+        ``(B, *in_shape)``), images ``(B, *operator.in_shape)``.
+
+        Forward mode through MONAI's GroupNorm fails in torch 2.13 (a strided view), so this is the
+        double-backward identity ``J w = d/dv <J^T v, w>``: two reverse passes through the decoder.
+        """
+        zg = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            img = self.decode(zg)
+            v = torch.zeros_like(img, requires_grad=True)
+            (g,) = torch.autograd.grad(img, zg, grad_outputs=v, create_graph=True)
+            (jw,) = torch.autograd.grad(g, v, grad_outputs=w.to(g.dtype))
+        return jw.detach()
+
+    def jacobian_spectrum(self, z: Tensor, w: Tensor) -> Tensor:
+        """Power per DFT coefficient of ``J(z) w`` averaged over the batch: for white unit-variance ``w``,
+        an estimate of the diagonal of ``F J J^T F^H`` (``F`` the unitary DFT over the image axes), the
+        decoder's image-space covariance per unit latent variance as a stationary model. Float64, centred
+        (DC at ``n // 2``), shape ``operator.in_shape``; its mean estimates ``tr(J J^T) / n_pixels``. For one
+        latent channel on the image grid it is the ratio to the probes' power, exact for a convolution."""
+        jw = self.jvp(z, w).to(torch.float64)
+        dims = tuple(range(1, jw.ndim))
+        power = torch.fft.fftn(jw, dim=dims, norm="ortho").abs().pow(2).sum(0)
+        if self.in_shape[0] == 1 and tuple(self.in_shape[1:]) == self.image_shape:
+            # one latent channel on the image grid: the ratio to the probes' own power is exact for a
+            # stationary (convolutional) decoder whatever the number of probes
+            power = power / torch.fft.fftn(w.to(torch.float64)[:, 0], dim=dims, norm="ortho").abs().pow(
+                2
+            ).sum(0)
+        else:
+            power = power / jw.shape[0]
+        return torch.fft.fftshift(power)
+
     def measurement_jacobian(self, z: Tensor, chunk_size: int | None = None) -> Tensor:
         """Rows of ``A J(z)`` for one latent ``z`` (shape ``in_shape``): ``(m, in_size)``, real operators only.
 

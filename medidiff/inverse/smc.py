@@ -142,6 +142,37 @@ def radial_bands(shape: tuple[int, ...], device: torch.device | str = "cpu") -> 
     return torch.bucketize(radius, edges)
 
 
+def shell_average(spectrum: Tensor) -> Tensor:
+    """``spectrum`` (centred) averaged over shells of ``|k|`` one frequency step wide (``1 / max(shape)``
+    cycles per voxel): a smooth, point-symmetric estimate from a few noisy probes."""
+    shape = tuple(spectrum.shape)
+    dims = tuple(range(len(shape)))
+    grids = torch.meshgrid(
+        *[torch.fft.fftfreq(n, device=spectrum.device, dtype=_F64) for n in shape], indexing="ij"
+    )
+    shell = torch.round(torch.sqrt(sum(g * g for g in grids)) * max(shape)).long().reshape(-1)
+    flat = torch.fft.ifftshift(spectrum.to(_F64), dim=dims).reshape(-1)
+    n = int(shell.max()) + 1
+    sums = torch.zeros(n, dtype=_F64, device=flat.device).index_add_(0, shell, flat)
+    counts = torch.zeros(n, dtype=_F64, device=flat.device).index_add_(0, shell, torch.ones_like(flat))
+    return torch.fft.fftshift((sums / counts)[shell].reshape(shape), dim=dims)
+
+
+def _shell_profile(spectrum: Tensor) -> list[float]:
+    """The shell values of a :func:`shell_average`-d spectrum along the first axis from DC (for ``info``)."""
+    centre = tuple(n // 2 for n in spectrum.shape)
+    line = spectrum[(slice(centre[0], None), *centre[1:])]
+    return [float(v) for v in line]
+
+
+def latent_filter(x: Tensor, spectrum: Tensor) -> Tensor:
+    """``F^H diag(spectrum) F x`` per channel of latents ``x`` ``(B, C, *spatial)``: the DFT over the
+    spatial axes only; ``spectrum`` ``(C, *spatial)`` is centred and point-symmetric per channel."""
+    dims = tuple(range(2, x.ndim))
+    p = torch.fft.ifftshift(spectrum, dim=tuple(d - 1 for d in dims)).to(x.real.dtype)
+    return torch.fft.ifftn(torch.fft.fftn(x, dim=dims) * p, dim=dims).real.to(x.dtype)
+
+
 def _var_model(sigma: float, v: float) -> float:
     """Isotropic posterior variance per voxel ``sigma^2 v / (v + sigma^2)`` of data with variance ``v``."""
     return sigma * sigma if math.isinf(v) else sigma * sigma * v / (v + sigma * sigma)
@@ -277,6 +308,7 @@ class _SMCRun:
         self.gain = 1.0  # image-space variance per unit latent variance (1 for a pixel-space prior)
         self.M_twist: Tensor | None = None  # dense A J J^T A^T (twist_cov="jacobian")
         self.B_lin: Tensor | None = None  # dense A J (twist_cov="jacobian")
+        self.dec_spec: Tensor | None = None  # decoder covariance spectrum (twist_cov="spectral")
         self.chol_cache: dict[float, Tensor] = {}
         self.spec_cache: dict[float, Tensor] = {}
         self.nfe = 1
@@ -332,6 +364,8 @@ class _SMCRun:
         lin, sy2, m = self.lin, self.sy2, self.m
         if isinstance(r2, Tensor):
             return lin.stationary_gram_solve(r, sy2, r2)
+        if self.dec_spec is not None:
+            return lin.stationary_gram_solve(r, sy2, r2 * self.dec_spec)
         if self.spectrum is not None:
             return lin.stationary_gram_solve(r, sy2, self.post_spectrum(r2))
         if self.M_twist is None:
@@ -501,6 +535,23 @@ class _SMCRun:
             self.M_twist = self.B_lin @ self.B_lin.T
             self.n_backward += 1  # m products for the whole cloud, about one per particle when N ~ m
             return
+        if self.opts.twist_cov == "spectral":
+            w = self.randn(self.N, *self.shape)
+            spec = (
+                sum(op.jacobian_spectrum(Dx[ch], w[ch]) * (ch.stop - ch.start) for ch in self.chunks())
+                / self.N
+            )
+            # the ratio estimate (one channel on the image grid) needs no smoothing; a plain power average does
+            same_grid = op.in_shape[0] == 1 and tuple(op.in_shape[1:]) == op.image_shape
+            self.dec_spec = spec if same_grid else shell_average(spec)  # type: ignore[arg-type]
+            self.gain = float(self.dec_spec.mean())
+            self.n_backward += 2  # one double-backward product per particle
+            if not (math.isfinite(self.gain) and self.gain > 0):
+                raise FloatingPointError(
+                    f"the decoder's Jacobian spectrum came out with mean {self.gain}; the decoder returns "
+                    "non-finite or constant images at the initial latents (check the checkpoint)."
+                )
+            return
         if self.opts.decoder_gain is not None:
             gain = float(self.opts.decoder_gain)
         else:
@@ -514,6 +565,41 @@ class _SMCRun:
                 "constant images at the initial latents (check the checkpoint, or pass decoder_gain)."
             )
         self.gain = gain
+
+    def latent_precision_filter(self, D: Tensor, c2: float, r2n: float, s_n: float) -> tuple[Tensor, Tensor]:
+        """``precondition``: the Matheron draw of ``p(x' | x) g_{k+1}(x')`` for the decoder linearised at the
+        denoised latents ``D`` with its latent precision made diagonal in the latent DFT.
+
+        With ``kappa = r_{k+1}^2 / sigma_{k+1}^2`` (Tweedie's Jacobian of the next level) and ``H = J^T A^H
+        Sigma_{k+1}^{-1} A J``, the draw is ``N(mean + c^2 K kappa J^T A^H Sigma_{k+1}^{-1} R, c^2 K)``,
+        ``K = (I + c^2 kappa^2 H)^{-1}``, ``R = y - A Dec(D)``. ``H`` is replaced by its DFT diagonal ``h``
+        (per channel), estimated with one probe per particle as ``sum conj(F w) F H w / sum |F w|^2``
+        (exact for an ``H`` that the DFT diagonalises: a stationary decoder and a Cartesian MRI mask).
+        Returns ``(K, shift / c^2)``: the filter (centred, ``(C, *spatial)``) and ``kappa J^T A^H Sigma^{-1} R``.
+        """
+        op = self.operator
+        if not isinstance(op, ComposedOperator):  # SMCOptions.resolved refuses this before any compute
+            raise TypeError("precondition needs a latent prior (a ComposedOperator).")
+        kappa = r2n / (s_n * s_n)
+        w = self.randn(self.N, *self.shape)
+        dims = tuple(range(2, len(self.shape) + 1))
+        num = torch.zeros(self.shape, dtype=_F64, device=self.device)
+        den = torch.zeros(self.shape, dtype=_F64, device=self.device)
+        pull = torch.empty_like(D)
+        for ch in self.chunks():
+            with torch.no_grad():
+                R = self.y_b - self.operator.forward(D[ch])
+            Jw = op.jvp(D[ch], w[ch])
+            u = self.twist_solve(torch.cat([R, self.lin.forward(Jw)]), r2n)
+            both = op.adjoint_at(torch.cat([D[ch], D[ch]]), u)
+            n_c = ch.stop - ch.start
+            pull[ch] = kappa * both[:n_c]
+            Fw = torch.fft.fftn(w[ch].to(_F64), dim=dims, norm="ortho")
+            FH = torch.fft.fftn(both[n_c:].to(_F64), dim=dims, norm="ortho")
+            num += (Fw.conj() * FH).real.sum(0)
+            den += Fw.abs().pow(2).sum(0)
+        h = torch.fft.fftshift((num / den).clamp_min(0.0), dim=tuple(d - 1 for d in dims))
+        return 1.0 / (1.0 + c2 * kappa * kappa * h), pull
 
     # -- weights ---------------------------------------------------------------------------------------
 
@@ -601,6 +687,9 @@ class _SMCRun:
         probe = self.rademacher() if need_probe else None
         r2_next = _var_model(s_next, self.v)
 
+        kfilt, g_prev = None, c.g
+        if o.precondition:
+            kfilt, g_prev = self.latent_precision_filter(c.D, c2, r2_next, s_next)
         x_new, D_new = torch.empty_like(c.x), torch.empty_like(c.x)
         logg_new, incr = (torch.empty(N, dtype=_F64, device=self.device) for _ in range(2))
         h_new = torch.zeros(N, dtype=_F64, device=self.device)
@@ -619,12 +708,13 @@ class _SMCRun:
             else:
                 inc, x_c, D_c, lg_c, g_c, h_c = self.gradient_move(
                     mean[ch],
-                    c.g[ch],
+                    g_prev[ch],  # type: ignore[index]
                     c2,
                     r2_next,
                     s_next,
                     z[ch],
                     p_c,  # type: ignore[index]
+                    kfilt,
                 )
                 g_new[ch] = g_c  # type: ignore[index]
             x_new[ch], D_new[ch], logg_new[ch] = x_c, D_c, lg_c
@@ -634,18 +724,34 @@ class _SMCRun:
         logw = self.reweight(c.logw, incr, k, x_new, D_new)
         self.nfe += 2 if o.proposal == "linearized" else 1
         self.n_backward += {"linearized": self.m, "gradient": 1}.get(o.proposal, 0) + (1 if need_probe else 0)
+        self.n_backward += 4 if kfilt is not None else 0
         return _Cloud(x_new, D_new, logg_new, h_new, g_new, logw)
 
     def gradient_move(
-        self, mu: Tensor, g: Tensor, c2: float, r2n: float, s_n: float, z_c: Tensor, probe_c: Tensor | None
+        self,
+        mu: Tensor,
+        g: Tensor,
+        c2: float,
+        r2n: float,
+        s_n: float,
+        z_c: Tensor,
+        probe_c: Tensor | None,
+        kfilt: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The kernel shifted by ``c^2 grad log g_k(x)`` (TDS): returns ``(log p/q + log g_{k+1}(x'), x',
-        D(x'), log g_{k+1}(x'), grad log g_{k+1}(x'), h)``."""
-        shift = c2 * g
-        cz = math.sqrt(c2) * z_c
-        x_c = mu + shift + cz
-        # log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + shift, c^2)
-        inc = (batch_dot(cz, cz) - batch_dot(cz + shift, cz + shift)).to(_F64) / (2.0 * c2)
+        D(x'), log g_{k+1}(x'), grad log g_{k+1}(x'), h)``. With ``kfilt`` (``precondition``) the shift and
+        the noise are filtered by the latent DFT-diagonal ``K``: ``q = N(mean + c^2 K g, c^2 K)``."""
+        if kfilt is None:
+            shift = c2 * g
+            cz = math.sqrt(c2) * z_c
+            x_c = mu + shift + cz
+            # log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + shift, c^2)
+            inc = (batch_dot(cz, cz) - batch_dot(cz + shift, cz + shift)).to(_F64) / (2.0 * c2)
+        else:
+            step = c2 * latent_filter(g, kfilt) + math.sqrt(c2) * latent_filter(z_c, kfilt.sqrt())
+            x_c = mu + step
+            # log N(x'; mean, c^2 I) - log N(x'; mean + c^2 K g, c^2 K); log det K is shared and dropped
+            inc = (batch_dot(z_c, z_c) - batch_dot(step, step) / c2).to(_F64) / 2.0
         D_c, lg_c, g_c, h_c = self.evaluate(x_c, s_n, r2n, probe_c)
         return inc + lg_c, x_c, D_c, lg_c, g_c, h_c  # type: ignore[operator, return-value]
 
@@ -894,7 +1000,13 @@ class _SMCRun:
                 "data_var": self.data_var,
                 "data_spectrum": self.spectrum is not None,
                 "twist_cov": o.twist_cov if self.composed else None,
-                "decoder_gain": self.gain if self.composed and o.twist_cov == "isotropic" else None,
+                "decoder_gain": self.gain
+                if self.composed and o.twist_cov in ("isotropic", "spectral")
+                else None,
+                "precondition": o.precondition,
+                "decoder_spectrum_shells": _shell_profile(self.dec_spec)
+                if self.dec_spec is not None
+                else None,
                 "ess_threshold": o.ess_threshold,
                 "temper_ess": o.temper_ess,
                 "tempering": self.lambdas,

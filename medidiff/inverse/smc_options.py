@@ -47,7 +47,7 @@ __all__ = [
 
 PROPOSALS = ("auto", "linearized", "gradient", "isotropic")
 GUIDANCE = ("auto", "network", "tweedie")
-TWIST_COVS = ("auto", "isotropic", "jacobian")
+TWIST_COVS = ("auto", "isotropic", "jacobian", "spectral")
 FINALS = ("denoise", "posterior")
 FINAL_VARS = ("network", "evidence")
 FINAL_CG_ITERS = 300
@@ -63,7 +63,7 @@ PIXEL_TEMPER_ESS = 0.5
 
 Proposal = Literal["auto", "linearized", "gradient", "isotropic"]
 Guidance = Literal["auto", "network", "tweedie"]
-TwistCov = Literal["auto", "isotropic", "jacobian"]
+TwistCov = Literal["auto", "isotropic", "jacobian", "spectral"]
 Final = Literal["denoise", "posterior"]
 FinalVar = Literal["network", "evidence"]
 
@@ -93,10 +93,14 @@ class SMCOptions:
         data_spectrum: pixel-space priors: the data's power per DFT coefficient (shape
             ``operator.in_shape``, centred, unitary DFT) for the stationary variance model; ``data_var`` is
             then its mean and must be None.
-        twist_cov: latent priors: ``"jacobian"`` (the decoder linearised once), ``"isotropic"`` or ``"auto"``
-            (:func:`resolve_twist_cov`).
+        twist_cov: latent priors: ``"jacobian"`` (the decoder linearised once), ``"spectral"`` (the
+            decoder's image-space covariance as a stationary spectrum, measured by Jacobian-vector products),
+            ``"isotropic"`` or ``"auto"`` (:func:`resolve_twist_cov`).
         decoder_gain: latent priors, isotropic twist: ``tr(J J^T) / n_pixels`` of the decoder; None
             estimates it.
+        precondition: latent priors with the gradient proposal and ``twist_cov="spectral"``: filter the
+            proposal's shift and noise by the linearised decoder's measurement precision, diagonal in the
+            latent DFT (one Jacobian-vector and one vector-Jacobian product per particle and step).
         ess_threshold: resample when ESS < ``ess_threshold * N``.
         temper_ess: None: exact weights; a fraction in (0, 1]: temper a step's increment so that at least
             that fraction of effective particles survives it.
@@ -112,6 +116,7 @@ class SMCOptions:
     data_spectrum: Tensor | None = None
     twist_cov: TwistCov = "auto"
     decoder_gain: float | None = None
+    precondition: bool = False
     ess_threshold: float = 0.5
     temper_ess: float | None = None
     final: Final = "denoise"
@@ -195,13 +200,26 @@ class SMCOptions:
             check_data_spectrum(self.data_spectrum, operator, self.proposal, self.data_var)
         if self.decoder_gain is not None and not isinstance(operator, ComposedOperator):
             raise ValueError("decoder_gain applies to latent priors (a ComposedOperator) only.")
-        return dataclasses.replace(
+        out = dataclasses.replace(
             self,
             proposal=resolve_proposal(self.proposal, operator, self.twist_cov),  # type: ignore[arg-type]
             guidance=resolve_guidance(self.guidance, operator),  # type: ignore[arg-type]
             twist_cov=resolve_twist_cov(self.twist_cov, operator),  # type: ignore[arg-type]
             final=resolve_final(self.final, operator),  # type: ignore[arg-type]
         )
+        if out.precondition and not (
+            isinstance(operator, ComposedOperator)
+            and out.proposal == "gradient"
+            and out.twist_cov == "spectral"
+            and len(operator.in_shape) >= 2
+        ):
+            raise ValueError(
+                "precondition=True filters the gradient proposal in the latent DFT: it needs a latent prior "
+                "with channels and spatial axes (a ComposedOperator, latent shape (C, ...)), "
+                f"proposal='gradient' and twist_cov='spectral'; got proposal={out.proposal!r}, "
+                f"twist_cov={out.twist_cov!r}."
+            )
+        return out
 
 
 def resolve_proposal(
@@ -277,12 +295,14 @@ def resolve_final_var(final_var: str, final: str) -> str:
 
 def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperator) -> str:
     """Latent priors: ``"auto"`` -> ``"jacobian"`` for real operators with at most :data:`LINEARIZED_MAX_M`
-    measurements, else ``"isotropic"``; pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
+    measurements, else ``"spectral"`` (the decoder's covariance per DFT coefficient: on a coloured decoder
+    the isotropic ``gain r^2 A A^H`` collapses the weights, ``tests/inverse/test_latent_spectral.py``);
+    pixel-space priors always use ``"isotropic"`` (``r^2 A A^H``)."""
     if twist_cov not in TWIST_COVS:
         raise ValueError(f"twist_cov must be one of {TWIST_COVS}; got {twist_cov!r}.")
     if not isinstance(operator, ComposedOperator):
-        if twist_cov == "jacobian":
-            raise ValueError("twist_cov='jacobian' is for latent priors (a ComposedOperator) only.")
+        if twist_cov in ("jacobian", "spectral"):
+            raise ValueError(f"twist_cov={twist_cov!r} is for latent priors (a ComposedOperator) only.")
         return "isotropic"
     small_real = not operator.is_complex and operator.out_size <= LINEARIZED_MAX_M
     if twist_cov == "jacobian" and not small_real:
@@ -292,7 +312,7 @@ def resolve_twist_cov(twist_cov: str, operator: LinearOperator | ComposedOperato
             f"{' complex' if operator.is_complex else ''}: use twist_cov='isotropic'."
         )
     if twist_cov == "auto":
-        return "jacobian" if small_real else "isotropic"
+        return "jacobian" if small_real else "spectral"
     return twist_cov
 
 
