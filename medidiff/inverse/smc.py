@@ -52,7 +52,12 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
   the twist is ``N(y; A Dec(D(z, s)), sigma_y^2 I + gain r_k^2 A A^H)`` with ``gain = tr(J J^T) / n_pixels``
   of the decoder Jacobian ``J`` (Hutchinson, once, at ``D(z_0, sigma_0)``; or ``decoder_gain``), its
   gradient pulled back through the decoder by autograd; guidance defaults to ``"tweedie"``, so gradients
-  flow through the decoder only. The final particles are decoded in chunks; ``samples``, ``mean`` and
+  flow through the decoder only. With ``twist_cov="spectral"`` (the default for many or complex
+  measurements) ``gain A A^H`` becomes ``A C A^H``, ``C`` the decoder's image-space covariance per DFT
+  coefficient measured by Jacobian-vector products (:func:`shell_average`); ``precondition=True`` also
+  filters the gradient proposal by the linearised decoder's latent precision, diagonal in the latent DFT
+  (:meth:`_SMCRun.latent_precision_filter`). Both are exact for a stationary decoder; through a trained
+  decoder the weights still collapse (``docs/benchmarks.md``, issue 15). The final particles are decoded in chunks; ``samples``, ``mean`` and
   ``std`` are images and ``latents`` holds the latent particles.
 
 Log-weights are float64 whatever the particles' dtype. Particles are processed in chunks of
