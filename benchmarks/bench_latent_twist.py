@@ -45,6 +45,9 @@ from medidiff.inverse.evaluation import image_metrics
 from medidiff.stages._reconstruct_io import build_operator
 from medidiff.train.checkpoint import load_models
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from bench_autoencoder import run_dir_of
+
 TWISTS = {
     "isotropic": {"twist_cov": "isotropic"},
     "spectral": {"twist_cov": "spectral"},
@@ -83,14 +86,12 @@ def run(
 ) -> dict[str, Any]:
     models = load_models(checkpoint, expect_stage="autoencoder", use_ema=True)
     ae = models.autoencoder.eval()
-    stage_dir = models.checkpoint.path.parent
-    if not (stage_dir / "data.json").is_file():
-        stage_dir = models.checkpoint.path
+    stage_dir, run_dir = run_dir_of(models.checkpoint.path)
     data = json.loads((stage_dir / "data.json").read_text(encoding="utf-8"))
     cfg = DataConfig.model_validate(
         {**data["config"], "patch_size": list(grid), "eval_patches": "center", "cache": "none"}
     )
-    splits = read_splits(stage_dir.parent / "split.json")
+    splits = read_splits(run_dir / "split.json")
     entries = select_entries(cfg, read_manifest(cfg.manifest, verify=cfg.verify_hashes))
     with torch.no_grad():
         train_lat = torch.cat([ae.encode(v[None, None])[0] for v in _volumes(cfg, "train", splits, entries)])
@@ -124,9 +125,7 @@ def run(
         "seed": seed,
         "ae_ceiling_psnr_db": image_metrics(ref, ceiling)["psnr_db"],
         "prior_mean_psnr_db": image_metrics(ref, prior_mean)["psnr_db"],
-        "zero_filled_psnr_db": image_metrics(ref, lin.pseudo_inverse(y[None])[0].real)["psnr_db"]
-        if hasattr(lin, "pseudo_inverse")
-        else None,
+        "zero_filled_psnr_db": image_metrics(ref, lin.pseudo_inverse(y[None])[0].real)["psnr_db"],
         "runs": {},
     }
     for name in twists:

@@ -170,6 +170,11 @@ class ComposedOperator:
         (g,) = torch.autograd.grad(img, zg, grad_outputs=probe.to(img.dtype))
         return batch_dot(g, g).to(torch.float64) / self.image_size
 
+    @property
+    def latent_on_image_grid(self) -> bool:
+        """One latent channel on the image grid (a decoder that keeps the grid, e.g. a convolution)."""
+        return self.in_shape[0] == 1 and tuple(self.in_shape[1:]) == self.image_shape
+
     def jvp(self, z: Tensor, w: Tensor) -> Tensor:
         """``J(z) w``: the decoder's Jacobian at latents ``z`` applied to latent directions ``w`` (both
         ``(B, *in_shape)``), images ``(B, *operator.in_shape)``.
@@ -194,7 +199,7 @@ class ComposedOperator:
         jw = self.jvp(z, w).to(torch.float64)
         dims = tuple(range(1, jw.ndim))
         power = torch.fft.fftn(jw, dim=dims, norm="ortho").abs().pow(2).sum(0)
-        if self.in_shape[0] == 1 and tuple(self.in_shape[1:]) == self.image_shape:
+        if self.latent_on_image_grid:
             # one latent channel on the image grid: the ratio to the probes' own power is exact for a
             # stationary (convolutional) decoder whatever the number of probes
             power = power / torch.fft.fftn(w.to(torch.float64)[:, 0], dim=dims, norm="ortho").abs().pow(

@@ -57,8 +57,8 @@ Ingredients (symbols as in the design note; ``s = sigma_k``, ``s' = sigma_{k+1}`
   coefficient measured by Jacobian-vector products (:func:`shell_average`); ``precondition=True`` also
   filters the gradient proposal by the linearised decoder's latent precision, diagonal in the latent DFT
   (:meth:`_SMCRun.latent_precision_filter`). Both are exact for a stationary decoder; through a trained
-  decoder the weights still collapse (``docs/benchmarks.md``, issue 15). The final particles are decoded in chunks; ``samples``, ``mean`` and
-  ``std`` are images and ``latents`` holds the latent particles.
+  decoder the weights still collapse (``docs/benchmarks.md``, issue 15). The final particles are decoded
+  in chunks; ``samples``, ``mean`` and ``std`` are images and ``latents`` holds the latent particles.
 
 Log-weights are float64 whatever the particles' dtype. Particles are processed in chunks of
 ``chunk_size`` to bound memory; every random number is drawn for all N particles before the chunks
@@ -547,8 +547,7 @@ class _SMCRun:
                 / self.N
             )
             # the ratio estimate (one channel on the image grid) needs no smoothing; a plain power average does
-            same_grid = op.in_shape[0] == 1 and tuple(op.in_shape[1:]) == op.image_shape
-            self.dec_spec = spec if same_grid else shell_average(spec)  # type: ignore[arg-type]
+            self.dec_spec = spec if op.latent_on_image_grid else shell_average(spec)  # type: ignore[arg-type]
             self.gain = float(self.dec_spec.mean())
             self.n_backward += 2  # one double-backward product per particle
             if not (math.isfinite(self.gain) and self.gain > 0):
@@ -698,7 +697,8 @@ class _SMCRun:
         x_new, D_new = torch.empty_like(c.x), torch.empty_like(c.x)
         logg_new, incr = (torch.empty(N, dtype=_F64, device=self.device) for _ in range(2))
         h_new = torch.zeros(N, dtype=_F64, device=self.device)
-        g_new = torch.empty_like(c.x) if o.proposal == "gradient" else None
+        # the preconditioned proposal computes its own shift, so it needs no guidance gradient at x'
+        g_new = torch.empty_like(c.x) if o.proposal == "gradient" and not o.precondition else None
         for ch in self.chunks():
             p_c = None if probe is None else probe[ch]
             if o.proposal == "linearized":
@@ -721,15 +721,16 @@ class _SMCRun:
                     p_c,  # type: ignore[index]
                     kfilt,
                 )
-                g_new[ch] = g_c  # type: ignore[index]
+                if g_new is not None:
+                    g_new[ch] = g_c  # type: ignore[index]
             x_new[ch], D_new[ch], logg_new[ch] = x_c, D_c, lg_c
             if h_c is not None:
                 h_new[ch] = h_c
             incr[ch] = inc - c.logg[ch]
         logw = self.reweight(c.logw, incr, k, x_new, D_new)
         self.nfe += 2 if o.proposal == "linearized" else 1
-        self.n_backward += {"linearized": self.m, "gradient": 1}.get(o.proposal, 0) + (1 if need_probe else 0)
-        self.n_backward += 4 if kfilt is not None else 0
+        guided = {"linearized": self.m, "gradient": 1 if kfilt is None else 4}.get(o.proposal, 0)
+        self.n_backward += guided + (1 if need_probe else 0)
         return _Cloud(x_new, D_new, logg_new, h_new, g_new, logw)
 
     def gradient_move(
@@ -757,7 +758,7 @@ class _SMCRun:
             x_c = mu + step
             # log N(x'; mean, c^2 I) - log N(x'; mean + c^2 K g, c^2 K); log det K is shared and dropped
             inc = (batch_dot(z_c, z_c) - batch_dot(step, step) / c2).to(_F64) / 2.0
-        D_c, lg_c, g_c, h_c = self.evaluate(x_c, s_n, r2n, probe_c)
+        D_c, lg_c, g_c, h_c = self.evaluate(x_c, s_n, r2n, probe_c, want_grad=kfilt is None)
         return inc + lg_c, x_c, D_c, lg_c, g_c, h_c  # type: ignore[operator, return-value]
 
     def iso_move(

@@ -75,6 +75,20 @@ def _problem(sigma_y: float = 0.05):
     return _IsotropicGaussian(mu0), op, y, sigma_y, post_mean, post_cov
 
 
+def _run(problem: tuple, n: int, seed: int, **options: object):
+    den, op, y, sigma_y, *_ = problem
+    return reconstruct(
+        den,
+        op,
+        y,
+        sigma_y=sigma_y,
+        n_particles=n,
+        steps=20,
+        generator=torch.Generator().manual_seed(seed),
+        options={"data_var": 1.0, **options},
+    )
+
+
 def _w2(latents: Tensor, w: Tensor, mean: Tensor, cov: Tensor) -> float:
     x = latents.reshape(latents.shape[0], -1)
     m = w @ x
@@ -89,17 +103,10 @@ def test_preconditioned_spectral_latent_smc_is_exact_for_a_stationary_decoder() 
     0.2% over seeds 20-25; bound 1.1x). The weighted mean's RMS error per coordinate, in posterior sds,
     measured 0.062-0.065 (about 1 / sqrt(ESS)); bound 3 / sqrt(ESS). The isotropic twist with the gradient
     proposal, on the same problem, collapses (median ESS 0.005-0.009 N; bound N/4)."""
-    den, op, y, sigma_y, pm, pc = _problem()
+    problem = _problem()
+    *_, pm, pc = problem
     n = 256
-    kw = dict(sigma_y=sigma_y, n_particles=n, steps=20)
-    res = reconstruct(
-        den,
-        op,
-        y,
-        generator=torch.Generator().manual_seed(3),
-        options={"data_var": 1.0, "twist_cov": "spectral", "precondition": True},
-        **kw,
-    )
+    res = _run(problem, n, 3, twist_cov="spectral", precondition=True)
     assert res.info["twist_cov"] == "spectral" and res.info["precondition"] is True
     ess = res.ess / n
     assert float(ess.min()) >= 0.9, ess.tolist()
@@ -112,39 +119,16 @@ def test_preconditioned_spectral_latent_smc_is_exact_for_a_stationary_decoder() 
     z = (res.weights @ res.latents.reshape(n, -1) - pm) / pc.diagonal().sqrt()
     assert float(z.pow(2).mean().sqrt()) <= 3.0 / math.sqrt(float(res.ess[-1])), float(z.pow(2).mean().sqrt())
 
-    iso = reconstruct(
-        den,
-        op,
-        y,
-        generator=torch.Generator().manual_seed(3),
-        options={"data_var": 1.0, "twist_cov": "isotropic"},
-        **kw,
-    )
+    iso = _run(problem, n, 3, twist_cov="isotropic")
     assert iso.info["twist_cov"] == "isotropic"
     assert float((iso.ess / n).median()) < 0.25
 
 
 def test_spectral_twist_without_preconditioning_keeps_more_particles_than_the_isotropic_one() -> None:
     """Median ESS over steps, N = 128, measured over seeds 3-8: 92-102 (spectral) against 1.0-2.4 (isotropic)."""
-    den, op, y, sigma_y, *_ = _problem()
-    n = 128
-    kw = dict(sigma_y=sigma_y, n_particles=n, steps=20)
-    spec = reconstruct(
-        den,
-        op,
-        y,
-        generator=torch.Generator().manual_seed(4),
-        options={"data_var": 1.0, "twist_cov": "spectral"},
-        **kw,
-    )
-    iso = reconstruct(
-        den,
-        op,
-        y,
-        generator=torch.Generator().manual_seed(4),
-        options={"data_var": 1.0, "twist_cov": "isotropic"},
-        **kw,
-    )
+    problem = _problem()
+    spec = _run(problem, 128, 4, twist_cov="spectral")
+    iso = _run(problem, 128, 4, twist_cov="isotropic")
     assert float(spec.ess.median()) > 2 * float(iso.ess.median()), (spec.ess.tolist(), iso.ess.tolist())
 
 
