@@ -140,6 +140,7 @@ def evaluate(checkpoint: str, grid: tuple[int, int, int], split_file: str | None
     return {
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
+        "weights_sha256": ckpt.trained_weights_sha256,
         "weights": "ema" if "ema" in ckpt.parts else "model",
         "model": models.config.name,
         "grid": list(grid),

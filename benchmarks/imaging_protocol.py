@@ -162,11 +162,12 @@ def checkpoint_sha256(ck: Path) -> str:
 
     The value the train stage recorded in ``checkpoint.json``; :func:`load_checkpoint` recomputes it from
     the file and refuses a mismatch, so it is the hash of the weights on disk. The optimizer file is left
-    out: it plays no part in sampling.
+    out: it plays no part in sampling. For an inference-only release (the shipped demo prior) it is the
+    hash of the training checkpoint it was cut from: its sampling weights are the same tensors.
     """
     from medidiff.train.checkpoint import load_checkpoint
 
-    return load_checkpoint(ck, verify=True).weights_sha256
+    return load_checkpoint(ck, verify=True).trained_weights_sha256
 
 
 # -- tuning -----------------------------------------------------------------------------------------

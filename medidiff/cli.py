@@ -290,8 +290,43 @@ def train(
 
 @app.command(
     epilog=(
+        "Example:\n\n"
+        "  medidiff release runs/pixel/latent medidiff/checkpoints/demo-pixel "
+        "--evaluation bench_out/imaging/reporting.json --rebuild 'make prior'\n\n"
+        "Writes DEST/<stage>/ckpt-<step>/ with the EMA weights only (bit for bit), a model card with "
+        "their SHA-256, and the data.json that inference reads; absolute paths are cut to file names."
+    )
+)
+def release(
+    source: Annotated[Path, typer.Argument(help="Checkpoint ckpt-<step> or a training run's stage folder.")],
+    dest: Annotated[Path, typer.Argument(help="New folder for the release.")],
+    evaluation: Annotated[
+        Path | None, typer.Option(help="JSON object of held-out figures to put in the model card.")
+    ] = None,
+    rebuild: Annotated[str | None, typer.Option(help="The command that rebuilds the source.")] = None,
+) -> None:
+    """Cut an inference-only release of a checkpoint (no optimizer state, no local paths) for shipping."""
+    import json
+
+    from medidiff.train.checkpoint import CheckpointError
+    from medidiff.train.release import release_checkpoint
+
+    try:
+        figures = json.loads(evaluation.read_text(encoding="utf-8")) if evaluation is not None else None
+        if figures is not None and not isinstance(figures, dict):
+            raise ValueError(f"{evaluation} must hold a JSON object of figures")
+        folder = release_checkpoint(source, dest, evaluation=figures, rebuild=rebuild)
+    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from e
+    console.print(f"Released [bold]{folder}[/bold] (model card: {folder / 'model_card.md'})")
+
+
+@app.command(
+    epilog=(
         "Examples:\n\n"
         "  medidiff synthesize runs/demo --n 8 --steps 20 --out synth/\n\n"
+        "  medidiff synthesize --n 2 --modality MR --out synth/   (the shipped demo prior)\n\n"
         "  medidiff synthesize runs/demo/latent/ckpt-00002000 --n 4 --steps 25 --sampler heun "
         "--seed 7 --modality MR --out synth_mr/\n\n"
         "  medidiff synthesize runs/demo --n 1 --steps 20 --shape 128 128 96 --decode-tile 16 --out big/\n\n"
@@ -303,11 +338,14 @@ def train(
     )
 )
 def synthesize(
-    ckpt: Annotated[
-        Path,
-        typer.Argument(help="Latent checkpoint ckpt-<step>, its stage folder, or a `medidiff train` run."),
-    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")],
+    ckpt: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Latent checkpoint ckpt-<step>, its stage folder, or a `medidiff train` run "
+            "(default: the shipped demo prior, with a warning)."
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", help="Number of volumes.", min=1)] = 1,
     steps: Annotated[int, typer.Option(help="Sampler steps.", min=1)] = 20,
     sampler: Annotated[
@@ -344,7 +382,7 @@ def synthesize(
             f"[red]error:[/red] unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}"
         )
         raise typer.Exit(2)
-    if not ckpt.exists():
+    if ckpt is not None and not ckpt.exists():
         console.print(f"[red]error:[/red] checkpoint {ckpt} does not exist")
         raise typer.Exit(2)
     with _progress_bar() as bar:
@@ -416,7 +454,10 @@ def reconstruct(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     prior: Annotated[
         Path | None,
-        typer.Option(help="Diffusion checkpoint (latent or pixel-space) or its training run folder."),
+        typer.Option(
+            help="Diffusion checkpoint (latent or pixel-space) or its training run folder "
+            "(default: the shipped demo prior, with a warning)."
+        ),
     ] = None,
     reference: Annotated[
         Path | None, typer.Option(help="Reference NIfTI (ground truth / to simulate from).")

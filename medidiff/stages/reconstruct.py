@@ -254,7 +254,9 @@ def reconstruct_volume(
     Args:
         out_dir: output folder (created).
         prior: a latent diffusion checkpoint (``ckpt-*`` folder or its run folder), or a pixel-space
-            denoiser ``D(x, sigma)`` on ``(B, I, J, K)`` volumes; None for the classical baselines.
+            denoiser ``D(x, sigma)`` on ``(B, I, J, K)`` volumes; None for the classical baselines, and
+            for the diffusion methods the shipped demo prior (:mod:`medidiff.checkpoints`), with a
+            warning saying so.
         reference: a NIfTI volume: the ground truth to simulate from / compare with.
         simulate: ``"mri"`` or ``"ct"``: simulate the measurement from ``reference``.
         measurement: a raw measurement file (``.npy``, ``.npz``, ``.h5``; see the module docstring).
@@ -529,10 +531,9 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
             prior = None  # a callable prior plays no part in a baseline
         if prior is None:
             return _Prior("none", normalization=normalization_config(normalization, None)[0])
-    if prior is None:
-        raise ValueError(
-            f"method={s.method!r} needs a prior: a latent diffusion checkpoint folder or a denoiser callable."
-        )
+    from medidiff.checkpoints import prior_or_default
+
+    prior, shipped = prior_or_default(prior, s.modality)
     if isinstance(prior, str | Path):
         from medidiff.train.checkpoint import load_checkpoint
 
@@ -561,7 +562,7 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
             grid = patch
         return _Prior(
             "latent", checkpoint=ck, grid=grid, spacing_mm=float(ck.config.spacing_mm), normalization=norm,
-            warnings=warnings + checkpoint_warnings(ck), pixel_space=bool(ck.config.autoencoder.is_identity),
+            warnings=shipped + warnings + checkpoint_warnings(ck), pixel_space=bool(ck.config.autoencoder.is_identity),
             multiple=f, patch=patch,
         )  # fmt: skip
     if callable(prior):

@@ -186,7 +186,7 @@ class _Plan:
 
 
 def _plan(
-    ckpt: str | os.PathLike[str],
+    ckpt: str | os.PathLike[str] | None,
     *,
     n: int,
     steps: int,
@@ -200,6 +200,7 @@ def _plan(
     decode_tile: int | Sequence[int] | None,
     graph: str = "jit",
 ) -> _Plan:
+    from medidiff.checkpoints import prior_or_default
     from medidiff.diffusion.samplers import expected_nfe
     from medidiff.diffusion.schedules import karras_sigmas
     from medidiff.models.config import MODALITY_CODES
@@ -211,6 +212,7 @@ def _plan(
         raise ValueError(f"graph must be 'jit' or 'eager', got {graph!r}")
     dev = _device(device)
     prec = resolve_precision(precision, dev)
+    ckpt, shipped = prior_or_default(ckpt, modality)
     models = load_models(resolve_checkpoint_path(ckpt), device=dev, expect_stage="latent")
     cfg, ck = models.config, models.checkpoint
     if models.latent_scale_factor is None:
@@ -258,7 +260,7 @@ def _plan(
         "schedule": schedule,
         "training_data": str(data_path) if data_path is not None else None,
     }
-    warnings = []
+    warnings = list(shipped)
     trained = (data or {}).get("config", {}).get("modalities", [])
     if not conditioned and len(trained) > 1:
         warnings.append(
@@ -361,7 +363,7 @@ def _batch_images(
 
 # -------------------------------------------------------------------------------- the stage
 def synthesize(
-    ckpt: str | os.PathLike[str],
+    ckpt: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     *,
     n: int,
@@ -381,7 +383,8 @@ def synthesize(
 
     Args:
         ckpt: a latent checkpoint folder ``ckpt-<step>``, its stage folder (``latest`` is used) or
-            the run folder of ``medidiff train`` (its ``latent`` stage).
+            the run folder of ``medidiff train`` (its ``latent`` stage); ``None``: the shipped demo
+            prior for ``modality`` (:mod:`medidiff.checkpoints`), with a warning saying so.
         out_dir: output folder (created if missing).
         n: number of volumes.
         steps: sampler steps (Karras schedule over the network's training noise range).

@@ -368,6 +368,21 @@ class Checkpoint:
         return str(self.info["files"][WEIGHTS_FILE])
 
     @property
+    def trained_weights_sha256(self) -> str:
+        """SHA-256 of the weights file that training wrote: this one's, or a release's source's.
+
+        A release (:mod:`medidiff.train.release`) holds its source's EMA tensors bit for bit, so a figure
+        measured with either belongs to both; this is the hash to match such figures against.
+        """
+        source = (self.info.get("release") or {}).get("source_weights_sha256")
+        return str(source) if source else self.weights_sha256
+
+    @property
+    def inference_only(self) -> bool:
+        """A release (:mod:`medidiff.train.release`): network weights only, nothing to resume from."""
+        return bool(self.info.get("inference_only"))
+
+    @property
     def parts(self) -> list[str]:
         return list(self.info.get("parts", []))
 
@@ -385,8 +400,19 @@ class Checkpoint:
                     out[key[len(prefix) :]] = f.get_tensor(key)
         return out
 
+    def require_resumable(self) -> None:
+        """Raise :class:`CheckpointError` for an inference-only release: it holds nothing to train on from."""
+        if self.inference_only:
+            source = (self.info.get("release") or {}).get("source_weights_sha256")
+            raise CheckpointError(
+                f"{self.path} is an inference-only release without optimizer state: it cannot be resumed "
+                f"or extended. Train on from its source checkpoint (weights SHA-256 {source}), or start a "
+                "new run folder."
+            )
+
     def optimizer_state(self, name: str) -> dict[str, Any]:
         """``state_dict`` of optimizer ``name``, for ``optimizer.load_state_dict``."""
+        self.require_resumable()
         metas = self.info.get("optimizers", {})
         if name not in metas:
             raise KeyError(f"checkpoint {self.path} has no optimizer {name!r}; it has {sorted(metas)}")
@@ -429,7 +455,9 @@ def load_checkpoint(
     missing = [k for k in ("stage", "step", "config", "files", "parts") if k not in info]
     if missing:
         raise CheckpointError(f"{info_path} lacks the fields {missing}; the checkpoint is incomplete")
-    for fname in (WEIGHTS_FILE, OPTIMIZER_FILE):
+    # an inference-only release (medidiff.train.release) carries no optimizer state
+    required = (WEIGHTS_FILE,) if info.get("inference_only") else (WEIGHTS_FILE, OPTIMIZER_FILE)
+    for fname in required:
         fpath = folder / fname
         if not fpath.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {fname} is missing")

@@ -195,6 +195,8 @@ def train(
             f"{run_dir} already holds checkpoints; pass resume=True to continue or use a new folder"
         )
     prev = load_checkpoint(ckpt, expect_stage=stage) if ckpt is not None else None
+    if prev is not None:
+        prev.require_resumable()
     if extend_to is not None:
         model_cfg = _extended_config(model_cfg, stage, extend_to, prev)
         tc = model_cfg.training(stage)

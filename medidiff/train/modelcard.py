@@ -81,6 +81,10 @@ class ModelCard(_Model):
     limits: list[str]
     config: dict[str, Any]
     provenance: dict[str, Any] | None = None
+    release: dict[str, Any] | None = Field(
+        None,
+        description="inference-only releases: source weights' SHA-256, held-out evaluation, rebuild command",
+    )
 
 
 def summarize_datacard(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -196,6 +200,35 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _release_lines(release: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Release",
+        "",
+        "An inference-only release: the EMA weights of the source checkpoint, bit for bit, without its "
+        "optimizer and resume state.",
+        "",
+        f"- source weights SHA-256: `{release.get('source_weights_sha256')}`",
+    ]
+    if release.get("rebuild"):
+        lines.append(f"- rebuild: `{release['rebuild']}`")
+    evaluation = release.get("evaluation") or {}
+    if evaluation:
+        lines += ["", "Held-out evaluation:", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {_summary(v)} |" for k, v in evaluation.items() if _summary(v)]
+    return lines
+
+
+def _summary(v: Any) -> str:
+    """One table cell: ``mean ± std [min, max]`` for a summary dict; per-item lists stay in the JSON."""
+    if isinstance(v, Mapping) and {"mean", "std"} <= set(v):
+        cell = f"{_fmt(v['mean'])} ± {_fmt(v['std'])}"
+        return cell + (f" [{_fmt(v['min'])}, {_fmt(v['max'])}]" if {"min", "max"} <= set(v) else "")
+    if isinstance(v, list) and any(isinstance(x, Mapping) for x in v):
+        return ""
+    return _fmt(v)
+
+
 def render_model_card(card: ModelCard) -> str:
     """The card as Markdown."""
     kind = "autoencoder" if card.stage == "autoencoder" else "latent diffusion model"
@@ -226,6 +259,8 @@ def render_model_card(card: ModelCard) -> str:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in card.metrics.items()]
     else:
         lines.append("None recorded.")
+    if card.release:
+        lines += _release_lines(card.release)
     lines += ["", "## Training", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in card.training.items() if v is not None]
     lines += ["", "## Files", ""]

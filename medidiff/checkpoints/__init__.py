@@ -1,0 +1,116 @@
+"""The demo checkpoints shipped inside the package, so synthesis and reconstruction run on a fresh clone.
+
+Each is an inference-only release (:mod:`medidiff.train.release`) in a training run's layout, listed
+in ``shipped.json`` with its role, modalities and spacing; its model card (``model_card.md`` beside
+the weights) gives the SHA-256 of the weights, the training budget, held-out figures and the command
+that rebuilds it (``make checkpoints``); :func:`~medidiff.train.checkpoint.load_checkpoint` checks
+the hash on every load. They are trained on the synthetic demo cohort: they
+make the tools runnable and testable, they are not models of real patients.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SHIPPED_DIR",
+    "ShippedCheckpoint",
+    "default_prior",
+    "prior_or_default",
+    "shipped_checkpoint",
+    "shipped_checkpoints",
+]
+
+SHIPPED_DIR = Path(__file__).resolve().parent
+INDEX_FILE = "shipped.json"
+
+
+@dataclass(frozen=True)
+class ShippedCheckpoint:
+    """One shipped checkpoint.
+
+    Attributes:
+        name: its key in ``shipped.json`` (e.g. ``"demo-pixel"``).
+        path: its stage folder (holds ``latest``, ``data.json`` and the ``ckpt-<step>`` folder).
+        role: ``"prior"`` (a diffusion model for synthesis and reconstruction) or ``"autoencoder"``.
+        stage: ``"latent"`` or ``"autoencoder"``, as in its ``checkpoint.json``.
+        modalities: the DICOM modality codes it was trained on.
+        spacing_mm: the voxel size it works at.
+        description: one line for the console.
+    """
+
+    name: str
+    path: Path
+    role: str
+    stage: str
+    modalities: tuple[str, ...]
+    spacing_mm: float
+    description: str
+
+
+def shipped_checkpoints() -> dict[str, ShippedCheckpoint]:
+    """Every shipped checkpoint by name (empty if the package was built without them)."""
+    index = SHIPPED_DIR / INDEX_FILE
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text(encoding="utf-8"))["checkpoints"]
+    return {
+        name: ShippedCheckpoint(
+            name=name,
+            path=SHIPPED_DIR / e["folder"],
+            role=e["role"],
+            stage=e["stage"],
+            modalities=tuple(e["modalities"]),
+            spacing_mm=float(e["spacing_mm"]),
+            description=e["description"],
+        )
+        for name, e in entries.items()
+    }
+
+
+def shipped_checkpoint(name: str) -> ShippedCheckpoint:
+    """The shipped checkpoint ``name``; the error lists the names there are."""
+    found = shipped_checkpoints()
+    if name not in found:
+        raise KeyError(
+            f"no shipped checkpoint {name!r}; shipped: {sorted(found) or 'none'} (see make checkpoints)"
+        )
+    return found[name]
+
+
+def default_prior(modality: str | None = None) -> ShippedCheckpoint:
+    """The shipped diffusion prior for ``modality`` (any prior when ``None``).
+
+    Raises:
+        LookupError: none is shipped for it; the message says what to pass instead.
+    """
+    priors = [c for c in shipped_checkpoints().values() if c.role == "prior"]
+    fits = [c for c in priors if modality is None or modality.upper() in c.modalities]
+    if not fits:
+        have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in priors) or "none"
+        raise LookupError(
+            f"no shipped demo prior for modality {modality!r} (shipped priors: {have}); pass a trained "
+            "checkpoint (--prior / --checkpoint), e.g. one made with `medidiff train`."
+        )
+    return fits[0]
+
+
+def prior_or_default(prior: Any, modality: str | None = None) -> tuple[Any, list[str]]:
+    """``(prior, [])`` when one is given, else the shipped demo prior's folder and a warning saying so.
+
+    Raises:
+        ValueError: no prior given and none shipped for ``modality`` (the message says what to pass).
+    """
+    if prior is not None:
+        return prior, []
+    try:
+        demo = default_prior(modality)
+    except LookupError as e:
+        raise ValueError(str(e)) from e
+    return demo.path, [
+        f"no prior given: using the shipped demo prior {demo.name!r} ({demo.description}). It has seen only "
+        "the synthetic demo cohort; pass a checkpoint trained on your data for real scans."
+    ]
