@@ -41,6 +41,7 @@ def montage(
     titles: Sequence[str] | None = None,
     scale: int = 3,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    window: tuple[float, float] | None = None,
 ) -> Path:
     """Write one row per volume: its three mid-slices, each windowed to the volume's percentiles.
 
@@ -50,6 +51,8 @@ def montage(
         titles: one label per row (default: the file names).
         scale: magnification (pixels per smallest voxel size); slices keep their physical aspect.
         percentiles: intensity window per volume.
+        window: one fixed intensity window ``(lo, hi)`` for every volume instead (e.g. ``(0, 1)`` for
+            normalised volumes, so that a sample's contrast is shown as it is, not stretched).
 
     Raises:
         ValueError: no paths, or titles of the wrong length.
@@ -68,7 +71,7 @@ def montage(
     for p in paths:
         img = nib.as_closest_canonical(nib.load(str(p)))
         arr = np.asarray(img.dataobj, dtype=np.float32)
-        lo, hi = np.percentile(arr[np.isfinite(arr)], percentiles)
+        lo, hi = window if window is not None else np.percentile(arr[np.isfinite(arr)], percentiles)
         zi, zj, zk = (float(z) for z in img.header.get_zooms()[:3])
         unit = min(zi, zj, zk)
         # (row, column) voxel sizes of the axial, coronal and sagittal pictures: square millimetres
