@@ -16,31 +16,18 @@ from medidiff.provenance import read_record, record_path
 from medidiff.stages.reconstruct import grid_multiple, reconstruct_volume
 from medidiff.train.checkpoint import CheckpointError, load_checkpoint
 from medidiff.volume import Volume
-from tests.train.conftest import blob_batches, tiny_config
+from tests.train.conftest import train_tiny_latent
 
 
 @pytest.fixture(scope="module")
 def latent_prior(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny latent diffusion model (16^3 patches at 2 mm) trained for two steps per stage, with the
     data.json the train stage writes beside its checkpoints (MR percentile normalisation)."""
-    from medidiff.train.loop import train
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("prior")
-    cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=1, scale_factor_batches=1)
-    ae = train(cfg, blob_batches(2, (16, 16, 16)), root / "autoencoder", stage="autoencoder", progress=False)
-    lat = train(
-        cfg,
-        blob_batches(2, (16, 16, 16)),
-        root / "latent",
-        stage="latent",
-        autoencoder=ae.checkpoint,
-        progress=False,
-    )
+    ae, lat = train_tiny_latent(root)
     norm = {"by_modality": {"MR": {"kind": "mr", "percentiles": [1.0, 99.0]}, "CT": {"kind": "ct"}}}
     (root / "latent" / "data.json").write_text(json.dumps({"config": {"normalization": norm}}))
-    assert lat.checkpoint is not None and ae.checkpoint is not None
-    return {"latent": lat.checkpoint, "autoencoder": ae.checkpoint}
+    return {"latent": lat, "autoencoder": ae}
 
 
 def _phantom(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

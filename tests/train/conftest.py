@@ -103,3 +103,23 @@ def ae_checkpoint_3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = train(cfg, blob_batches(3, (16, 16, 16)), out, stage="autoencoder", progress=False)
     assert result.checkpoint is not None
     return result.checkpoint
+
+
+def train_tiny_latent(root: Path) -> tuple[Path, Path]:
+    """A tiny two-stage run in ``root`` (16^3 patches, two steps per stage); ``(autoencoder, latent)`` checkpoints."""
+    from medidiff.train.loop import train
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=1, scale_factor_batches=1)
+    ae = train(cfg, blob_batches(2, (16, 16, 16)), root / "autoencoder", stage="autoencoder", progress=False)
+    lat = train(
+        cfg,
+        blob_batches(2, (16, 16, 16)),
+        root / "latent",
+        stage="latent",
+        autoencoder=ae.checkpoint,
+        progress=False,
+    )
+    if ae.checkpoint is None or lat.checkpoint is None:
+        raise RuntimeError("the tiny run wrote no checkpoint")
+    return ae.checkpoint, lat.checkpoint

@@ -19,27 +19,14 @@ from medidiff.train.checkpoint import (
 from medidiff.train.modelcard import read_model_card
 from medidiff.train.release import release_checkpoint, strip_local_paths
 
-from .conftest import blob_batches, tiny_config
+from .conftest import blob_batches, tiny_config, train_tiny_latent
 
 
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny two-stage run, with a data.json (holding absolute paths) beside the latent checkpoints."""
-    from medidiff.train.loop import train
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("release_src")
-    cfg = tiny_config(3, steps=2, log_every=1, ckpt_every=2, eval_batches=1, scale_factor_batches=1)
-    ae = train(cfg, blob_batches(2, (16, 16, 16)), root / "autoencoder", stage="autoencoder", progress=False)
-    lat = train(
-        cfg,
-        blob_batches(2, (16, 16, 16)),
-        root / "latent",
-        stage="latent",
-        autoencoder=ae.checkpoint,
-        progress=False,
-    )
-    assert lat.checkpoint is not None
+    train_tiny_latent(root)
     data = {
         "datacard": {"path": str(root / "ingested" / "datacard.json"), "sha256": "1" * 64},
         "config": {"manifest": str(root / "ingested"), "normalization": {"by_modality": {}}},
