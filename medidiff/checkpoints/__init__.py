@@ -39,6 +39,7 @@ class ShippedCheckpoint:
         stage: ``"latent"`` or ``"autoencoder"``, as in its ``checkpoint.json``.
         modalities: the DICOM modality codes it was trained on.
         spacing_mm: the voxel size it works at.
+        uses: what it is the default for: ``"synthesis"``, ``"reconstruction"`` (priors only).
         description: one line for the console.
     """
 
@@ -49,6 +50,7 @@ class ShippedCheckpoint:
     modalities: tuple[str, ...]
     spacing_mm: float
     description: str
+    uses: tuple[str, ...] = ()
 
 
 def shipped_checkpoints() -> dict[str, ShippedCheckpoint]:
@@ -66,6 +68,7 @@ def shipped_checkpoints() -> dict[str, ShippedCheckpoint]:
             modalities=tuple(e["modalities"]),
             spacing_mm=float(e["spacing_mm"]),
             description=e["description"],
+            uses=tuple(e.get("uses", ())),
         )
         for name, e in entries.items()
     }
@@ -81,24 +84,30 @@ def shipped_checkpoint(name: str) -> ShippedCheckpoint:
     return found[name]
 
 
-def default_prior(modality: str | None = None) -> ShippedCheckpoint:
-    """The shipped diffusion prior for ``modality`` (any prior when ``None``).
+def default_prior(modality: str | None = None, use: str = "reconstruction") -> ShippedCheckpoint:
+    """The shipped diffusion prior for ``use`` (``"synthesis"`` or ``"reconstruction"``) and ``modality``.
+
+    The first entry of ``shipped.json`` that fits (any modality when ``modality`` is ``None``).
 
     Raises:
         LookupError: none is shipped for it; the message says what to pass instead.
     """
-    priors = [c for c in shipped_checkpoints().values() if c.role == "prior"]
+    if use not in ("synthesis", "reconstruction"):
+        raise ValueError(f"use must be 'synthesis' or 'reconstruction', got {use!r}")
+    priors = [c for c in shipped_checkpoints().values() if c.role == "prior" and use in c.uses]
     fits = [c for c in priors if modality is None or modality.upper() in c.modalities]
     if not fits:
         have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in priors) or "none"
         raise LookupError(
-            f"no shipped demo prior for modality {modality!r} (shipped priors: {have}); pass a trained "
+            f"no shipped demo prior for {use} of modality {modality!r} (shipped: {have}); pass a trained "
             "checkpoint (--prior / --checkpoint), e.g. one made with `medidiff train`."
         )
     return fits[0]
 
 
-def prior_or_default(prior: Any, modality: str | None = None) -> tuple[Any, list[str]]:
+def prior_or_default(
+    prior: Any, modality: str | None = None, use: str = "reconstruction"
+) -> tuple[Any, list[str]]:
     """``(prior, [])`` when one is given, else the shipped demo prior's folder and a warning saying so.
 
     Raises:
@@ -107,7 +116,7 @@ def prior_or_default(prior: Any, modality: str | None = None) -> tuple[Any, list
     if prior is not None:
         return prior, []
     try:
-        demo = default_prior(modality)
+        demo = default_prior(modality, use)
     except LookupError as e:
         raise ValueError(str(e)) from e
     return demo.path, [

@@ -212,7 +212,7 @@ def _plan(
         raise ValueError(f"graph must be 'jit' or 'eager', got {graph!r}")
     dev = _device(device)
     prec = resolve_precision(precision, dev)
-    ckpt, shipped = prior_or_default(ckpt, modality)
+    ckpt, shipped = prior_or_default(ckpt, modality, use="synthesis")
     models = load_models(resolve_checkpoint_path(ckpt), device=dev, expect_stage="latent")
     cfg, ck = models.config, models.checkpoint
     if models.latent_scale_factor is None:

@@ -44,6 +44,7 @@ def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str
     assert ck.inference_only and ck.stage == entry.stage
     assert ck.step == ck.config.training(ck.stage).steps  # a finished run, not an intermediate one
     assert float(ck.config.spacing_mm) == entry.spacing_mm
+    assert set(entry.uses) <= {"synthesis", "reconstruction"} and bool(entry.uses) == (entry.role == "prior")
     card = read_model_card(ck.path)
     sha = sha256_file(ck.path / WEIGHTS_FILE)
     assert card.checkpoint_files == {WEIGHTS_FILE: sha} and sha in (ck.path / "model_card.md").read_text()
@@ -54,10 +55,22 @@ def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str
     assert list(data["config"]["target_spacing"]) == [entry.spacing_mm] * 3
 
 
-def test_default_prior_by_modality_and_a_clear_refusal() -> None:
-    assert "MR" in default_prior("mr").modalities and "CT" in default_prior("CT").modalities
-    with pytest.raises(LookupError, match=r"no shipped demo prior for modality 'PT'.*--prior"):
+def test_default_prior_by_use_and_modality_and_a_clear_refusal() -> None:
+    for use in ("synthesis", "reconstruction"):
+        for modality in ("MR", "CT"):
+            fits = [
+                c
+                for c in SHIPPED.values()
+                if c.role == "prior" and use in c.uses and modality in c.modalities
+            ]
+            assert fits, f"nothing shipped for {use} of {modality}"
+            assert default_prior(modality.lower(), use) == fits[0]  # the first in shipped.json
+    with pytest.raises(
+        LookupError, match=r"no shipped demo prior for reconstruction of modality 'PT'.*--prior"
+    ):
         default_prior("PT")
+    with pytest.raises(ValueError, match="use must be"):
+        default_prior("MR", "segmentation")
     given = Path("my/ckpt")
     assert prior_or_default(given, "MR") == (given, [])
     path, notes = prior_or_default(None, "MR")
@@ -93,7 +106,8 @@ def test_synthesize_cli_without_a_checkpoint_uses_the_shipped_prior(tmp_path: Pa
         env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "shipped demo prior 'demo-pixel'" in out.stdout + out.stderr
+    name = default_prior("MR", "synthesis").name
+    assert f"shipped demo prior '{name}'" in out.stdout + out.stderr
     run = json.loads((tmp_path / "synth" / "synthesis.json").read_text())
     assert any("shipped demo prior" in w for w in run["warnings"])
     assert len(list((tmp_path / "synth").glob("synth-*.nii.gz"))) == 1
