@@ -36,7 +36,7 @@ demo: setup
 		--name "medidiff demo cohort (seed 0)" \
 		--source "synthetic: MNI152 2009a template (nilearn package data) and analytic CT phantoms" \
 		--licence "MNI152: permissive with notice (LICENSE_MNI152.txt); phantoms: CC0"
-	# synthesis and reconstruction with the shipped demo prior (medidiff/checkpoints; no training needed)
+	# synthesis and reconstruction with the shipped demo models (medidiff/checkpoints; no training needed)
 	$(VENV)/bin/medidiff synthesize --n 2 --steps 20 --modality MR --out $(DEMO_DIR)/synthetic
 	# a held-out MR (the reporting part of benchmarks/imaging_split.json; the prior never saw it), MRI 4x
 	$(VENV)/bin/medidiff reconstruct --reference "$$(ls $(DEMO_DIR)/ingested/sub-ccc487be7b8bd467/*_MR_*.nii.gz | head -n 1)" \
