@@ -20,7 +20,6 @@ __all__ = [
     "ShippedCheckpoint",
     "default_prior",
     "prior_or_default",
-    "shipped_checkpoint",
     "shipped_checkpoints",
 ]
 
@@ -72,16 +71,6 @@ def shipped_checkpoints() -> dict[str, ShippedCheckpoint]:
         )
         for name, e in entries.items()
     }
-
-
-def shipped_checkpoint(name: str) -> ShippedCheckpoint:
-    """The shipped checkpoint ``name``; the error lists the names there are."""
-    found = shipped_checkpoints()
-    if name not in found:
-        raise KeyError(
-            f"no shipped checkpoint {name!r}; shipped: {sorted(found) or 'none'} (see make checkpoints)"
-        )
-    return found[name]
 
 
 def default_prior(modality: str | None = None, use: str = "reconstruction") -> ShippedCheckpoint:

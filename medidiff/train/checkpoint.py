@@ -56,6 +56,7 @@ __all__ = [
     "load_models",
     "save_checkpoint",
     "unflatten_optimizer_state",
+    "weights_metadata",
 ]
 
 FORMAT = "medidiff-checkpoint"
@@ -163,6 +164,16 @@ def _save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: dict[
     atomic_write_with(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata=metadata))
 
 
+def weights_metadata(stage: str, step: int) -> dict[str, str]:
+    """The safetensors metadata that marks a medidiff checkpoint file (see :func:`load_checkpoint`).
+
+    One key: safetensors writes metadata from a hash map in no fixed order, and a byte-reproducible
+    file gives a reproducible SHA-256 for provenance.
+    """
+    tag = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": stage, "step": int(step)}
+    return {_META_KEY: json.dumps(tag, sort_keys=True)}
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     *,
@@ -206,10 +217,7 @@ def save_checkpoint(
     tmp = run / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        # One metadata key: safetensors writes metadata from a hash map in no fixed order, and a
-        # byte-reproducible file gives a reproducible SHA-256 for provenance.
-        tag = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": stage, "step": int(step)}
-        meta = {_META_KEY: json.dumps(tag, sort_keys=True)}
+        meta = weights_metadata(stage, step)
         flat = {
             f"{part}.{key}": t.detach().cpu().contiguous().clone()
             for part, sd in weights.items()

@@ -39,6 +39,7 @@ from medidiff.train.checkpoint import (
     _json_text,
     _save_safetensors,
     load_checkpoint,
+    weights_metadata,
 )
 from medidiff.train.modelcard import ModelCard, build_model_card, write_model_card
 
@@ -46,7 +47,6 @@ __all__ = ["DATA_FILE", "release_checkpoint", "strip_local_paths"]
 
 DATA_FILE = "data.json"
 _HELD_OUT = "The metrics table is measured on training patches; held-out figures are under Release."
-_META_KEY = "medidiff"
 
 
 def strip_local_paths(obj: Any) -> Any:
@@ -120,7 +120,7 @@ def release_checkpoint(
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; a release is written into a new folder (remove it first)")
-    if ck.info.get("inference_only"):
+    if ck.inference_only:
         raise CheckpointError(f"{ck.path} is already an inference-only release; release its source instead")
     measured_on = (evaluation or {}).get("weights_sha256")
     if measured_on is not None and measured_on != ck.weights_sha256:
@@ -135,20 +135,19 @@ def release_checkpoint(
     folder = tmp / ck.stage / name
     folder.mkdir(parents=True)
     try:
-        tag = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": ck.stage, "step": ck.step}
         flat = {
             f"{part}.{key}": t.contiguous()
             for part, src in parts.items()
             for key, t in sorted(ck.weights(src).items())
         }
-        _save_safetensors(folder / WEIGHTS_FILE, flat, {_META_KEY: json.dumps(tag, sort_keys=True)})
+        _save_safetensors(folder / WEIGHTS_FILE, flat, weights_metadata(ck.stage, ck.step))
         state = ck.training_state
         kept_state = {
             k: state[k] for k in ("precision", "world_size", "autoencoder_checkpoint") if k in state
         }
         release = {
             "source_weights_sha256": ck.weights_sha256,
-            "source_parts": {k: v for k, v in parts.items()},
+            "source_parts": dict(parts),
             "evaluation": dict(evaluation or {}),
             "rebuild": rebuild,
         }
