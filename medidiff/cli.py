@@ -316,7 +316,12 @@ def release(
         if figures is not None and not isinstance(figures, dict):
             raise ValueError(f"{evaluation} must hold a JSON object of figures")
         folder = release_checkpoint(source, dest, evaluation=figures, rebuild=rebuild)
-    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (
+        CheckpointError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as e:  # JSONDecodeError is a ValueError
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
     console.print(f"Released [bold]{folder}[/bold] (model card: {folder / 'model_card.md'})")
