@@ -4,11 +4,8 @@
 
 Each task runs :func:`medidiff.stages.reconstruct.reconstruct_volume` on one reference volume
 (or raw measurement) into ``OUT_DIR/<name>/`` and returns the path of its ``reconstruction.json``.
-``<name>`` is ``vol-`` and a keyed hash (the patient-hash key, :func:`medidiff.privacy.load_key`) of the
-file's SHA-256, never the input's file name, which can carry a patient's name: so are the task-run
-names, and ``failures.json`` lists a failed input by its position, name and SHA-256, with its path
-cut out of the error message. ``OUT_DIR/inputs.json`` maps each name to its input's SHA-256, so a user
-finds the output of a file by hashing it.
+``<name>`` is a keyed hash of the file's content, never its file name (:mod:`flows._per_volume`: also
+``inputs.json`` and ``failures.json``).
 Tasks retry on I/O errors only. On a GPU worker, run the flow with a task runner that limits
 concurrency to the number of GPUs; particles of one volume are already batched on the device.
 """
@@ -16,43 +13,15 @@ concurrency to the number of GPUs; particles of one volume are already batched o
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows._per_volume import run_per_volume, scrubbed_error
 from flows._retry import retry_on_io
 from medidiff.stages.reconstruct import reconstruct_volume
-
-
-def _names(references: list[str]) -> list[tuple[str, str | None]]:
-    """``(name, sha256)`` of each input: a keyed hash of its content (of its path if unreadable)."""
-    from medidiff.io.atomic import sha256_file
-    from medidiff.privacy import PatientHasher, load_key
-
-    hasher = PatientHasher(load_key(), prefix="vol-")
-    out: list[tuple[str, str | None]] = []
-    seen: dict[str, int] = {}
-    for ref in references:
-        try:
-            digest: str | None = sha256_file(ref)
-        except OSError:
-            digest = None
-        name = hasher.hash(digest or str(Path(ref).resolve()))
-        seen[name] = seen.get(name, 0) + 1
-        out.append((name if seen[name] == 1 else f"{name}-{seen[name]}", digest))
-    return out
-
-
-def _scrubbed(text: str, reference: str, name: str) -> str:
-    """``text`` with the input's path, file name and stem replaced by its keyed name."""
-    p = Path(reference)
-    stem = p.name.removesuffix(".gz").removesuffix(".nii")
-    for needle in sorted({reference, str(p.resolve()), p.name, stem} - {""}, key=len, reverse=True):
-        text = re.sub(re.escape(needle), name, text, flags=re.IGNORECASE)
-    return text
 
 
 @task(
@@ -65,14 +34,9 @@ def _scrubbed(text: str, reference: str, name: str) -> str:
 )
 def reconstruct_task(name: str, out_dir: str, reference: str, settings: dict[str, Any]) -> str:
     try:
-        result = reconstruct_volume(Path(out_dir) / name, reference=reference, **settings)
+        result = reconstruct_volume(Path(out_dir) / name, reference=reference, input_label=name, **settings)
     except Exception as e:  # Prefect logs a failed task's exception: not with the input's file name
-        message = _scrubbed(str(e), reference, name)
-        try:
-            clean = type(e)(message)
-        except Exception:
-            clean = RuntimeError(f"{type(e).__name__}: {message}")
-        raise clean from None
+        raise scrubbed_error(e, reference, name) from None
     return str(result.files["sidecar"])
 
 
@@ -86,32 +50,10 @@ def reconstruct_flow(
     it is listed with its reason in ``OUT_DIR/failures.json`` (by position, keyed name and SHA-256). The flow fails only when every volume
     failed.
     """
-    from medidiff.io.atomic import atomic_write_json
-
     opts = dict(settings or {})
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    names = _names(references)
-    atomic_write_json(
-        Path(out_dir) / "inputs.json",
-        {"inputs": [{"item": i, "name": n, "sha256": d} for i, (n, d) in enumerate(names)]},
+    return run_per_volume(
+        lambda name, reference: reconstruct_task.submit(name, out_dir, reference, opts), out_dir, references
     )
-    futures = [
-        reconstruct_task.submit(n, out_dir, r, opts) for (n, _), r in zip(names, references, strict=True)
-    ]
-    done: list[str] = []
-    failures: list[dict[str, Any]] = []
-    for i, ((name, digest), ref, fut) in enumerate(zip(names, references, futures, strict=True)):
-        res = fut.result(raise_on_failure=False)
-        if isinstance(res, BaseException):
-            error = _scrubbed(f"{type(res).__name__}: {res}", ref, name)
-            failures.append({"item": i, "name": name, "sha256": digest, "error": error})
-        else:
-            done.append(res)
-    if failures:
-        atomic_write_json(Path(out_dir) / "failures.json", {"failures": failures})
-    if references and not done:
-        raise RuntimeError(f"every volume failed; reasons in {Path(out_dir) / 'failures.json'}")
-    return done
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "key_fingerprint",
     "load_key",
     "scrub_metadata",
+    "scrub_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,16 @@ class PatientHasher:
 
 
 # ------------------------------------------------------------------------------------ scrubbing
+def scrub_path(text: str, path: str | os.PathLike[str], name: str) -> str:
+    """``text`` with a file's path, resolved path, file name and stem replaced by ``name`` (a keyed name):
+    a file name from a hospital export can carry the patient's name."""
+    p = Path(path)
+    stem = p.name.removesuffix(".gz").removesuffix(".nii")
+    for needle in sorted({str(path), str(p.resolve()), p.name, stem} - {""}, key=len, reverse=True):
+        text = re.sub(re.escape(needle), name, text, flags=re.IGNORECASE)
+    return text
+
+
 _TAG_KEY = re.compile(r"^[0-9A-Fa-f]{8}$")
 
 

@@ -72,6 +72,7 @@ __all__ = [
     "export_schema",
     "host_info",
     "input_ref",
+    "labelled_inputs",
     "make_record",
     "package_versions",
     "prefect_run_ids",
@@ -372,6 +373,19 @@ def _display_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
         except ValueError:
             pass
     return p.as_posix()
+
+
+def labelled_inputs(
+    paths: Mapping[str, str | os.PathLike[str] | None], label: str | None
+) -> list[InputRef | str | os.PathLike[str]]:
+    """A stage's inputs by role (``{"image": path, "reference": None, ...}``; None entries dropped) for
+    :meth:`ProvenanceTracker.add_output`: the paths themselves, or with ``label`` (a keyed name, as the flows
+    pass) each as ``<label>/<role>`` with its SHA-256, so that a file name that carries a patient's name
+    never reaches the record."""
+    given = {role: p for role, p in paths.items() if p is not None}
+    if label is None:
+        return list(given.values())
+    return [InputRef(path=f"{label}/{role}", sha256=sha256_file(p)) for role, p in given.items()]
 
 
 def input_ref(

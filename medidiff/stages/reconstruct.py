@@ -248,6 +248,7 @@ def reconstruct_volume(
     progress: ProgressCallback | None = None,
     notify: NotifyCallback | None = None,
     run_id: str | None = None,
+    input_label: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct one volume (the whole volume by default, see the module docstring) and write the results.
 
@@ -308,6 +309,9 @@ def reconstruct_volume(
         notify: ``notify(message)`` with the plan (grid, padding, tiling) and any warning about the
             prior, before the compute starts (the CLI prints them).
         run_id: provenance run id (default a random one).
+        input_label: record the input files under this name (with their SHA-256) and never their paths,
+            in the sidecar, the provenance and the warnings (the flows pass the keyed name: a file name
+            can carry a patient's name).
 
     Returns:
         A :class:`ReconstructionResult`.
@@ -316,7 +320,8 @@ def reconstruct_volume(
         ValueError / TypeError / FileNotFoundError: a bad request or input (before any compute).
         CheckpointError: ``prior`` is not a latent diffusion checkpoint.
     """
-    from medidiff.provenance import ModelRef, ProvenanceTracker, utc_now
+    from medidiff.privacy import scrub_path
+    from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.train.precision import resolve_precision
 
     started = utc_now()
@@ -435,7 +440,23 @@ def reconstruct_volume(
         files["samples"] = write_samples(to_units(samples), geom.affine, out / "samples.nii.gz")
     if ref is not None:
         files["reference"] = write_nifti(ref.volume_in_units(), out / "reference.nii.gz")
-    inputs = [Path(p) for p in (reference, measurement, mask, angles) if p is not None]
+    roles = {"reference": reference, "measurement": measurement, "mask": mask, "angles": angles}
+    inputs = labelled_inputs(roles, input_label)
+
+    def shown(role: str) -> str | None:
+        p = roles[role]
+        return None if p is None else (str(p) if input_label is None else f"{input_label}/{role}")
+
+    warnings = (
+        pri.warnings
+        + (ref.warnings if ref is not None else [])
+        + (raw.warnings if raw is not None else [])
+        + geom.warnings
+    )
+    if input_label is not None:
+        for p in roles.values():
+            if p is not None:
+                warnings = [scrub_path(w, p, input_label) for w in warnings]
     if raw is None:
         files.update(write_simulated(kind, op, y, scale, offset, out))
     sidecar = {
@@ -444,7 +465,7 @@ def reconstruct_volume(
         "settings": s.model_dump(mode="json"),
         "measurement": {
             "kind": kind,
-            "source": "simulated" if raw is None else str(measurement),
+            "source": "simulated" if raw is None else shown("measurement"),
             "shape": list(op.out_shape),
             "n_measurements": op.out_size,
             "complex": op.is_complex,
@@ -462,10 +483,7 @@ def reconstruct_volume(
         "device": str(dev),
         "precision": prec.label,
         "seconds": round(seconds, 3),
-        "warnings": pri.warnings
-        + (ref.warnings if ref is not None else [])
-        + (raw.warnings if raw is not None else [])
-        + geom.warnings,
+        "warnings": warnings,
         **jsonable(info),
     }
     files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
@@ -480,8 +498,8 @@ def reconstruct_volume(
     config = {
         **s.model_dump(mode="json"),
         "prior": _prior_record(pri),
-        "reference": str(reference) if reference is not None else None,
-        "measurement": str(measurement) if measurement is not None else None,
+        "reference": shown("reference"),
+        "measurement": shown("measurement"),
     }
     tracker = ProvenanceTracker(
         "reconstruct",

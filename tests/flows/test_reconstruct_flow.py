@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -58,3 +59,8 @@ def test_reconstruct_flow_one_task_per_volume(tmp_path: Path, monkeypatch: pytes
     written = [str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")]
     for text in [*written, *task_names, *logs, (tmp_path / "out" / "failures.json").read_text()]:
         assert "doe" not in text.lower() and "john" not in text.lower() and "19700101" not in text, text
+    # nor inside any file written: sidecars, provenance records, NIfTI headers
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            data = (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).lower()
+            assert b"doe_john" not in data and b"19700101" not in data, p.name

@@ -1,0 +1,476 @@
+"""Denoise stage: a noisy volume and a diffusion prior to a posterior mean, a per-voxel uncertainty, a 90%
+interval and a JSON record.
+
+Denoising is posterior sampling with the identity as the forward model: ``y = x + n``. The sampler, the
+prior loading, the patch tiling and the precision policy are the reconstruct stage's
+(:mod:`medidiff.stages.reconstruct`); nothing here samples on its own.
+
+Noise models (:mod:`medidiff.stages.noise`):
+
+- ``"gaussian"``: white noise of one standard deviation ``sigma``, estimated from the image (wavelet
+  median absolute deviation) when not given;
+- ``"rician"``: magnitude MR. ``sigma`` (per complex component) is estimated from the Rayleigh
+  background when not given; the likelihood is the Gaussian one on the bias-corrected magnitude
+  ``sqrt(max(M^2 - sigma^2, 0))``, close to exact wherever the signal is a few ``sigma`` above zero.
+
+The noise level used, and how it was found, is recorded. Low-dose CT (Poisson counts in the projection
+domain) is not built yet.
+
+Grid: the volume is denoised on its own voxel grid (reoriented to RAS, never resampled, since
+resampling would correlate the noise), padded to a multiple of the prior's downsampling and cropped
+back; every output has the input's shape, orientation and affine. A prior trained at another voxel
+size is applied as it is, with a warning in the console and the sidecar. Intensities are mapped by the
+prior's normalisation (its linear part only: clipping would change the noise).
+
+Layout of ``out_dir``::
+
+    mean.nii.gz              posterior mean, in the input's units
+    std.nii.gz               per-voxel posterior standard deviation
+    lower90.nii.gz           the 90% interval, ``mean -/+ k std`` (``k``: Student's t on the cloud's
+    upper90.nii.gz             effective sample size, ``interval90`` in the JSON)
+    denoise.json             settings, noise level, prior, metrics (with a reference), ESS trace, weights
+    <file>.prov.json         provenance of every file; provenance.prov.json for the run
+
+Every input is checked before any network call (missing or non-finite voxels, a constant volume, a
+reference on another grid, a checkpoint that is not a diffusion prior).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from medidiff import __version__
+from medidiff.stages.reconstruct import NotifyCallback, ProgressCallback, ReconstructSettings
+
+__all__ = ["DenoiseResult", "DenoiseSettings", "denoise_volume"]
+
+SIDECAR = "denoise.json"
+SPACING_TOLERANCE = 0.25
+"""A prior whose voxel size differs from the input's by more than this fraction gets a warning."""
+
+
+class DenoiseSettings(BaseModel):
+    """The scalar settings of :func:`denoise_volume` (validated; recorded in the sidecar and provenance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise: Literal["gaussian", "rician"] = "gaussian"
+    sigma: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="in the input's units")
+    method: Literal["smc", "afdps", "dps"] = "smc"
+    modality: str = "MR"
+    n_particles: int = Field(16, ge=2)
+    steps: int = Field(30, ge=1)
+    seed: int = Field(0, ge=0)
+    chunk_size: int | None = Field(None, ge=1)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    tiling: Literal["whole", "patches"] = "patches"
+    tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass
+class DenoiseResult:
+    """What :func:`denoise_volume` wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        files: written files by role (``"mean"``, ``"std"``, ``"lower90"``, ``"upper90"``, ``"sidecar"``,
+            ``"provenance"``).
+        sigma: the noise level used, in the input's units.
+        metrics: PSNR / SSIM / coverage against the reference (empty without one).
+        sidecar: the whole JSON record.
+    """
+
+    out_dir: Path
+    files: dict[str, Path]
+    sigma: float
+    metrics: dict[str, Any]
+    sidecar: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class _Input:
+    raw: np.ndarray  # the input on RAS axes, its own units (float64)
+    affine_ras: np.ndarray
+    affine: np.ndarray  # the input file's affine
+    start_ornt: np.ndarray  # nibabel orientation of the input's axes
+    warnings: list[str]
+
+
+def denoise_volume(
+    image: str | Path,
+    out_dir: str | Path,
+    *,
+    noise: str = "gaussian",
+    sigma: float | None = None,
+    checkpoint: str | Path | Callable[[Tensor, Any], Tensor] | None = None,
+    reference: str | Path | None = None,
+    method: str = "smc",
+    modality: str = "MR",
+    n_particles: int = 16,
+    steps: int = 30,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    tiling: str = "patches",
+    tile_overlap: float = 0.25,
+    normalization: Any = None,
+    options: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    notify: NotifyCallback | None = None,
+    run_id: str | None = None,
+    input_label: str | None = None,
+) -> DenoiseResult:
+    """Denoise one volume by posterior sampling under a diffusion prior and write the results.
+
+    Args:
+        image: the noisy NIfTI volume.
+        out_dir: output folder (created).
+        noise: ``"gaussian"`` or ``"rician"`` (magnitude MR).
+        sigma: the noise standard deviation in the image's units (Rician: per complex component);
+            None estimates it from the image (recorded).
+        checkpoint: a diffusion checkpoint (latent or pixel-space; ``ckpt-*`` folder or run folder) or a
+            pixel-space denoiser ``D(x, sigma)`` on ``(B, I, J, K)`` in normalised units; None: the shipped
+            demo prior for ``modality``, with a warning.
+        reference: a clean NIfTI on the same grid: PSNR, SSIM and 90% coverage are then recorded.
+        method: the sampler (``"smc"``, ``"afdps"``, ``"dps"``; see :func:`medidiff.inverse.reconstruct`).
+        modality: DICOM modality code (``MR``; CT's projection-domain noise is not built yet).
+        n_particles: particles (posterior samples).
+        steps: sampler steps.
+        seed: seeds the sampler.
+        chunk_size: particles per network call (bounds memory; same result).
+        precision: network precision policy (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``).
+        device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
+        tiling: ``"patches"`` (the prior on overlapping patches of its training size) or ``"whole"``.
+        tile_overlap: the patches' overlap fraction.
+        normalization: the prior's normalisation when no ``data.json`` sits beside the checkpoint.
+        options: sampler options over the reconstruct stage's defaults for the prior.
+        progress: ``progress(step, total, ess)`` after every sampler step.
+        notify: ``notify(message)`` with the plan and warnings, before the compute starts.
+        run_id: provenance run id.
+        input_label: record the inputs under this name (with their SHA-256) and never their paths, in the
+            provenance and the warnings (the flows pass the keyed name: a file name can carry a patient's
+            name).
+
+    Returns:
+        A :class:`DenoiseResult`.
+
+    Raises:
+        ValueError / FileNotFoundError / CheckpointError: a bad request or input, before any compute.
+    """
+    from medidiff.inverse.simple_ops import Identity
+    from medidiff.privacy import scrub_path
+    from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
+    from medidiff.stages._reconstruct_io import callable_name, jsonable
+    from medidiff.stages.noise import estimate_noise, rician_bias_corrected
+    from medidiff.stages.reconstruct import _interval_record, _prior_record, _resolve_prior, _sample, _seeds
+    from medidiff.train.precision import resolve_precision
+
+    started = utc_now()
+    t0 = time.perf_counter()
+    s = DenoiseSettings(
+        noise=noise,  # type: ignore[arg-type]
+        sigma=sigma,
+        method=method,  # type: ignore[arg-type]
+        modality=str(modality).strip().upper(),
+        n_particles=n_particles,
+        steps=steps,
+        seed=seed,
+        chunk_size=chunk_size,
+        precision=precision,  # type: ignore[arg-type]
+        tiling=tiling,  # type: ignore[arg-type]
+        tile_overlap=tile_overlap,
+        options=dict(options or {}),
+    )
+    if s.modality == "CT":
+        raise ValueError(
+            "denoising CT needs its projection-domain (Poisson) noise model, which is not built yet; "
+            "use `medidiff reconstruct --simulate ct` for sparse-view CT, or pass modality='MR' for an "
+            "image with white Gaussian noise."
+        )
+    rs = ReconstructSettings(
+        method=s.method,
+        modality=s.modality,
+        n_particles=s.n_particles,
+        steps=s.steps,
+        seed=s.seed,
+        chunk_size=s.chunk_size,
+        precision=s.precision,
+        tiling=s.tiling,
+        tile_overlap=s.tile_overlap,
+        options=s.options,
+    )
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    prec = resolve_precision(s.precision, dev)
+    src = _read(Path(image), s.modality, "image")
+    ref = _read(Path(reference), s.modality, "reference") if reference is not None else None
+    if ref is not None:
+        _check_same_grid(src, ref)
+    est = estimate_noise(src.raw, s.noise, s.sigma)
+    pri = _resolve_prior(checkpoint, rs, normalization)  # CheckpointError for anything but a diffusion prior
+    if s.method != "smc":
+        from medidiff.inverse.api import method_options
+
+        unknown = set(s.options) - method_options(s.method)
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {s.method!r}.")
+    if s.method == "afdps" and pri.kind == "latent" and not pri.pixel_space:
+        raise ValueError(
+            "method='afdps' needs a pixel-space prior; with a latent checkpoint use 'smc' or 'dps'."
+        )
+
+    # -- the measurement in the prior's normalised units, on a grid the networks accept --------------
+    observed = rician_bias_corrected(src.raw, est.sigma) if s.noise == "rician" else src.raw
+    scale, offset = _linear_normalization(observed, src.affine_ras, s.modality, pri.normalization)
+    sy = est.sigma * abs(scale)
+    shape = tuple(int(v) for v in observed.shape)
+    grid = tuple(-(-n // pri.multiple) * pri.multiple for n in shape)
+    lead = tuple((g - n) // 2 for g, n in zip(grid, shape, strict=True))
+    inside = tuple(slice(a, a + n) for a, n in zip(lead, shape, strict=True))
+    y_np = np.full(grid, float((scale * observed + offset).min()), np.float32)
+    y_np[inside] = scale * observed + offset
+    warnings = list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri)
+    if input_label is not None:
+        warnings = [
+            scrub_path(scrub_path(w, image, input_label), reference or image, input_label) for w in warnings
+        ]
+    if s.noise == "rician":
+        warnings.append(
+            "Rician noise is modelled as Gaussian on the bias-corrected magnitude sqrt(M^2 - sigma^2): "
+            "close to exact in tissue, biased where the signal is within a few sigma of zero"
+        )
+    plan = (
+        f"Denoising the whole {'x'.join(map(str, shape))}-voxel volume ({s.noise} noise, sigma "
+        f"{est.sigma:.4g} {'given' if est.method == 'given' else 'estimated by ' + est.method}) with "
+        f"{s.n_particles} particles x {s.steps} steps"
+        + (f", padded to {'x'.join(map(str, grid))}" if grid != shape else "")
+        + "."
+    )
+    if notify is not None:
+        notify(plan)
+        for w in warnings:
+            notify(f"warning: {w}")
+
+    # -- compute ---------------------------------------------------------------------------------------
+    op = Identity(grid)
+    y = torch.from_numpy(y_np)
+    seeds = _seeds(s.seed)
+    res = _sample(rs, pri, op, y, sy, s.modality, dev, prec, seeds["sampler"], progress)
+    if not bool(torch.isfinite(res.mean).all()):
+        raise FloatingPointError(
+            "the sampler returned non-finite voxels; rerun with precision='fp32' or fewer steps, and report "
+            "the checkpoint if it persists."
+        )
+    interval = _interval_record(res.weights)
+    k = float(interval["std_factor"] or 0.0)
+    mean_n = res.mean.detach().to(torch.float64).cpu()[inside]
+    std_n = res.std.detach().to(torch.float64).cpu()[inside]
+    metrics: dict[str, Any] = {}
+    if ref is not None:
+        metrics = _metrics(ref.raw * scale + offset, scale * observed + offset, mean_n, std_n, k, res, inside)
+    seconds = time.perf_counter() - t0
+
+    # -- outputs (the input's grid, orientation and affine) ----------------------------------------
+    from medidiff.io.atomic import atomic_write_json
+    from medidiff.io.nifti_write import write_nifti
+    from medidiff.volume import Volume
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, arr: Tensor, *, spread: bool = False) -> Path:
+        units = arr.numpy() / abs(scale) if spread else (arr.numpy() - offset) / scale
+        native = _from_ras(units.astype(np.float32), src.start_ornt)
+        return write_nifti(Volume(native, src.affine, modality=s.modality), out / name)
+
+    files = {
+        "mean": write("mean.nii.gz", mean_n),
+        "std": write("std.nii.gz", std_n, spread=True),
+        "lower90": write("lower90.nii.gz", mean_n - k * std_n),
+        "upper90": write("upper90.nii.gz", mean_n + k * std_n),
+    }
+    sidecar = {
+        "medidiff_version": __version__,
+        "stage": "denoise",
+        "settings": s.model_dump(mode="json"),
+        "noise": {
+            "model": s.noise,
+            "sigma": est.sigma,
+            "sigma_normalised": sy,
+            "estimated": est.method != "given",
+            "method": est.method,
+            "voxels": est.n_voxels,
+            "likelihood": "Gaussian on the magnitude with its Rician bias removed"
+            if s.noise == "rician"
+            else "Gaussian",
+        },
+        "prior": _prior_record(pri),
+        "modality": s.modality,
+        "grid": {"shape": list(shape), "padded_to": list(grid), "affine": src.affine.tolist()},
+        "normalization": {
+            "scale": scale,
+            "offset": offset,
+            "kind": "linear part of the prior's normalisation",
+        },
+        "metrics": jsonable(metrics),
+        "interval90": interval,
+        "ess": [float(v) for v in res.ess],
+        "n_resamples": res.n_resamples,
+        "nfe": res.nfe,
+        "weights": [float(w) for w in res.weights],
+        "sampler_info": jsonable(res.info),
+        "seeds": {"seed": s.seed, **seeds},
+        "device": str(dev),
+        "precision": prec.label,
+        "seconds": round(seconds, 3),
+        "warnings": warnings,
+    }
+    files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
+    model = None
+    if pri.kind == "latent":
+        ck = pri.checkpoint
+        model = ModelRef(
+            name=str(ck.config.name), weights_sha256=ck.weights_sha256, weights_path=str(ck.path)
+        )
+    elif pri.kind == "pixel":
+        model = ModelRef(name=callable_name(pri.denoiser))
+    tracker = ProvenanceTracker(
+        "denoise",
+        out,
+        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma},
+        seeds={"seed": s.seed, **seeds},
+        precision=prec.label,
+        device=dev,
+        model=model,
+        run_id=run_id,
+    )
+    tracker.started = started
+    inputs = labelled_inputs({"image": image, "reference": reference}, input_label)
+    for role, path in files.items():
+        tracker.add_output(path, inputs, warnings=warnings if role == "mean" else ())
+    files["provenance"] = tracker.finish()
+    return DenoiseResult(out_dir=out, files=files, sigma=est.sigma, metrics=metrics, sidecar=sidecar)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _read(path: Path, modality: str, what: str) -> _Input:
+    """A NIfTI on RAS axes in its own units, checked: finite, not constant."""
+    import nibabel.orientations as nio
+
+    from medidiff.io.nifti import read_nifti
+    from medidiff.transforms import reorient_to_ras
+    from medidiff.volume import Volume
+
+    if not path.is_file():
+        raise FileNotFoundError(f"the {what} file {path} does not exist.")
+    res = read_nifti(path, modality=modality)
+    warnings = [p.message for p in res.problems]
+    if not res.volumes:
+        raise ValueError(f"the {what} {path.name} holds no readable volume.")
+    if len(res.volumes) > 1:
+        warnings.append(f"the {what} holds {len(res.volumes)} frames; the first one is used")
+    vol = res.volumes[0]
+    arr = np.asarray(vol.array, np.float64)
+    if arr.ndim != 3 or min(arr.shape) < 2:
+        raise ValueError(f"the {what} {path.name} must be a 3D volume; its shape is {arr.shape}.")
+    bad = int((~np.isfinite(arr)).sum())
+    if bad:
+        raise ValueError(
+            f"the {what} {path.name} holds {bad} NaN or infinite voxels; repair or mask them first."
+        )
+    if float(arr.max() - arr.min()) == 0.0:
+        raise ValueError(
+            f"the {what} {path.name} is constant (every voxel {arr.flat[0]:g}): nothing to denoise."
+        )
+    ras = reorient_to_ras(Volume(arr, vol.affine, modality=modality))
+    return _Input(
+        np.asarray(ras.array, np.float64), ras.affine, np.asarray(vol.affine, np.float64),
+        nio.io_orientation(vol.affine), warnings,
+    )  # fmt: skip
+
+
+def _check_same_grid(src: _Input, ref: _Input) -> None:
+    if src.raw.shape != ref.raw.shape or not np.allclose(src.affine_ras, ref.affine_ras, atol=1e-4):
+        raise ValueError(
+            f"the reference (shape {ref.raw.shape}) is not on the image's grid (shape {src.raw.shape}) or its "
+            "affine differs; resample it onto the image first."
+        )
+
+
+def _from_ras(arr: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """An array on RAS axes back on the input's voxel axes (the inverse of ``reorient_to_ras``)."""
+    import nibabel.orientations as nio
+
+    back = nio.ornt_transform(nio.axcodes2ornt("RAS"), start)
+    return np.ascontiguousarray(nio.apply_orientation(arr, back))
+
+
+def _linear_normalization(
+    arr: np.ndarray, affine: np.ndarray, modality: str, config: Any
+) -> tuple[float, float]:
+    """``(scale, offset)`` of the prior's normalisation of ``arr`` (``scale * x + offset``; no clipping)."""
+    from medidiff.transforms import normalize
+    from medidiff.volume import Volume
+
+    _, params = normalize(Volume(arr.astype(np.float32), affine, modality=modality), config)
+    return float(params["scale"]), float(params["offset"])
+
+
+def _spacing_warnings(affine: np.ndarray, pri: Any) -> list[str]:
+    prior_mm = pri.spacing_mm
+    if pri.kind != "latent" or prior_mm is None:
+        return []
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    off = [float(v) for v in spacing if abs(v / prior_mm - 1.0) > SPACING_TOLERANCE]
+    if not off:
+        return []
+    shown = "x".join(f"{v:.3g}" for v in spacing)
+    return [
+        f"the prior was trained at {prior_mm:g} mm but the image's voxels are {shown} mm; it is applied at "
+        "the image's own voxels (resampling would correlate the noise), so the anatomy it expects is "
+        "out of scale. Train or pass a prior at this voxel size for best results"
+    ]
+
+
+def _metrics(
+    truth: np.ndarray,
+    noisy: np.ndarray,
+    mean: Tensor,
+    std: Tensor,
+    k: float,
+    res: Any,
+    inside: tuple[slice, ...],
+) -> dict[str, Any]:
+    """PSNR / SSIM of the mean and of the noisy input, and the 90% coverage, in normalised units (float64)."""
+    from medidiff.inverse.evaluation import image_metrics, interval_coverage
+
+    t = torch.from_numpy(truth)
+    m: dict[str, Any] = {f"input_{k_}": v for k_, v in image_metrics(t, noisy).items() if k_ != "data_range"}
+    m.update(image_metrics(t, mean))
+    m["coverage90"] = (
+        float(((t >= mean - k * std) & (t <= mean + k * std)).double().mean()) if k > 0 else None
+    )
+    if res.samples is not None:
+        xs = res.samples.detach().cpu().to(torch.float64)[(slice(None), *inside)]
+        m["coverage90_quantile"] = interval_coverage(xs, res.weights.cpu(), t, 0.9)
+    m["units"] = "normalised (the prior's training scale)"
+    m["rmse"] = float(torch.sqrt(((t - mean) ** 2).mean()))
+    m["posterior_std_mean"] = float(std.mean())
+    if not math.isfinite(m["psnr_db"]):
+        m["psnr_db"] = None
+    return m

@@ -1,0 +1,204 @@
+"""The denoise stage: posterior sampling over the identity, on the input's grid, with the noise level recorded."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medidiff.io.nifti_write import write_nifti
+from medidiff.provenance import record_path
+from medidiff.stages.denoise import denoise_volume
+from medidiff.train.checkpoint import CheckpointError
+from medidiff.transforms import NoNormalization, NormalizationConfig
+from medidiff.volume import Volume
+from tests.stages.test_reconstruct import GaussianPixelPrior, latent_prior  # noqa: F401 (fixture)
+
+M, V, SIGMA = 0.3, 0.1, 0.2
+IDENTITY = NormalizationConfig(by_modality={"MR": NoNormalization()})
+# An LPS-like, off-origin affine: the outputs must come back on these voxel axes, not RAS ones.
+AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, 1.5, 0, -5.0], [0, 0, 2.0, 3.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def gaussian_case(tmp_path: Path) -> dict[str, object]:
+    """A volume drawn from the iid prior N(M, V), and the same plus white noise of SIGMA."""
+    rng = np.random.default_rng(0)
+    clean = (M + math.sqrt(V) * rng.standard_normal((16, 20, 12))).astype(np.float32)
+    noisy = (clean + SIGMA * rng.standard_normal(clean.shape)).astype(np.float32)
+    write_nifti(Volume(noisy, AFFINE, modality="MR"), tmp_path / "noisy.nii.gz")
+    write_nifti(Volume(clean, AFFINE, modality="MR"), tmp_path / "clean.nii.gz")
+    return {"noisy": noisy, "clean": clean, "dir": tmp_path}
+
+
+def test_matches_the_closed_form_posterior_of_a_gaussian_prior(gaussian_case) -> None:
+    """x ~ N(M, V) per voxel, y = x + N(0, SIGMA^2): the posterior is N(M + V/(V+S^2) (y - M), V S^2/(V+S^2)).
+
+    With N particles the mean's error per voxel is |N(0, sd^2/N)|, whose average is sqrt(2/pi/N) sd, and
+    the cloud's (1/N-normalised) std is sqrt((N-1)/N) c4(N) sd. Measured over seeds 0-7 (N = 32, 10
+    steps): mean error 0.1445 +- 0.0017 sd (expected 0.141), std ratio 0.9757 +- 0.0018 (expected 0.977);
+    the tolerances are > 3 of those spreads.
+    """
+    d, n = gaussian_case["dir"], 32
+    res = denoise_volume(
+        d / "noisy.nii.gz", d / "out", sigma=SIGMA, checkpoint=GaussianPixelPrior(M, V),
+        n_particles=n, steps=10, seed=3, normalization=IDENTITY, reference=d / "clean.nii.gz",
+    )  # fmt: skip
+    noisy = gaussian_case["noisy"].astype(np.float64)
+    post_mean = M + V / (V + SIGMA**2) * (noisy - M)
+    post_sd = math.sqrt(V * SIGMA**2 / (V + SIGMA**2))
+    mean = nib.load(d / "out" / "mean.nii.gz").get_fdata()
+    std = nib.load(d / "out" / "std.nii.gz").get_fdata()
+    assert abs(np.abs(mean - post_mean).mean() / post_sd - math.sqrt(2 / math.pi / n)) < 0.008
+    c4 = 1 - 1 / (4 * n) - 7 / (32 * n * n)
+    assert abs(std.mean() / post_sd - math.sqrt((n - 1) / n) * c4) < 0.008
+    # the interval files are mean -/+ k std with the sidecar's k; coverage of the truth near 0.9
+    k = res.sidecar["interval90"]["std_factor"]
+    lo, hi = (nib.load(d / "out" / f).get_fdata() for f in ("lower90.nii.gz", "upper90.nii.gz"))
+    np.testing.assert_allclose(hi - mean, k * std, atol=1e-5)
+    np.testing.assert_allclose(mean - lo, k * std, atol=1e-5)
+    assert 0.85 < res.metrics["coverage90"] < 0.95
+    assert res.metrics["psnr_db"] > res.metrics["input_psnr_db"] + 1.0
+
+
+def test_outputs_lie_on_the_input_grid_with_provenance_and_the_noise_record(gaussian_case) -> None:
+    d = gaussian_case["dir"]
+    prior = GaussianPixelPrior(M, V)
+    res = denoise_volume(
+        d / "noisy.nii.gz", d / "out", checkpoint=prior, n_particles=4, steps=3, normalization=IDENTITY
+    )
+    for name in ("mean", "std", "lower90", "upper90"):
+        img = nib.load(d / "out" / f"{name}.nii.gz")
+        assert img.shape == (16, 20, 12), name
+        np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
+        assert record_path(d / "out" / f"{name}.nii.gz").is_file()
+    assert (d / "out" / "provenance.prov.json").is_file()
+    side = json.loads((d / "out" / "denoise.json").read_text())
+    assert side == res.sidecar
+    # no sigma given: estimated from the image (wavelet MAD; its accuracy: tests/stages/test_noise.py)
+    # and recorded; with the identity normalisation the normalised sigma is the same number
+    rec = side["noise"]
+    assert rec["estimated"] and rec["method"] == "wavelet-mad" and rec["sigma"] == res.sigma > 0
+    assert rec["sigma_normalised"] == pytest.approx(rec["sigma"])
+    assert len(side["ess"]) == 3 and side["stage"] == "denoise" and prior.calls > 0
+    # the mean is the input shrunk towards the prior mean M, on the same voxels (not flipped or permuted)
+    mean = nib.load(d / "out" / "mean.nii.gz").get_fdata()
+    noisy = gaussian_case["noisy"]
+    assert np.corrcoef(mean.ravel(), noisy.ravel())[0, 1] > 0.7 and mean.std() < noisy.std()
+    assert np.corrcoef(mean.ravel(), noisy[::-1].ravel())[0, 1] < 0.1
+
+
+def test_same_seed_same_bytes_other_seed_other_result(gaussian_case) -> None:
+    d = gaussian_case["dir"]
+    kw = {"sigma": SIGMA, "n_particles": 4, "steps": 3, "normalization": IDENTITY}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        denoise_volume(d / "noisy.nii.gz", d / name, checkpoint=GaussianPixelPrior(M, V), seed=seed, **kw)
+    a, b, c = (nib.load(d / n / "mean.nii.gz").get_fdata() for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_rician_input_is_bias_corrected_and_its_sigma_found_in_the_background(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    g = np.indices((24, 24, 24), dtype=np.float64)
+    inside = ((g - 11.5) ** 2).sum(0) < 8.0**2
+    a = np.where(inside, 0.6 + 0.1 * np.cos(g[0] / 2), 0.0)
+    s = 0.15  # SNR 4 in tissue: the magnitude's Rician bias there is about s^2 / 2A = 0.019
+    m = np.abs(a + s * rng.standard_normal(a.shape) + 1j * s * rng.standard_normal(a.shape)).astype(
+        np.float32
+    )
+    write_nifti(Volume(m, np.eye(4), modality="MR"), tmp_path / "mag.nii.gz")
+    write_nifti(Volume(a.astype(np.float32), np.eye(4), modality="MR"), tmp_path / "truth.nii.gz")
+    res = denoise_volume(
+        tmp_path / "mag.nii.gz", tmp_path / "out", noise="rician", checkpoint=GaussianPixelPrior(0.6, 0.01),
+        reference=tmp_path / "truth.nii.gz", n_particles=8, steps=5, normalization=IDENTITY,
+    )  # fmt: skip
+    rec = res.sidecar["noise"]
+    assert rec["method"] == "rayleigh-background" and abs(rec["sigma"] / s - 1) < 0.1
+    assert "bias" in rec["likelihood"] and any("Rician" in w for w in res.sidecar["warnings"])
+    # in tissue the posterior mean has lost most of the magnitude's bias
+    mean = nib.load(tmp_path / "out" / "mean.nii.gz").get_fdata()
+    raw_bias = (m - a)[inside].mean()
+    assert raw_bias > 0.012
+    assert abs((mean - a)[inside].mean()) < raw_bias / 3
+
+
+def test_a_latent_checkpoint_denoises_the_whole_volume_and_warns_about_its_voxel_size(
+    latent_prior,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    """The tiny 2 mm checkpoint on a 1 mm volume: padded to the networks' multiple and cropped back."""
+    rng = np.random.default_rng(1)
+    vol = (100 + 50 * rng.standard_normal((18, 20, 17))).astype(np.float32)
+    write_nifti(Volume(vol, np.eye(4), modality="MR"), tmp_path / "in.nii.gz")
+    said: list[str] = []
+    res = denoise_volume(
+        tmp_path / "in.nii.gz", tmp_path / "out", checkpoint=latent_prior["latent"], n_particles=2, steps=2,
+        notify=said.append,
+    )  # fmt: skip
+    assert nib.load(tmp_path / "out" / "mean.nii.gz").shape == (18, 20, 17)
+    grid = res.sidecar["grid"]
+    assert grid["shape"] == [18, 20, 17] and all(p % 4 == 0 for p in grid["padded_to"])
+    assert res.sidecar["prior"]["kind"] == "latent" and res.sidecar["prior"]["weights_sha256"]
+    assert said[0].startswith("Denoising the whole 18x20x17-voxel volume")
+    assert any("trained at 2 mm" in m for m in said) and any("2 mm" in w for w in res.sidecar["warnings"])
+
+
+def _write(path: Path, arr: np.ndarray, affine: np.ndarray = np.eye(4)) -> Path:
+    write_nifti(Volume(arr.astype(np.float32), affine, modality="MR"), path)
+    return path
+
+
+def test_bad_input_is_refused_before_any_network_call(
+    latent_prior,  # noqa: F811 (the fixture)
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    good = _write(tmp_path / "good.nii.gz", rng.normal(size=(12, 12, 12)))
+    nan = rng.normal(size=(12, 12, 12))
+    nan[3, 4, 5] = np.nan
+    cases = [
+        ({"image": _write(tmp_path / "nan.nii.gz", nan)}, ValueError, "1 NaN or infinite"),
+        ({"image": _write(tmp_path / "flat.nii.gz", np.full((12, 12, 12), 7.0))}, ValueError, "constant"),
+        ({"image": tmp_path / "missing.nii.gz"}, FileNotFoundError, "does not exist"),
+        (
+            {"reference": _write(tmp_path / "other.nii.gz", rng.normal(size=(12, 12, 10)))},
+            ValueError,
+            "not on the image's grid",
+        ),
+        (
+            {
+                "reference": _write(
+                    tmp_path / "moved.nii.gz", rng.normal(size=(12, 12, 12)), np.diag([2, 2, 2, 1])
+                )
+            },
+            ValueError,
+            "affine differs",
+        ),
+        ({"modality": "CT"}, ValueError, "projection-domain"),
+        ({"noise": "poisson"}, ValueError, "noise"),
+        ({"n_particles": 1}, ValueError, "n_particles"),
+        ({"checkpoint": latent_prior["autoencoder"]}, CheckpointError, "latent"),
+    ]
+    for kw, err, match in cases:
+        prior = GaussianPixelPrior()
+        args = {"image": good, "checkpoint": prior, "sigma": 0.1, **kw}
+        with pytest.raises(err, match=match):
+            denoise_volume(args.pop("image"), tmp_path / "out", **args)
+        assert prior.calls == 0, kw
+        assert not (tmp_path / "out").exists(), kw
+
+
+def test_non_finite_network_output_fails_clearly(gaussian_case) -> None:
+    d = gaussian_case["dir"]
+
+    def broken(x: torch.Tensor, sigma: object) -> torch.Tensor:
+        return x * float("nan")
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        denoise_volume(d / "noisy.nii.gz", d / "out", sigma=SIGMA, checkpoint=broken, n_particles=2, steps=2)
+    assert not (d / "out").exists()  # nothing half-written
