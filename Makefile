@@ -25,7 +25,7 @@ PIP         := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,baselines]"
 	touch $@
 
 setup: $(VENV)/.installed
