@@ -22,6 +22,11 @@ prior can reach; ``prior_mean_psnr_db`` the decoded prior mean (no measurement).
 
     python benchmarks/bench_latent_twist.py --checkpoint runs/brain_ae_c_4400/autoencoder \\
         [--particles 8] [--steps 20] [--acceleration 8] [--json OUT]
+
+``--ldm CKPT`` replaces the diagonal Gaussian by a trained latent diffusion model (its denoiser, its
+autoencoder and its latent scale, as ``medidiff reconstruct`` loads them; ``--checkpoint`` is then that
+model's autoencoder run, for the split and the data config): the collapse is then measured with the
+prior the stage would use.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def _volumes(cfg: DataConfig, split: str, splits: Any, entries: Any) -> list[tor
 def run(
     checkpoint: str,
     *,
+    ldm: str | None = None,
     particles: int,
     steps: int,
     acceleration: float,
@@ -96,13 +102,24 @@ def run(
     with torch.no_grad():
         train_lat = torch.cat([ae.encode(v[None, None])[0] for v in _volumes(cfg, "train", splits, entries)])
     scale = 1.0 / float(train_lat.std())
+    sigma_kw: dict[str, float] = {}
+    preset: Any = None
+    if ldm is not None:
+        from medidiff.models.config import MODALITY_CODES
+        from medidiff.stages.reconstruct import checkpoint_sampler
+
+        trained = load_models(ldm, expect_stage="latent", use_ema=True)
+        ae = trained.autoencoder.eval()
+        scale = float(trained.latent_scale_factor or 1.0)
     z = train_lat * scale
-    prior = DiagonalGaussian(z.mean(0, keepdim=True), z.var(0, keepdim=True).clamp_min(1e-4))
+    prior: Any = DiagonalGaussian(z.mean(0, keepdim=True), z.var(0, keepdim=True).clamp_min(1e-4))
     ref = _volumes(cfg, "test", splits, entries)[0]
 
     s = SimpleNamespace(acceleration=acceleration, center_fraction=0.08, mask_kind="equispaced")
     lin = build_operator("mri", grid, s, None, mask_seed=0)
     op = ComposedOperator(lin, ae, tuple(z.shape[1:]), scale=scale)
+    if ldm is not None:
+        prior, op, sigma_kw, preset = checkpoint_sampler(trained, lin, MODALITY_CODES["MR"], "smc", None)
     g = torch.Generator().manual_seed(seed)
     clean = lin.forward(ref[None])[0]
     noise = torch.randn(clean.shape, generator=g, dtype=clean.real.dtype)
@@ -115,6 +132,9 @@ def run(
         prior_mean = op.decode(prior.mean)[0]
     out: dict[str, Any] = {
         "checkpoint": str(models.checkpoint.path),
+        "prior": "diagonal Gaussian over the training latents"
+        if ldm is None
+        else f"latent diffusion model {ldm}",
         "grid": list(grid),
         "latent_shape": list(z.shape[1:]),
         "latent_scale": scale,
@@ -138,7 +158,8 @@ def run(
             n_particles=particles,
             steps=steps,
             generator=torch.Generator().manual_seed(seed + 1),
-            options={"data_var": 1.0, **TWISTS[name]},
+            options=preset.updated(TWISTS[name]) if preset is not None else {"data_var": 1.0, **TWISTS[name]},
+            **sigma_kw,  # type: ignore[arg-type]
         )
         seconds = time.perf_counter() - t0
         ess = (res.ess / particles).tolist()
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--checkpoint", required=True, help="autoencoder folder or checkpoint of a `medidiff train` run"
     )
+    p.add_argument("--ldm", default=None, help="a trained latent diffusion checkpoint as the prior")
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--acceleration", type=float, default=8.0)
@@ -182,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --particles >= 2, --steps >= 2 and a finite --sigma-y > 0")
     result = run(
         a.checkpoint,
+        ldm=a.ldm,
         particles=a.particles,
         steps=a.steps,
         acceleration=a.acceleration,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -87,6 +89,34 @@ def _progress_bar() -> Progress:
         console=console,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def _sampling_progress(steps: int, particles: int) -> Iterator[Callable[[int, int, float], None]]:
+    """A progress bar over a sampler's steps showing the effective sample size; the stage's errors as
+    exit codes (:func:`_stage_errors`). Yields the stage's ``progress`` callback."""
+    with _progress_bar() as bar, _stage_errors():
+        task = bar.add_task("Sampling (ESS -)", total=steps)
+
+        def cb(step: int, total: int, ess: float) -> None:
+            bar.update(task, completed=step, total=total, description=f"Sampling (ESS {ess:.1f}/{particles})")
+
+        yield cb
+
+
+@contextlib.contextmanager
+def _stage_errors() -> Iterator[None]:
+    """A stage's refusals as exit code 2 (a bad request or input), a numerical failure as exit code 1."""
+    from medidiff.train.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
+    except FloatingPointError as e:
+        console.print(f"[red]failed:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from e
 
 
 def _say(message: str) -> None:
@@ -527,7 +557,6 @@ def reconstruct(
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
     from medidiff.stages.reconstruct import reconstruct_volume
-    from medidiff.train.checkpoint import CheckpointError
 
     grid_t = None
     if grid is not None:
@@ -539,48 +568,36 @@ def reconstruct(
             console.print(f"[red]error:[/red] --grid must be three positive integers I,J,K; got {grid!r}.")
             raise typer.Exit(2) from None
 
-    with _progress_bar() as bar:
-        task = bar.add_task("Sampling (ESS -)", total=steps)
-
-        def cb(step: int, total: int, ess: float) -> None:
-            bar.update(task, completed=step, total=total, description=f"Sampling (ESS {ess:.1f}/{particles})")
-
-        try:
-            result = reconstruct_volume(
-                out,
-                prior=prior,
-                reference=reference,
-                simulate=simulate,  # type: ignore[arg-type]
-                measurement=measurement,
-                mask=mask,
-                angles=angles,
-                method=method,
-                modality=modality,
-                acceleration=accel,
-                mask_kind=mask_kind,
-                views=views,
-                sigma_y=sigma_y,
-                n_particles=particles,
-                steps=steps,
-                sigma_max=sigma_max,
-                seed=seed,
-                keep_samples=keep_samples,
-                device=device,
-                grid=grid_t,  # type: ignore[arg-type]
-                crop=crop,
-                tiling=tiling,
-                tile_overlap=tile_overlap,
-                precision=precision,
-                chunk_size=chunk_size,
-                progress=cb,
-                notify=_say,
-            )
-        except (ValueError, FileNotFoundError, CheckpointError) as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from e
-        except FloatingPointError as e:
-            console.print(f"[red]failed:[/red] {e}")
-            raise typer.Exit(1) from e
+    with _sampling_progress(steps, particles) as cb:
+        result = reconstruct_volume(
+            out,
+            prior=prior,
+            reference=reference,
+            simulate=simulate,  # type: ignore[arg-type]
+            measurement=measurement,
+            mask=mask,
+            angles=angles,
+            method=method,
+            modality=modality,
+            acceleration=accel,
+            mask_kind=mask_kind,
+            views=views,
+            sigma_y=sigma_y,
+            n_particles=particles,
+            steps=steps,
+            sigma_max=sigma_max,
+            seed=seed,
+            keep_samples=keep_samples,
+            device=device,
+            grid=grid_t,  # type: ignore[arg-type]
+            crop=crop,
+            tiling=tiling,
+            tile_overlap=tile_overlap,
+            precision=precision,
+            chunk_size=chunk_size,
+            progress=cb,
+            notify=_say,
+        )
     table = Table(title="Reconstruction")
     table.add_column("metric")
     table.add_column("value")
@@ -637,40 +654,27 @@ def denoise(
 ) -> None:
     """Denoise a volume by posterior sampling under a diffusion prior, with a per-voxel uncertainty."""
     from medidiff.stages.denoise import denoise_volume
-    from medidiff.train.checkpoint import CheckpointError
 
-    with _progress_bar() as bar:
-        task = bar.add_task("Sampling (ESS -)", total=steps)
-
-        def cb(step: int, total: int, ess: float) -> None:
-            bar.update(task, completed=step, total=total, description=f"Sampling (ESS {ess:.1f}/{particles})")
-
-        try:
-            result = denoise_volume(
-                image,
-                out,
-                noise=noise,
-                sigma=sigma,
-                checkpoint=checkpoint,
-                reference=reference,
-                modality=modality,
-                method=method,
-                n_particles=particles,
-                steps=steps,
-                seed=seed,
-                device=device,
-                tiling=tiling,
-                precision=precision,
-                chunk_size=chunk_size,
-                progress=cb,
-                notify=_say,
-            )
-        except (ValueError, FileNotFoundError, CheckpointError) as e:
-            console.print(f"[red]error:[/red] {escape(str(e))}")
-            raise typer.Exit(2) from e
-        except FloatingPointError as e:
-            console.print(f"[red]failed:[/red] {escape(str(e))}")
-            raise typer.Exit(1) from e
+    with _sampling_progress(steps, particles) as cb:
+        result = denoise_volume(
+            image,
+            out,
+            noise=noise,
+            sigma=sigma,
+            checkpoint=checkpoint,
+            reference=reference,
+            modality=modality,
+            method=method,
+            n_particles=particles,
+            steps=steps,
+            seed=seed,
+            device=device,
+            tiling=tiling,
+            precision=precision,
+            chunk_size=chunk_size,
+            progress=cb,
+            notify=_say,
+        )
     noise_rec = result.sidecar["noise"]
     how = "given" if not noise_rec["estimated"] else f"estimated ({noise_rec['method']})"
     console.print(f"Noise: {noise_rec['model']}, sigma {result.sigma:.4g} in the image's units, {how}.")

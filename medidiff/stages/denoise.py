@@ -187,10 +187,17 @@ def denoise_volume(
     """
     from medidiff.inverse.simple_ops import Identity
     from medidiff.privacy import scrub_path
-    from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
-    from medidiff.stages._reconstruct_io import callable_name, jsonable
+    from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
+    from medidiff.stages._reconstruct_io import jsonable
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
-    from medidiff.stages.reconstruct import _interval_record, _prior_record, _resolve_prior, _sample, _seeds
+    from medidiff.stages.reconstruct import (
+        _interval_record,
+        _prior_record,
+        _resolve_prior,
+        _sample,
+        _seeds,
+        model_ref,
+    )
     from medidiff.train.precision import resolve_precision
 
     started = utc_now()
@@ -366,14 +373,6 @@ def denoise_volume(
         "warnings": warnings,
     }
     files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
-    model = None
-    if pri.kind == "latent":
-        ck = pri.checkpoint
-        model = ModelRef(
-            name=str(ck.config.name), weights_sha256=ck.weights_sha256, weights_path=str(ck.path)
-        )
-    elif pri.kind == "pixel":
-        model = ModelRef(name=callable_name(pri.denoiser))
     tracker = ProvenanceTracker(
         "denoise",
         out,
@@ -386,7 +385,7 @@ def denoise_volume(
         seeds={"seed": s.seed, **seeds},
         precision=prec.label,
         device=dev,
-        model=model,
+        model=model_ref(pri),
         run_id=run_id,
     )
     tracker.started = started

@@ -321,7 +321,7 @@ def reconstruct_volume(
         CheckpointError: ``prior`` is not a latent diffusion checkpoint.
     """
     from medidiff.privacy import scrub_path
-    from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
+    from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.train.precision import resolve_precision
 
     started = utc_now()
@@ -487,14 +487,7 @@ def reconstruct_volume(
         **jsonable(info),
     }
     files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
-    model = None
-    if pri.kind == "latent":
-        ck = pri.checkpoint
-        model = ModelRef(
-            name=str(ck.config.name), weights_sha256=ck.weights_sha256, weights_path=str(ck.path)
-        )
-    elif pri.kind == "pixel":
-        model = ModelRef(name=callable_name(pri.denoiser))
+    model = model_ref(pri)
     config = {
         **s.model_dump(mode="json"),
         "prior": _prior_record(pri),
@@ -1003,6 +996,18 @@ def _interval_record(weights: Tensor) -> dict[str, Any]:
         "std_factor": predictive_factor(n, 0.9) if n >= 2 else None,
         "interval": "mean -/+ std_factor * std",
     }
+
+
+def model_ref(pri: _Prior) -> Any:
+    """The provenance :class:`~medidiff.provenance.ModelRef` of a prior (None without one)."""
+    from medidiff.provenance import ModelRef
+
+    if pri.kind == "latent":
+        ck = pri.checkpoint
+        return ModelRef(name=str(ck.config.name), weights_sha256=ck.weights_sha256, weights_path=str(ck.path))
+    if pri.kind == "pixel":
+        return ModelRef(name=callable_name(pri.denoiser))
+    return None
 
 
 def _prior_record(pri: _Prior) -> dict[str, Any]:
