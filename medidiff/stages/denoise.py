@@ -265,7 +265,11 @@ def denoise_volume(
     grid = tuple(-(-n // pri.multiple) * pri.multiple for n in shape)
     lead = tuple((g - n) // 2 for g, n in zip(grid, shape, strict=True))
     inside = tuple(slice(a, a + n) for a, n in zip(lead, shape, strict=True))
-    y_np = np.full(grid, float((scale * observed + offset).min()), np.float32)
+    seeds = _seeds(s.seed)
+    # The padding is a noisy observation of the volume's minimum, as the volume is of itself (for ancestral
+    # sampling a draw of x_sigma there too), so that no seam of noise-free voxels meets the networks.
+    pad_rng = np.random.default_rng(seeds["noise"])
+    y_np = (float((scale * observed + offset).min()) + sy * pad_rng.standard_normal(grid)).astype(np.float32)
     y_np[inside] = scale * observed + offset
     used, why = _resolve_method(s, pri, sy)
     if used == "ancestral" and s.options:
@@ -297,7 +301,6 @@ def denoise_volume(
     # -- compute ---------------------------------------------------------------------------------------
     op = Identity(grid)
     y = torch.from_numpy(y_np)
-    seeds = _seeds(s.seed)
     if used == "ancestral":
         res = _ancestral(s, pri, op, y, sy, dev, prec, seeds["sampler"], progress)
     else:
