@@ -26,7 +26,10 @@ Procedure:
    seeds.
 
     python benchmarks/bench_denoise.py --json bench_out/denoise.json [--levels 0.05 0.1 0.2] \\
-        [--seeds 0 1 2] [--particles 8] [--steps 40] [--threads 2]
+        [--seeds 0 1 2] [--particles 8] [--steps 40] [--threads 2] [--part tuning|reporting|both]
+
+``--part tuning`` writes the chosen knobs to ``--tuned`` (``bench_out/denoise_tuned.json``); ``--part
+reporting`` reads them, so the two parts can run at different times.
 
 Needs the ``baselines`` extra (``pip install -e .[baselines]``: bm3d / bm4d, Tampere University's
 non-commercial licence) and the demo cohort (``make demo``).
@@ -53,7 +56,7 @@ METHODS = ("diffusion", "bm4d", "bm3d", "nlm", "tv")
 NOISE_MODELS = ("gaussian", "rician")
 GRIDS: dict[str, tuple[float, ...]] = {
     "bm4d": (0.75, 1.0, 1.25, 1.5),
-    "bm3d": (0.75, 1.0, 1.25, 1.5),
+    "bm3d": (0.75, 1.0, 1.25),
     "nlm": (0.2, 0.3, 0.4, 0.6, 0.8, 1.0),
     "tv": (0.25, 0.5, 1.0, 2.0, 4.0),
 }
@@ -102,8 +105,8 @@ def noisy(truth: np.ndarray, model: str, sigma: float, seed: int) -> tuple[np.nd
 
 def diffusion(
     y: np.ndarray, affine: np.ndarray, model: str, sigma: float, seed: int, args: argparse.Namespace
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, lower90, upper90)`` of the denoise stage on ``y`` (written as a NIfTI, as a user would)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(mean, lower90, upper90, std)`` of the denoise stage on ``y`` (written as a NIfTI, as a user would)."""
     import nibabel as nib
 
     from medidiff.io.nifti_write import write_nifti
@@ -119,9 +122,45 @@ def diffusion(
         )  # fmt: skip
         out = [
             nib.load(Path(tmp) / "out" / f).get_fdata()
-            for f in ("mean.nii.gz", "lower90.nii.gz", "upper90.nii.gz")
+            for f in ("mean.nii.gz", "lower90.nii.gz", "upper90.nii.gz", "std.nii.gz")
         ]
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], out[3]
+
+
+def write_figure(fig: dict[str, Any], path: Path) -> Path:
+    """Rows noisy / BM4D / diffusion mean / std / |mean - truth| of one volume (three planes each): the
+    images share one window (the truth's range), std and error are each windowed to their own range."""
+    from medidiff.io.nifti_write import write_nifti
+    from medidiff.viz import montage
+    from medidiff.volume import Volume
+
+    rows = [
+        ("noisy", fig["noisy"]),
+        ("BM4D", fig["bm4d"]),
+        ("diffusion mean", fig["mean"]),
+        ("diffusion std", fig["std"]),
+        ("|mean - truth|", np.abs(fig["mean"] - fig["truth"])),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, (_, arr) in enumerate(rows):
+            paths.append(
+                write_nifti(Volume(arr.astype(np.float32), fig["affine"], "MR"), Path(tmp) / f"{i}.nii.gz")
+            )
+        lo, hi = float(fig["truth"].min()), float(fig["truth"].max())
+        images = Path(tmp) / "images.png"
+        montage(paths[:3], images, titles=[t for t, _ in rows[:3]], window=(lo, hi))
+        maps = Path(tmp) / "maps.png"
+        montage(paths[3:], maps, titles=[t for t, _ in rows[3:]])
+        from PIL import Image
+
+        a, b = Image.open(images), Image.open(maps)
+        out = Image.new(a.mode, (max(a.width, b.width), a.height + b.height))
+        out.paste(a, (0, 0))
+        out.paste(b, (0, a.height))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.save(path)
+    return path
 
 
 def score(truth: np.ndarray, est: np.ndarray) -> dict[str, float]:
@@ -153,7 +192,10 @@ def load_truths(part: str, args: argparse.Namespace) -> list[tuple[str, np.ndarr
 
 
 def run_part(
-    part: str, args: argparse.Namespace, tuned: dict[str, dict[str, float]] | None
+    part: str,
+    args: argparse.Namespace,
+    tuned: dict[str, dict[str, float]] | None,
+    figure: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (volume, model, level, seed, method[, multiple]) of a part: tuning sweeps the grids of the
     baselines only; reporting runs every method at its tuned multiple."""
@@ -171,8 +213,15 @@ def run_part(
                             if part == "tuning":
                                 continue
                             t0 = time.perf_counter()
-                            mean, lo, hi = diffusion(y, affine, model, level, seed, args)
+                            mean, lo, hi, std = diffusion(y, affine, model, level, seed, args)
                             sec = time.perf_counter() - t0
+                            if (
+                                figure is not None
+                                and not figure
+                                and model == "gaussian"
+                                and level == args.levels[1]
+                            ):
+                                figure.update(affine=affine, noisy=y, truth=truth, mean=mean, std=std)
                             cov = float(((truth >= lo) & (truth <= hi)).mean())
                             rows.append(
                                 {
@@ -190,6 +239,13 @@ def run_part(
                                 t0 = time.perf_counter()
                                 est = baseline(method, y_in, level, mult)
                                 sec = time.perf_counter() - t0
+                                if (
+                                    figure is not None
+                                    and method == "bm4d"
+                                    and "mean" in figure
+                                    and "bm4d" not in figure
+                                ):
+                                    figure["bm4d"] = est
                                 rows.append(
                                     {
                                         **base,
@@ -271,7 +327,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--part",
+        choices=["tuning", "reporting", "both"],
+        default="both",
+        help="tuning: sweep the baselines' knobs and write --tuned; reporting: read --tuned and report",
+    )
+    p.add_argument("--tuned", type=Path, default=ROOT / "bench_out" / "denoise_tuned.json")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--figure", type=Path, help="noisy / BM4D / mean / std / error of the first reporting volume (PNG)"
+    )
     args = p.parse_args(argv)
     import os
 
@@ -285,11 +351,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.checkpoint = default_prior("MR", "reconstruction").path
     t0 = time.perf_counter()
     report_seeds = args.seeds
-    args.seeds = args.tuning_seeds
-    tuning = run_part("tuning", args, None) if any(m in GRIDS for m in args.methods) else []
-    tuned = choose(tuning)
+    tuning: list[dict[str, Any]] = []
+    if args.part in ("tuning", "both"):
+        args.seeds = args.tuning_seeds
+        tuning = run_part("tuning", args, None) if any(m in GRIDS for m in args.methods) else []
+        tuned = choose(tuning)
+        args.tuned.parent.mkdir(parents=True, exist_ok=True)
+        args.tuned.write_text(json.dumps({"tuned": tuned, "rows": tuning}, indent=2) + "\n", encoding="utf-8")
+        if args.part == "tuning":
+            print(json.dumps(tuned, indent=2))
+            return {"tuned": tuned, "rows": tuning}
+    else:
+        tuned = json.loads(args.tuned.read_text(encoding="utf-8"))["tuned"]
+        tuning = json.loads(args.tuned.read_text(encoding="utf-8"))["rows"]
     args.seeds = report_seeds
-    reporting = run_part("reporting", args, tuned)
+    fig: dict[str, Any] | None = {} if args.figure else None
+    reporting = run_part("reporting", args, tuned, fig)
+    if args.figure and fig:
+        write_figure(fig, args.figure)
     summary = summarise(reporting)
     result = {
         "benchmark": "denoise",
