@@ -342,6 +342,13 @@ def release(
         Path | None, typer.Option(help="JSON object of held-out figures to put in the model card.")
     ] = None,
     rebuild: Annotated[str | None, typer.Option(help="The command that rebuilds the source.")] = None,
+    final_reason: Annotated[
+        str | None,
+        typer.Option(
+            help="Release a checkpoint that stopped before its planned steps as final, and say why "
+            "(recorded; downstream stages then do not warn that it is intermediate)."
+        ),
+    ] = None,
 ) -> None:
     """Cut an inference-only release of a checkpoint (no optimizer state, no local paths) for shipping."""
     import json
@@ -353,7 +360,9 @@ def release(
         figures = json.loads(evaluation.read_text(encoding="utf-8")) if evaluation is not None else None
         if figures is not None and not isinstance(figures, dict):
             raise ValueError(f"{evaluation} must hold a JSON object of figures")
-        folder = release_checkpoint(source, dest, evaluation=figures, rebuild=rebuild)
+        folder = release_checkpoint(
+            source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason
+        )
     except (
         CheckpointError,
         ValueError,

@@ -212,6 +212,12 @@ def _release_lines(release: Mapping[str, Any]) -> list[str]:
     ]
     if release.get("rebuild"):
         lines.append(f"- rebuild: `{release['rebuild']}`")
+    final = release.get("final_at_step")
+    if final:
+        lines.append(
+            f"- released as final at step {final['step']} of {final['planned_steps']} planned (the learning-rate "
+            f"schedule did not finish): {final['reason']}"
+        )
     evaluation = release.get("evaluation") or {}
     if evaluation:
         lines += ["", "Held-out evaluation:", "", "| measure | value |", "|---|---|"]

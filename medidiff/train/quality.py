@@ -3,7 +3,8 @@
 A stage that uses a checkpoint (reconstruct, synthesize) shows these on the console and writes them
 into its sidecar, so a result made with a half-trained prior says so where it is read. Checks:
 
-- the diffusion network stopped before its planned steps (an intermediate checkpoint);
+- the diffusion network stopped before its planned steps (an intermediate checkpoint), unless a release
+  declared it final at that step and said why (``medidiff release --final-reason``);
 - its autoencoder stopped before its planned steps, or its held-out reconstruction PSNR (the
   EMA autoencoder on evaluation patches, ``eval_psnr_ema``) is below :data:`AE_PSNR_FLOOR_DB`, or
   was not recorded;
@@ -65,7 +66,8 @@ def checkpoint_warnings(ck: Any) -> list[str]:
     if stage == "autoencoder":
         return _ae_checks(ck.step, planned, _ae_psnr(ck.metrics), "the autoencoder checkpoint")
     out = []
-    if ck.step < planned:
+    declared = ((ck.info.get("release") or {}).get("final_at_step") or {}).get("step") == ck.step
+    if ck.step < planned and not declared:
         out.append(
             f"intermediate checkpoint: the diffusion network stopped at step {ck.step} of {planned} planned; "
             "expect blurred or implausible volumes. Use the run's final checkpoint."

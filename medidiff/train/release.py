@@ -97,6 +97,7 @@ def release_checkpoint(
     *,
     evaluation: Mapping[str, Any] | None = None,
     rebuild: str | None = None,
+    final_reason: str | None = None,
 ) -> Path:
     """Write an inference-only release of the checkpoint ``source`` into the new folder ``dest``.
 
@@ -106,6 +107,10 @@ def release_checkpoint(
         evaluation: held-out figures to put in the model card (e.g. a benchmark's JSON summary); a
             ``weights_sha256`` in it must be the source's (figures of other weights are refused).
         rebuild: the command that rebuilds the source checkpoint, for the model card.
+        final_reason: release a checkpoint that stopped before its planned steps as the model's final
+            weights, and why (e.g. "the 2-hour training budget ended here"); recorded in the model card
+            and the checkpoint, so that downstream stages do not warn about an intermediate checkpoint.
+            Refused for a checkpoint that did finish (nothing to declare).
 
     Returns:
         The released checkpoint folder ``dest/<stage>/ckpt-<step>``.
@@ -113,7 +118,8 @@ def release_checkpoint(
     Raises:
         CheckpointError: ``source`` is not a complete medidiff checkpoint (see ``load_checkpoint``).
         FileExistsError: ``dest`` exists.
-        ValueError: ``evaluation`` names other weights than the source's.
+        ValueError: ``evaluation`` names other weights than the source's, or ``final_reason`` is given
+            for a finished checkpoint or is empty.
     """
     started = datetime.now(UTC)
     ck = load_checkpoint(source)  # verifies both tensor files against their recorded SHA-256
@@ -127,6 +133,14 @@ def release_checkpoint(
         raise ValueError(
             f"the evaluation figures were measured on weights {measured_on}, not on {ck.path} "
             f"({ck.weights_sha256}); rerun the evaluation on this checkpoint"
+        )
+    planned = int(ck.config.training(ck.stage).steps)
+    if final_reason is not None and (not final_reason.strip() or ck.step >= planned):
+        raise ValueError(
+            f"final_reason declares a checkpoint that stopped before its planned steps final; {ck.path} is at "
+            f"step {ck.step} of {planned}"
+            + (" (it finished: leave final_reason out)" if ck.step >= planned else "")
+            + ("" if final_reason.strip() else ", and the reason is empty")
         )
     parts = _inference_parts(ck.stage, ck.parts)
     name = ck.path.name
@@ -150,6 +164,11 @@ def release_checkpoint(
             "source_parts": dict(parts),
             "evaluation": dict(evaluation or {}),
             "rebuild": rebuild,
+            **(
+                {"final_at_step": {"step": ck.step, "planned_steps": planned, "reason": final_reason.strip()}}
+                if final_reason is not None
+                else {}
+            ),
         }
         info: dict[str, Any] = {
             "format": FORMAT,

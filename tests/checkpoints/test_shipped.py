@@ -18,6 +18,7 @@ from medidiff.checkpoints import SHIPPED_DIR, default_prior, prior_or_default, s
 from medidiff.io.atomic import sha256_file
 from medidiff.train.checkpoint import WEIGHTS_FILE, load_checkpoint
 from medidiff.train.modelcard import read_model_card
+from medidiff.train.quality import checkpoint_warnings
 
 SHIPPED = shipped_checkpoints()
 BUDGET_BYTES = 25 * 2**20
@@ -42,7 +43,10 @@ def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str
     entry = SHIPPED[name]
     ck = load_checkpoint(entry.path)  # verifies the weights against checkpoint.json
     assert ck.inference_only and ck.stage == entry.stage
-    assert ck.step == ck.config.training(ck.stage).steps  # a finished run, not an intermediate one
+    # a finished run, or one its release declared final at this step with a reason (a budget that ended)
+    final = (ck.info.get("release") or {}).get("final_at_step")
+    assert ck.step == ck.config.training(ck.stage).steps or (final["step"] == ck.step and final["reason"])
+    assert not [w for w in checkpoint_warnings(ck) if w.startswith("intermediate")]
     assert float(ck.config.spacing_mm) == entry.spacing_mm
     assert set(entry.uses) <= {"synthesis", "reconstruction"} and bool(entry.uses) == (entry.role == "prior")
     card = read_model_card(ck.path)

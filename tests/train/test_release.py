@@ -148,3 +148,41 @@ def test_release_refuses_figures_measured_on_other_weights(latent_run: Path, tmp
         evaluation={"weights_sha256": src.weights_sha256, "psnr_db": {"mean": 30.5, "std": 0.5}},
     )
     assert "| psnr_db | 30.5 ± 0.5 |" in (folder / "model_card.md").read_text()
+
+
+def _stopped_run(root: Path) -> Path:
+    """A tiny latent run planned for 4 steps and stopped at step 2 (``until_step``)."""
+    from medidiff.train.loop import train
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(3, steps=4, log_every=1, ckpt_every=2, eval_batches=1, scale_factor_batches=1)
+    ae = train(cfg, blob_batches(2, (16, 16, 16)), root / "autoencoder", stage="autoencoder", progress=False)
+    lat = train(
+        cfg, blob_batches(2, (16, 16, 16)), root / "latent", stage="latent", autoencoder=ae.checkpoint,
+        until_step=2, progress=False,
+    )  # fmt: skip
+    if lat.checkpoint is None:
+        raise RuntimeError("the tiny run wrote no checkpoint")
+    return lat.checkpoint
+
+
+def test_a_release_can_declare_a_stopped_checkpoint_final_with_its_reason(tmp_path: Path) -> None:
+    """A run stopped before its planned steps (a budget that ran out) warns as intermediate until a release
+    declares it final and says why; a finished checkpoint or an empty reason is refused."""
+    from medidiff.train.quality import checkpoint_warnings
+
+    src = _stopped_run(tmp_path)
+    ck = load_checkpoint(src)
+    assert ck.step < ck.config.training(ck.stage).steps
+    assert any(w.startswith("intermediate") for w in checkpoint_warnings(ck))
+    with pytest.raises(ValueError, match="reason is empty"):
+        release_checkpoint(src, tmp_path / "empty", final_reason="  ")
+    out = release_checkpoint(src, tmp_path / "rel", final_reason="the 2-hour training budget ended here")
+    rel = load_checkpoint(out)
+    assert rel.info["release"]["final_at_step"] == {
+        "step": ck.step,
+        "planned_steps": ck.config.training(ck.stage).steps,
+        "reason": "the 2-hour training budget ended here",
+    }
+    assert not any(w.startswith("intermediate") for w in checkpoint_warnings(rel))
+    assert "released as final at step" in (out / "model_card.md").read_text()
