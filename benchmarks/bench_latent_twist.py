@@ -112,7 +112,8 @@ def run(
         ae = trained.autoencoder.eval()
         scale = float(trained.latent_scale_factor or 1.0)
     z = train_lat * scale
-    prior: Any = DiagonalGaussian(z.mean(0, keepdim=True), z.var(0, keepdim=True).clamp_min(1e-4))
+    gauss = DiagonalGaussian(z.mean(0, keepdim=True), z.var(0, keepdim=True).clamp_min(1e-4))
+    prior: Any = gauss
     ref = _volumes(cfg, "test", splits, entries)[0]
 
     s = SimpleNamespace(acceleration=acceleration, center_fraction=0.08, mask_kind="equispaced")
@@ -129,7 +130,7 @@ def run(
 
     with torch.no_grad():
         ceiling = op.decode(ae.encode(ref[None, None])[0] * scale)[0]
-        prior_mean = op.decode(prior.mean)[0]
+        prior_mean = op.decode(gauss.mean)[0]  # the training latents' mean, decoded
     out: dict[str, Any] = {
         "checkpoint": str(models.checkpoint.path),
         "prior": "diagonal Gaussian over the training latents"
