@@ -5,9 +5,12 @@ into its sidecar, so a result made with a half-trained prior says so where it is
 
 - the diffusion network stopped before its planned steps (an intermediate checkpoint), unless a release
   declared it final at that step and said why (``medidiff release --final-reason``);
-- its autoencoder stopped before its planned steps, or its held-out reconstruction PSNR (the
-  EMA autoencoder on evaluation patches, ``eval_psnr_ema``) is below :data:`AE_PSNR_FLOOR_DB`, or
-  was not recorded;
+- its autoencoder stopped before its planned steps, or its held-out reconstruction PSNR is below
+  :data:`AE_PSNR_FLOOR_DB`, or was not recorded. The PSNR is a release's held-out whole-volume figure
+  where the release records one (``evaluation.autoencoder_psnr_db.mean``, measured by
+  ``benchmarks/bench_autoencoder.py`` on the held-out volumes at the shipped compression, the figure
+  the floor was set on), else the training-time proxy ``eval_psnr_ema`` (the EMA autoencoder on a few
+  evaluation patches);
 - an autoencoder checkpoint used on its own: the same two checks on itself.
 
 The floor is the autoencoder acceptance level of the demo models (issue 15): below it, decoded
@@ -41,7 +44,16 @@ def _ae_psnr(record: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _ae_checks(step: int | None, planned: int, psnr: float | None, where: str) -> list[str]:
+def _released_ae_psnr(ck: Any) -> float | None:
+    """A release's held-out whole-volume autoencoder PSNR (``evaluation.autoencoder_psnr_db.mean``), if any."""
+    figure = ((ck.info.get("release") or {}).get("evaluation") or {}).get("autoencoder_psnr_db")
+    value = figure.get("mean") if isinstance(figure, dict) else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _ae_checks(
+    step: int | None, planned: int, psnr: float | None, where: str, on: str = "held-out patches"
+) -> list[str]:
     out = []
     if step is not None and step < planned:
         out.append(
@@ -52,7 +64,7 @@ def _ae_checks(step: int | None, planned: int, psnr: float | None, where: str) -
         out.append(f"{where} has no recorded held-out reconstruction PSNR; its quality is unknown.")
     elif psnr < AE_PSNR_FLOOR_DB:
         out.append(
-            f"{where} reconstructs held-out patches at {psnr:.1f} dB PSNR, below the {AE_PSNR_FLOOR_DB:g} dB "
+            f"{where} reconstructs {on} at {psnr:.1f} dB PSNR, below the {AE_PSNR_FLOOR_DB:g} dB "
             "floor: results lose detail the decoder cannot represent."
         )
     return out
@@ -76,7 +88,12 @@ def checkpoint_warnings(ck: Any) -> list[str]:
         record = dict(ck.training_state.get("autoencoder_checkpoint") or {})
         ae_planned = int(record.get("planned_steps") or cfg.training("autoencoder").steps)
         step = record.get("step")
+        held_out = _released_ae_psnr(ck)
         out += _ae_checks(
-            int(step) if step is not None else None, ae_planned, _ae_psnr(record), "its autoencoder"
+            int(step) if step is not None else None,
+            ae_planned,
+            held_out if held_out is not None else _ae_psnr(record),
+            "its autoencoder",
+            "held-out volumes" if held_out is not None else "held-out patches",
         )
     return out

@@ -56,3 +56,21 @@ def test_warnings_name_what_is_unfinished_or_poor(latent_prior, pixel_prior) -> 
     # an autoencoder checkpoint on its own
     assert any("floor" in w for w in checkpoint_warnings(ae))
     assert checkpoint_warnings(_with(ae, metrics={"eval_psnr_ema": 40.0})) == []
+
+
+def test_a_release_held_out_figure_decides_the_autoencoder_floor(latent_prior) -> None:  # noqa: F811
+    """A release's held-out whole-volume PSNR (the figure the floor was set on) replaces the training-time
+    proxy, both ways; the message says which figure it is."""
+    lat = load_checkpoint(latent_prior["latent"])
+    (proxy,) = checkpoint_warnings(lat)
+    assert "held-out patches" in proxy
+    for value, warned in ((AE_PSNR_FLOOR_DB + 0.5, False), (AE_PSNR_FLOOR_DB - 0.5, True)):
+        info = {**lat.info, "release": {"evaluation": {"autoencoder_psnr_db": {"mean": value}}}}
+        got = checkpoint_warnings(dataclasses.replace(lat, info=info))
+        assert bool(got) == warned
+        assert all("held-out volumes" in w for w in got)
+    # the shipped brain model: 30.49 dB held out, so no autoencoder warning (the proxy said 27.3)
+    from medidiff.checkpoints import shipped_checkpoints
+
+    brain = load_checkpoint(shipped_checkpoints()["demo-brain"].path)
+    assert checkpoint_warnings(brain) == []
