@@ -497,7 +497,7 @@ def _ancestral(
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
 
-            def report(info: dict[str, Any], start: int = start) -> None:
+            def report(info: dict[str, Any]) -> None:
                 nonlocal done
                 done += 1
                 if progress is not None:
