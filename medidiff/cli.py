@@ -119,6 +119,20 @@ def _stage_errors() -> Iterator[None]:
         raise typer.Exit(1) from e
 
 
+def _parse_grid(grid: str | None) -> tuple[int, int, int] | None:
+    """``--grid I,J,K`` as three positive integers (exit code 2 with a message otherwise)."""
+    if grid is None:
+        return None
+    try:
+        values = tuple(int(v) for v in grid.split(","))
+        if len(values) != 3 or min(values) < 1:
+            raise ValueError
+    except ValueError:
+        console.print(f"[red]error:[/red] --grid must be three positive integers I,J,K; got {grid!r}.")
+        raise typer.Exit(2) from None
+    return values  # type: ignore[return-value]
+
+
 def _say(message: str) -> None:
     """A stage's ``notify``: the plan as it is, warnings in yellow."""
     if message.startswith("warning: "):
@@ -567,15 +581,7 @@ def reconstruct(
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
     from medidiff.stages.reconstruct import reconstruct_volume
 
-    grid_t = None
-    if grid is not None:
-        try:
-            grid_t = tuple(int(v) for v in grid.split(","))
-            if len(grid_t) != 3 or min(grid_t) < 1:
-                raise ValueError
-        except ValueError:
-            console.print(f"[red]error:[/red] --grid must be three positive integers I,J,K; got {grid!r}.")
-            raise typer.Exit(2) from None
+    grid_t = _parse_grid(grid)
 
     with _sampling_progress(steps, particles) as cb:
         result = reconstruct_volume(
@@ -654,6 +660,12 @@ def denoise(
     tiling: Annotated[
         str, typer.Option(help="patches (default) or whole; see `reconstruct --help`.")
     ] = "patches",
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            help="I,J,K: denoise only this centred block (voxels along the file's axes), a quick look."
+        ),
+    ] = None,
     precision: Annotated[
         str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
     ] = "auto",
@@ -664,6 +676,7 @@ def denoise(
     """Denoise a volume by posterior sampling under a diffusion prior, with a per-voxel uncertainty."""
     from medidiff.stages.denoise import denoise_volume
 
+    grid_t = _parse_grid(grid)
     with _sampling_progress(steps, particles) as cb:
         result = denoise_volume(
             image,
@@ -679,6 +692,7 @@ def denoise(
             seed=seed,
             device=device,
             tiling=tiling,
+            grid=grid_t,
             precision=precision,
             chunk_size=chunk_size,
             progress=cb,

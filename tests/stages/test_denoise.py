@@ -246,3 +246,32 @@ def test_non_finite_network_output_fails_clearly(gaussian_case) -> None:
     with pytest.raises(FloatingPointError, match="non-finite"):
         denoise_volume(d / "noisy.nii.gz", d / "out", sigma=SIGMA, checkpoint=broken, n_particles=2, steps=2)
     assert not (d / "out").exists()  # nothing half-written
+
+
+def test_a_block_on_request_is_the_same_as_denoising_the_cut_file(gaussian_case, tmp_path: Path) -> None:
+    """grid=(I, J, K) denoises the centred block along the file's own axes: its outputs carry the block's
+    affine (voxel 0 at the block's start in the world) and equal those of the same block cut beforehand."""
+    d = gaussian_case["dir"]
+    kw = {"sigma": SIGMA, "n_particles": 4, "steps": 3, "normalization": IDENTITY, "seed": 2}
+    said: list[str] = []
+    res = denoise_volume(
+        d / "noisy.nii.gz", tmp_path / "block", checkpoint=GaussianPixelPrior(M, V), grid=(8, 10, 6),
+        notify=said.append, **kw,
+    )  # fmt: skip
+    start = np.array([(16 - 8) // 2, (20 - 10) // 2, (12 - 6) // 2])
+    cut = gaussian_case["noisy"][4:12, 5:15, 3:9]
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = AFFINE[:3, :3] @ start + AFFINE[:3, 3]
+    write_nifti(Volume(cut, shifted, modality="MR"), tmp_path / "cut.nii.gz")
+    denoise_volume(tmp_path / "cut.nii.gz", tmp_path / "whole", checkpoint=GaussianPixelPrior(M, V), **kw)
+    a, b = nib.load(tmp_path / "block" / "mean.nii.gz"), nib.load(tmp_path / "whole" / "mean.nii.gz")
+    assert a.shape == (8, 10, 6)
+    np.testing.assert_allclose(a.affine, shifted, atol=1e-6)
+    np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())
+    assert res.sidecar["grid"]["block_start"] == start.tolist()
+    assert res.sidecar["grid"]["volume_shape"] == [16, 20, 12]
+    assert said[0].startswith("Denoising the centred 8x10x6 block (on request) of the 16x20x12-voxel volume")
+    with pytest.raises(ValueError, match="must fit inside"):
+        denoise_volume(
+            d / "noisy.nii.gz", tmp_path / "big", checkpoint=GaussianPixelPrior(M, V), grid=(8, 30, 6)
+        )
