@@ -652,7 +652,13 @@ def denoise(
         Path | None, typer.Option(help="Clean volume on the same grid: PSNR, SSIM and coverage are recorded.")
     ] = None,
     modality: Annotated[str, typer.Option(help="DICOM modality code of the image.")] = "MR",
-    method: Annotated[str, typer.Option(help="smc, afdps or dps.")] = "smc",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="auto (ancestral sampling from the noisy image for a pixel-space prior, smc for a latent "
+            "one), ancestral, smc, afdps or dps."
+        ),
+    ] = "auto",
     particles: Annotated[int, typer.Option(help="Posterior samples (SMC particles).")] = 16,
     steps: Annotated[int, typer.Option(help="Sampler steps (noise levels).")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

@@ -181,6 +181,7 @@ def test_denoise_stable_interface_with_the_shipped_prior(tmp_path: Path) -> None
     assert "shipped demo prior" in out.stderr and "Denoising the whole 20x20x20-voxel volume" in out.stderr
     side = json.loads((tmp_path / "dn" / "denoise.json").read_text())
     assert side["noise"]["model"] == "rician" and side["noise"]["estimated"]
+    assert side["method"]["used"] == "ancestral"  # the default for a pixel-space prior
     assert abs(side["noise"]["sigma"] / s - 1) < 0.1
     assert {"psnr_db", "ssim", "coverage90", "input_psnr_db"} <= set(side["metrics"])
     for name in ("mean", "std", "lower90", "upper90"):

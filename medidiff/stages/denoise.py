@@ -125,6 +125,7 @@ class _Input:
     warnings: list[str]
     volume_shape: tuple[int, ...]  # the file's volume, before any block was cut
     block_start: tuple[int, ...]  # where the block starts in it (zeros for the whole volume)
+    whole: np.ndarray  # the file's whole volume (its own axes): the noise level is estimated on it
 
 
 def denoise_volume(
@@ -254,7 +255,8 @@ def denoise_volume(
     ref = _read(Path(reference), s.modality, "reference", s.grid) if reference is not None else None
     if ref is not None:
         _check_same_grid(src, ref)
-    est = estimate_noise(src.raw, s.noise, s.sigma)
+    # on the whole file even for a block: more voxels, and the background a Rician estimate needs
+    est = estimate_noise(src.whole, s.noise, s.sigma)
     pri = _resolve_prior(checkpoint, rs, normalization)  # CheckpointError for anything but a diffusion prior
     if s.method in ("afdps", "dps"):
         from medidiff.inverse.api import method_options
@@ -569,7 +571,13 @@ def _read(path: Path, modality: str, what: str, block: tuple[int, int, int] | No
     arr = np.asarray(vol.array, np.float64)
     if arr.ndim != 3 or min(arr.shape) < 2:
         raise ValueError(f"the {what} {path.name} must be a 3D volume; its shape is {arr.shape}.")
+    bad = int((~np.isfinite(arr)).sum())  # anywhere in the file: the noise level is estimated on all of it
+    if bad:
+        raise ValueError(
+            f"the {what} {path.name} holds {bad} NaN or infinite voxels; repair or mask them first."
+        )
     volume_shape = tuple(int(n) for n in arr.shape)
+    whole = arr
     affine = np.asarray(vol.affine, np.float64)
     start = (0, 0, 0)
     if block is not None:
@@ -581,11 +589,6 @@ def _read(path: Path, modality: str, what: str, block: tuple[int, int, int] | No
         arr = arr[tuple(slice(a, a + int(g)) for a, g in zip(start, block, strict=True))]
         affine = affine.copy()
         affine[:3, 3] = affine[:3, :3] @ np.asarray(start, np.float64) + affine[:3, 3]
-    bad = int((~np.isfinite(arr)).sum())
-    if bad:
-        raise ValueError(
-            f"the {what} {path.name} holds {bad} NaN or infinite voxels; repair or mask them first."
-        )
     if float(arr.max() - arr.min()) == 0.0:
         raise ValueError(
             f"the {what} {path.name} is constant (every voxel {arr.flat[0]:g}): nothing to denoise."
@@ -593,7 +596,7 @@ def _read(path: Path, modality: str, what: str, block: tuple[int, int, int] | No
     ras = reorient_to_ras(Volume(arr, affine, modality=modality))
     return _Input(
         np.asarray(ras.array, np.float64), ras.affine, affine, nio.io_orientation(affine), warnings,
-        volume_shape, start,
+        volume_shape, start, whole,
     )  # fmt: skip
 
 
