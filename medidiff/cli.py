@@ -119,6 +119,15 @@ def _stage_errors() -> Iterator[None]:
         raise typer.Exit(1) from e
 
 
+# options the sampling commands (reconstruct, denoise) share
+_Precision = Annotated[
+    str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+]
+_ChunkSize = Annotated[
+    int | None, typer.Option(help="Particles per network call (bounds memory; same result).")
+]
+
+
 def _parse_grid(grid: str | None) -> tuple[int, int, int] | None:
     """``--grid I,J,K`` as three positive integers (exit code 2 with a message otherwise)."""
     if grid is None:
@@ -571,12 +580,8 @@ def reconstruct(
     tile_overlap: Annotated[
         float, typer.Option(help="Overlap fraction of the patches (--tiling patches).")
     ] = 0.25,
-    precision: Annotated[
-        str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
-    ] = "auto",
-    chunk_size: Annotated[
-        int | None, typer.Option(help="Particles per network call (bounds memory; same result).")
-    ] = None,
+    precision: _Precision = "auto",
+    chunk_size: _ChunkSize = None,
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
     from medidiff.stages.reconstruct import reconstruct_volume
@@ -672,12 +677,8 @@ def denoise(
             help="I,J,K: denoise only this centred block (voxels along the file's axes), a quick look."
         ),
     ] = None,
-    precision: Annotated[
-        str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
-    ] = "auto",
-    chunk_size: Annotated[
-        int | None, typer.Option(help="Particles per network call (bounds memory; same result).")
-    ] = None,
+    precision: _Precision = "auto",
+    chunk_size: _ChunkSize = None,
 ) -> None:
     """Denoise a volume by posterior sampling under a diffusion prior, with a per-voxel uncertainty."""
     from medidiff.stages.denoise import denoise_volume

@@ -48,6 +48,7 @@ __all__ = [
     "load_key",
     "scrub_metadata",
     "scrub_path",
+    "scrub_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,14 @@ def scrub_path(text: str, path: str | os.PathLike[str], name: str) -> str:
     stem = p.name.removesuffix(".gz").removesuffix(".nii")
     for needle in sorted({str(path), str(p.resolve()), p.name, stem} - {""}, key=len, reverse=True):
         text = re.sub(re.escape(needle), name, text, flags=re.IGNORECASE)
+    return text
+
+
+def scrub_paths(text: str, paths: Iterable[str | os.PathLike[str] | None], name: str) -> str:
+    """:func:`scrub_path` for each of a stage's input files (None entries skipped)."""
+    for path in paths:
+        if path is not None:
+            text = scrub_path(text, path, name)
     return text
 
 

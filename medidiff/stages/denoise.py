@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from medidiff import __version__
+from medidiff.inverse import PosteriorResult
 from medidiff.stages.reconstruct import NotifyCallback, ProgressCallback, ReconstructSettings
 
 __all__ = ["DenoiseResult", "DenoiseSettings", "denoise_volume"]
@@ -196,7 +197,7 @@ def denoise_volume(
         ValueError / FileNotFoundError / CheckpointError: a bad request or input, before any compute.
     """
     from medidiff.inverse.simple_ops import Identity
-    from medidiff.privacy import scrub_path
+    from medidiff.privacy import scrub_paths
     from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.stages._reconstruct_io import jsonable
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
@@ -283,16 +284,16 @@ def denoise_volume(
     pad_rng = np.random.default_rng(seeds["noise"])
     y_np = (float((scale * observed + offset).min()) + sy * pad_rng.standard_normal(grid)).astype(np.float32)
     y_np[inside] = scale * observed + offset
-    used, why = _resolve_method(s, pri, sy)
+    pixel_prior = pri.kind == "pixel" or (pri.kind == "latent" and pri.pixel_space)
+    noise_range = _noise_range(pri) if pixel_prior else None
+    used, why = _resolve_method(s, pri, sy, noise_range)
     if used == "ancestral" and s.options:
         raise ValueError(
             f"options {sorted(s.options)} are sampler options of method='smc'; ancestral denoising takes none."
         )
     warnings = list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri)
     if input_label is not None:
-        warnings = [
-            scrub_path(scrub_path(w, image, input_label), reference or image, input_label) for w in warnings
-        ]
+        warnings = [scrub_paths(w, (image, reference), input_label) for w in warnings]
     if s.noise == "rician":
         warnings.append(
             "Rician noise is modelled as Gaussian on the bias-corrected magnitude sqrt(M^2 - sigma^2): "
@@ -320,7 +321,7 @@ def denoise_volume(
     op = Identity(grid)
     y = torch.from_numpy(y_np)
     if used == "ancestral":
-        res = _ancestral(s, pri, op, y, sy, dev, prec, seeds["sampler"], progress)
+        res = _ancestral(s, pri, op, y, sy, dev, prec, seeds["sampler"], progress, noise_range[0])  # type: ignore[index]
     else:
         res = _sample(rs, pri, op, y, sy, s.modality, dev, prec, seeds["sampler"], progress)
     if not bool(torch.isfinite(res.mean).all()):
@@ -443,9 +444,12 @@ def _noise_range(pri: Any) -> tuple[float, float]:
     return steps.sigma_min / scale, steps.sigma_max / scale
 
 
-def _resolve_method(s: DenoiseSettings, pri: Any, sy: float) -> tuple[str, str]:
-    """``(method used, why)``: ``"ancestral"`` for a pixel-space prior whose noise range holds ``sy``."""
-    pixel = pri.kind == "pixel" or (pri.kind == "latent" and pri.pixel_space)
+def _resolve_method(
+    s: DenoiseSettings, pri: Any, sy: float, noise_range: tuple[float, float] | None
+) -> tuple[str, str]:
+    """``(method used, why)``: ``"ancestral"`` for a pixel-space prior (``noise_range`` given) whose noise
+    range holds ``sy``."""
+    pixel = noise_range is not None
     if s.method not in ("auto", "ancestral"):
         return s.method, "as requested"
     if not pixel:
@@ -455,7 +459,7 @@ def _resolve_method(s: DenoiseSettings, pri: Any, sy: float) -> tuple[str, str]:
                 "diffusion in latent space); use method='smc' (the default for latent priors)."
             )
         return "smc", "a latent prior: the identity likelihood through the decoder"
-    lo, hi = _noise_range(pri)
+    lo, hi = noise_range
     if lo < sy <= hi:
         return "ancestral", "the noisy image is a diffusion state of the pixel-space prior"
     if s.method == "ancestral":
@@ -464,20 +468,6 @@ def _resolve_method(s: DenoiseSettings, pri: Any, sy: float) -> tuple[str, str]:
             "use method='smc'."
         )
     return "smc", f"the noise level {sy:.4g} lies outside the prior's noise range ({lo:.4g}, {hi:.4g}]"
-
-
-@dataclass
-class _AncestralResult:
-    """What the stage reads of a sampler's result (the fields of :class:`~medidiff.inverse.PosteriorResult`)."""
-
-    mean: Tensor
-    std: Tensor
-    samples: Tensor
-    weights: Tensor
-    ess: list[float]
-    n_resamples: int
-    nfe: int
-    info: dict[str, Any]
 
 
 def _ancestral(
@@ -490,9 +480,10 @@ def _ancestral(
     prec: Any,
     seed: int,
     progress: ProgressCallback | None,
-) -> _AncestralResult:
-    """Particles from ``y`` at ``sy`` to zero by DDPM ancestral steps (linearly spaced noise levels); the
-    mean is Tweedie's ``D(y, sy)``."""
+    sigma_floor: float,
+) -> PosteriorResult:
+    """Particles from ``y`` at ``sy`` down to ``sigma_floor``, then zero, by DDPM ancestral steps (linearly
+    spaced noise levels), equally weighted; the mean is Tweedie's ``D(y, sy)``."""
     from medidiff.diffusion.samplers import per_sample_generators, sample_ddim
 
     if pri.kind == "pixel":
@@ -507,8 +498,7 @@ def _ancestral(
             models, op, MODALITY_CODES.get(s.modality, MODALITY_CODES["OT"]), "ancestral", prec.autocast_dtype,
             tiling=s.tiling, tile_overlap=s.tile_overlap,
         )  # fmt: skip
-    lo, _ = _noise_range(pri)
-    floor = max(lo, 1e-3 * sy) if s.steps > 1 else sy
+    floor = max(sigma_floor, 1e-3 * sy) if s.steps > 1 else sy
     sigmas = torch.cat(
         [torch.linspace(sy, floor, s.steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     ).tolist()
@@ -538,13 +528,16 @@ def _ancestral(
             "or run with precision='fp32'."
         )
     std = out.to(torch.float64).std(0, correction=0).to(y.dtype)
-    return _AncestralResult(
-        mean=mean, std=std, samples=out, weights=torch.full((n,), 1.0 / n, dtype=torch.float64),
-        ess=[float(n)] * s.steps, n_resamples=0, nfe=n * s.steps + 1,
+    weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    return PosteriorResult(
+        samples=out, weights=weights, mean=mean, std=std,
+        ess=torch.full((s.steps,), float(n), dtype=torch.float64), log_weights=weights.log(),
+        n_resamples=0, resample_steps=[], nfe=s.steps, method="ancestral",
+        sigmas=torch.tensor(sigmas, dtype=torch.float64),
         info={
             "sampler": "DDPM ancestral (sample_ddim, eta=1) from the noisy image",
             "sigmas": sigmas,
-            "mean": "Tweedie: D(y, sigma)",
+            "mean": "Tweedie: D(y, sigma), one more network call",
         },
     )  # fmt: skip
 

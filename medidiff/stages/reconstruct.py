@@ -320,7 +320,7 @@ def reconstruct_volume(
         ValueError / TypeError / FileNotFoundError: a bad request or input (before any compute).
         CheckpointError: ``prior`` is not a latent diffusion checkpoint.
     """
-    from medidiff.privacy import scrub_path
+    from medidiff.privacy import scrub_paths
     from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.train.precision import resolve_precision
 
@@ -454,9 +454,7 @@ def reconstruct_volume(
         + geom.warnings
     )
     if input_label is not None:
-        for p in roles.values():
-            if p is not None:
-                warnings = [scrub_path(w, p, input_label) for w in warnings]
+        warnings = [scrub_paths(w, roles.values(), input_label) for w in warnings]
     if raw is None:
         files.update(write_simulated(kind, op, y, scale, offset, out))
     sidecar = {

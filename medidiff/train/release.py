@@ -135,12 +135,14 @@ def release_checkpoint(
             f"({ck.weights_sha256}); rerun the evaluation on this checkpoint"
         )
     planned = int(ck.config.training(ck.stage).steps)
-    if final_reason is not None and (not final_reason.strip() or ck.step >= planned):
+    if final_reason is not None and not final_reason.strip():
         raise ValueError(
-            f"final_reason declares a checkpoint that stopped before its planned steps final; {ck.path} is at "
-            f"step {ck.step} of {planned}"
-            + (" (it finished: leave final_reason out)" if ck.step >= planned else "")
-            + ("" if final_reason.strip() else ", and the reason is empty")
+            "final_reason is empty: say why the checkpoint is final (e.g. the budget that ended)."
+        )
+    if final_reason is not None and ck.step >= planned:
+        raise ValueError(
+            f"{ck.path} finished its {planned} planned steps; final_reason is for a checkpoint that stopped "
+            "before them (leave it out)."
         )
     parts = _inference_parts(ck.stage, ck.parts)
     name = ck.path.name
