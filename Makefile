@@ -44,7 +44,9 @@ demo: setup
 	# the same held-out MR denoised (magnitude MR: Rician noise, its level estimated from the background), a centred 32^3 block for speed
 	$(VENV)/bin/medidiff denoise "$$(ls $(DEMO_DIR)/ingested/sub-ccc487be7b8bd467/*_MR_*.nii.gz | head -n 1)" \
 		--noise rician --grid 32,32,32 --particles 8 --steps 40 --out $(DEMO_DIR)/denoised
-	@echo "demo outputs: $(DEMO_DIR)/ingested (manifest.json, datacard.md), $(DEMO_DIR)/synthetic, $(DEMO_DIR)/reconstruction, $(DEMO_DIR)/denoised"
+	# a brain the shipped segmenter never saw (mr-019, the reporting part of configs/seg_brain.yaml) segmented whole: labels, probabilities, uncertainty, volumes in mL
+	$(VENV)/bin/medidiff segment "$$(ls $(DEMO_DIR)/ingested/sub-ce0c97ca8aaa5021/*_MR_*.nii.gz | head -n 1)" --out $(DEMO_DIR)/segmentation
+	@echo "demo outputs: $(DEMO_DIR)/ingested (manifest.json, datacard.md), $(DEMO_DIR)/synthetic, $(DEMO_DIR)/reconstruction, $(DEMO_DIR)/denoised, $(DEMO_DIR)/segmentation"
 
 test: setup
 	bash scripts/install_test_tools.sh
@@ -102,8 +104,12 @@ bench-imaging: setup
 # at 1 thread) and the latent diffusion model on its whole-brain latents (configs/model_brain_ldm_e.yaml: 1600
 # steps, then trained on with the learning-rate schedule of a 6000-step run and stopped at 5000, where the
 # 2-hour budget ran out; 2 h at 2 threads).
+# demo-seg-brain: the diffusion segmenter of configs/seg_brain.yaml; its benchmark run stopped at its 1500 s
+# budget after 1671 steps (1 thread), so the rebuild trains exactly that many steps (same seed: the same
+# weights on the same kind of CPU); stored in float16 (--half).
 # Each line resumes an interrupted run and skips a finished one.
 BRAIN_RUN ?= runs/brain_ldm_e
+SEG_RUN   ?= runs/seg_brain_diffusion
 
 checkpoints: setup
 	$(MAKE) prior
@@ -121,6 +127,11 @@ checkpoints: setup
 	$(VENV)/bin/medidiff release $(BRAIN_RUN)/latent medidiff/checkpoints/demo-brain \
 		--evaluation benchmarks/shipped/demo-brain.json --rebuild "make checkpoints" \
 		--final-reason "the 2-hour training budget on 2 CPU cores ended here (1600 steps, then trained on with the learning-rate schedule of a 6000-step run)"
+	test -f $(SEG_RUN)/segmenter/ckpt-00001671/checkpoint.json || OMP_NUM_THREADS=1 $(VENV)/bin/medidiff train-seg \
+		configs/seg_brain.yaml $(SEG_RUN) --max-steps 1671 --budget-s 100000
+	rm -rf medidiff/checkpoints/demo-seg-brain
+	$(VENV)/bin/medidiff release $(SEG_RUN)/segmenter medidiff/checkpoints/demo-seg-brain --half \
+		--evaluation benchmarks/shipped/demo-seg-brain.json --rebuild "make checkpoints"
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("out_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--noise", choices=["gaussian", "rician"], default="gaussian")
+    p.add_argument("--noise", choices=["gaussian", "rician", "ct"], default="gaussian")
+    p.add_argument("--dose", type=float, default=None, help="--noise ct: dose fraction (default 0.25)")
     p.add_argument("--sigma", type=float, default=None)
     p.add_argument("--particles", type=int, default=16)
     p.add_argument("--steps", type=int, default=30)
@@ -67,6 +68,7 @@ def main() -> None:
         "sigma": a.sigma,
         "n_particles": a.particles,
         "steps": a.steps,
+        **({"dose": a.dose} if a.dose is not None else {}),
     }
     print(denoise_flow(a.out_dir, a.images, settings))
 

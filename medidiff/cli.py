@@ -372,20 +372,31 @@ def release(
             "(recorded; downstream stages then do not warn that it is intermediate)."
         ),
     ] = None,
+    half: Annotated[
+        bool, typer.Option(help="Segmenters: store the weights in float16 (half the size).")
+    ] = False,
 ) -> None:
     """Cut an inference-only release of a checkpoint (no optimizer state, no local paths) for shipping."""
     import json
 
-    from medidiff.train.checkpoint import CheckpointError
+    from medidiff.train.checkpoint import CheckpointError, load_checkpoint
     from medidiff.train.release import release_checkpoint
+    from medidiff.train.seg_release import release_segmenter
 
     try:
         figures = json.loads(evaluation.read_text(encoding="utf-8")) if evaluation is not None else None
         if figures is not None and not isinstance(figures, dict):
             raise ValueError(f"{evaluation} must hold a JSON object of figures")
-        folder = release_checkpoint(
-            source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason
-        )
+        if load_checkpoint(source, verify=False).stage == "segmenter":
+            if final_reason is not None:
+                raise ValueError("--final-reason is for diffusion models; a segmenter stops at its budget")
+            folder = release_segmenter(source, dest, evaluation=figures, rebuild=rebuild, half=half)
+        else:
+            if half:
+                raise ValueError("--half is for segmenters only")
+            folder = release_checkpoint(
+                source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason
+            )
     except (
         CheckpointError,
         ValueError,
@@ -642,7 +653,13 @@ def reconstruct(
 def denoise(
     image: Annotated[Path, typer.Argument(help="The noisy NIfTI volume.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    noise: Annotated[str, typer.Option(help="Noise model: gaussian, or rician (magnitude MR).")] = "gaussian",
+    noise: Annotated[
+        str,
+        typer.Option(
+            help="Noise model: gaussian, rician (magnitude MR), or ct (low-dose CT: the input is the full-dose "
+            "truth, its scan at --dose is simulated with Poisson counts and denoised)."
+        ),
+    ] = "gaussian",
     sigma: Annotated[
         float | None,
         typer.Option(help="Noise standard deviation in the image's units (default: estimated, recorded)."),
@@ -679,6 +696,13 @@ def denoise(
     ] = None,
     precision: _Precision = "auto",
     chunk_size: _ChunkSize = None,
+    dose: Annotated[
+        float | None, typer.Option(help="--noise ct: dose fraction of the full dose, e.g. 0.25 (default).")
+    ] = None,
+    photons: Annotated[
+        float | None, typer.Option(help="--noise ct: incident photons per ray at full dose (default 1e5).")
+    ] = None,
+    views: Annotated[int | None, typer.Option(help="--noise ct: view angles over 180 degrees.")] = None,
 ) -> None:
     """Denoise a volume by posterior sampling under a diffusion prior, with a per-voxel uncertainty."""
     from medidiff.stages.denoise import denoise_volume
@@ -704,18 +728,111 @@ def denoise(
             chunk_size=chunk_size,
             progress=cb,
             notify=_say,
+            dose=dose,
+            photons=photons,
+            views=views,
         )
     noise_rec = result.sidecar["noise"]
-    how = "given" if not noise_rec["estimated"] else f"estimated ({noise_rec['method']})"
-    console.print(f"Noise: {noise_rec['model']}, sigma {result.sigma:.4g} in the image's units, {how}.")
+    if noise_rec["model"] == "ct":
+        console.print(
+            f"Low-dose scan: {noise_rec['dose']:g} of {noise_rec['photons_full_dose']:g} photons per ray; the "
+            f"low-dose FBP's noise is {result.sigma:.1f} HU (low_dose_fbp.nii.gz)."
+        )
+    else:
+        how = "given" if not noise_rec["estimated"] else f"estimated ({noise_rec['method']})"
+        console.print(f"Noise: {noise_rec['model']}, sigma {result.sigma:.4g} in the image's units, {how}.")
     if result.metrics:
-        table = Table(title="Denoising against the reference (normalised units)")
+        units = "HU window" if noise_rec["model"] == "ct" else "normalised units"
+        table = Table(title=f"Denoising against the reference ({units})")
         table.add_column("metric")
         table.add_column("value")
         for k, v in result.metrics.items():
             if isinstance(v, int | float):
                 table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(table)
+    console.print(f"Outputs in [bold]{escape(str(result.out_dir))}[/bold]")
+
+
+@app.command(
+    "train-seg",
+    epilog=(
+        "Examples:\n\n"
+        "  medidiff train-seg configs/seg_brain.yaml runs/seg_brain_diffusion\n\n"
+        "  medidiff train-seg configs/seg_brain.yaml runs/seg_brain_dynunet --arch dynunet\n\n"
+        "Both designs stop at the same wall-clock budget (--budget-s, default from the config)."
+    ),
+)
+def train_seg(
+    config: Annotated[Path, typer.Argument(help="Segmentation YAML (data pairs, label card, model).")],
+    out: Annotated[Path, typer.Argument(help="New run folder (its segmenter/ must not exist).")],
+    arch: Annotated[
+        str | None, typer.Option(help="diffusion (conditional diffusion segmenter) or dynunet (baseline).")
+    ] = None,
+    budget_s: Annotated[float | None, typer.Option(help="Wall-clock training budget in seconds.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop earlier after this many steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed (default: the config's).")] = None,
+) -> None:
+    """Train a segmenter on image / label-map pairs (label names, codes and colours from the label card)."""
+    from medidiff.config import ConfigError
+    from medidiff.stages.train_seg import train_segmenter
+
+    if arch not in (None, "diffusion", "dynunet"):
+        console.print(f"[red]error:[/red] --arch must be diffusion or dynunet, not {arch!r}")
+        raise typer.Exit(2)
+    try:
+        folder = train_segmenter(
+            config, out, budget_s=budget_s, max_steps=max_steps, arch=arch, seed=seed, progress=_say
+        )
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
+    console.print(f"Checkpoint in [bold]{escape(str(folder))}[/bold]")
+
+
+@app.command(
+    epilog=(
+        "Example:\n\n  medidiff segment scan.nii.gz --out seg/ --samples 8\n\n"
+        "Writes labels.nii.gz (the label table's integer values), probabilities.nii.gz (one channel per "
+        "label), uncertainty.nii.gz (normalised predictive entropy), disagreement.nii.gz and segment.json "
+        "(label names, codes, colours; volumes in mL with their spread over the samples), all on the "
+        "input's grid and affine."
+    )
+)
+def segment(
+    image: Annotated[Path, typer.Argument(help="The NIfTI volume to segment.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Segmenter from `medidiff train-seg` (default: the shipped demo segmenter)."),
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="Samples K (default: the checkpoint's).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps per sample (default: the checkpoint's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Segment a volume, with per-voxel uncertainty and per-structure volumes."""
+    from medidiff.stages.segment import segment_volume
+
+    bar = _RichProgress(_progress_bar(), lazy=True)  # starts at the first network pass, after the checks
+    try:
+        with _stage_errors():
+            result = segment_volume(
+                image, out, checkpoint=checkpoint, samples=samples, steps=steps, seed=seed, notify=_say,
+                progress=lambda done, total: bar("Segmenting", done, total),
+            )  # fmt: skip
+    finally:
+        if bar.started:
+            bar.progress.stop()
+    table = Table(title="Structures (mL; mean +- SD over the samples)")
+    for col in ("label", "name", "volume", "samples"):
+        table.add_column(col)
+    for st in result.sidecar["structures"]:
+        v = st["volume_ml_samples"]
+        table.add_row(
+            str(st["value"]), st["name"], f"{st['volume_ml']:.1f}", f"{v['mean']:.1f} +- {v['sd']:.1f}"
+        )
+    console.print(table)
     console.print(f"Outputs in [bold]{escape(str(result.out_dir))}[/bold]")
 
 

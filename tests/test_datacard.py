@@ -233,3 +233,17 @@ def test_committed_demo_cohort_card_validates() -> None:
     path = Path(__file__).resolve().parents[1] / "data_cards" / "demo_cohort.json"
     card = read_datacard(path)
     assert card.n_series >= 30 and card.counts_per_modality["MR"] == 20
+
+
+def test_label_card_matches_the_demo_generator() -> None:
+    """The label table segmenters copy names the generator's values, with a code for every structure."""
+    from medidiff.demo.ct import CT_LABELS
+    from medidiff.demo.mr import MR_LABELS
+    from medidiff.stages._seg_io import load_label_table
+
+    card = Path(__file__).resolve().parents[1] / "data_cards" / "demo_cohort_labels.json"
+    for modality, generator in (("MR", MR_LABELS), ("CT", CT_LABELS)):
+        table = load_label_table(card, modality)
+        assert {d.value: d.name for d in table} == generator
+        assert all(d.type is not None and d.category is not None for d in table if d.value != 0)
+        assert len({d.colour for d in table}) == len(table)  # every structure its own colour

@@ -20,6 +20,7 @@ __all__ = [
     "ShippedCheckpoint",
     "default_prior",
     "prior_or_default",
+    "segmenter_or_default",
     "shipped_checkpoints",
 ]
 
@@ -34,8 +35,9 @@ class ShippedCheckpoint:
     Attributes:
         name: its key in ``shipped.json`` (e.g. ``"demo-pixel"``).
         path: its stage folder (holds ``latest``, ``data.json`` and the ``ckpt-<step>`` folder).
-        role: ``"prior"`` (a diffusion model for synthesis and reconstruction) or ``"autoencoder"``.
-        stage: ``"latent"`` or ``"autoencoder"``, as in its ``checkpoint.json``.
+        role: ``"prior"`` (a diffusion model for synthesis and reconstruction), ``"autoencoder"`` or
+            ``"segmenter"``.
+        stage: ``"latent"``, ``"autoencoder"`` or ``"segmenter"``, as in its ``checkpoint.json``.
         modalities: the DICOM modality codes it was trained on.
         spacing_mm: the voxel size it works at.
         uses: what it is the default for: ``"synthesis"``, ``"reconstruction"`` (priors only).
@@ -111,4 +113,27 @@ def prior_or_default(
     return demo.path, [
         f"no prior given: using the shipped demo prior {demo.name!r} ({demo.description}). It has seen only "
         "the synthetic demo cohort; pass a checkpoint trained on your data for real scans."
+    ]
+
+
+def segmenter_or_default(checkpoint: Any, modality: str | None = None) -> tuple[Any, list[str]]:
+    """``(checkpoint, [])`` when one is given, else the shipped demo segmenter's folder and a warning.
+
+    Raises:
+        ValueError: none given and none shipped for ``modality`` (the message says what to pass).
+    """
+    if checkpoint is not None:
+        return checkpoint, []
+    segs = [c for c in shipped_checkpoints().values() if c.role == "segmenter"]
+    fits = [c for c in segs if modality is None or modality.upper() in c.modalities]
+    if not fits:
+        have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in segs) or "none"
+        raise ValueError(
+            f"no shipped demo segmenter for modality {modality!r} (shipped: {have}); pass a checkpoint "
+            "trained with `medidiff train-seg` (--checkpoint)."
+        )
+    demo = fits[0]
+    return demo.path, [
+        f"no checkpoint given: using the shipped demo segmenter {demo.name!r} ({demo.description}). It has "
+        "seen only the synthetic demo cohort; pass a segmenter trained on your data for real scans."
     ]

@@ -24,6 +24,7 @@ from torch import Tensor
 from medidiff.inverse.operators import LinearOperator, batch_dot
 
 __all__ = [
+    "CT_WINDOW_HU",
     "chi2_per_measurement",
     "effective_sample_size",
     "image_metrics",
@@ -31,6 +32,7 @@ __all__ = [
     "predictive_factor",
     "predictive_interval",
     "weighted_quantiles",
+    "window_metrics",
 ]
 
 
@@ -149,6 +151,50 @@ def interval_coverage(
         raise ValueError(f"kind must be 'quantile' or 'predictive'; got {kind!r}.")
     t = truth.detach().to(device=lo.device, dtype=torch.float64)
     return float(((t >= lo) & (t <= hi)).to(torch.float64).mean())
+
+
+CT_WINDOW_HU = (-160.0, 240.0)
+"""The fixed window CT metrics use: soft tissue, W 400 / L 40 HU."""
+
+
+def window_metrics(
+    reference_hu: np.ndarray | Tensor,
+    estimate_hu: np.ndarray | Tensor,
+    window: tuple[float, float] = CT_WINDOW_HU,
+) -> dict[str, Any]:
+    """PSNR (dB) and SSIM of CT volumes in one fixed HU window: both clipped to ``window``, ``data_range``
+    its width (explicit, so figures of different volumes and methods compare)."""
+    from skimage.metrics import structural_similarity
+
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"window must be increasing, got {window}")
+    ref = np.clip(
+        np.asarray(
+            reference_hu.detach().cpu() if isinstance(reference_hu, Tensor) else reference_hu, np.float64
+        ),
+        lo,
+        hi,
+    )
+    est = np.clip(
+        np.asarray(
+            estimate_hu.detach().cpu() if isinstance(estimate_hu, Tensor) else estimate_hu, np.float64
+        ),
+        lo,
+        hi,
+    )
+    if ref.shape != est.shape:
+        raise ValueError(f"reference {ref.shape} and estimate {est.shape} differ in shape.")
+    if not (np.isfinite(ref).all() and np.isfinite(est).all()):
+        raise ValueError("reference and estimate must be finite.")
+    data_range = hi - lo
+    win = min(7, *(s if s % 2 else s - 1 for s in ref.shape))
+    mse = float(np.mean((ref - est) ** 2))
+    psnr = math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
+    ssim = (
+        float(structural_similarity(ref, est, data_range=data_range, win_size=win)) if win >= 3 else math.nan
+    )
+    return {"psnr_db": psnr, "ssim": ssim, "data_range": data_range, "window_hu": [lo, hi]}
 
 
 def image_metrics(reference: np.ndarray | Tensor, estimate: np.ndarray | Tensor) -> dict[str, Any]:

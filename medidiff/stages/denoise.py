@@ -28,8 +28,8 @@ Noise models (:mod:`medidiff.stages.noise`):
   background when not given; the likelihood is the Gaussian one on the bias-corrected magnitude
   ``sqrt(max(M^2 - sigma^2, 0))``, close to exact wherever the signal is a few ``sigma`` above zero.
 
-The noise level used, and how it was found, is recorded. Low-dose CT (Poisson counts in the projection
-domain) is not built yet.
+The noise level used, and how it was found, is recorded. Low-dose CT (``noise="ct"``: Poisson counts in
+the projection domain, simulated from the input at a dose fraction) is :mod:`medidiff.stages.denoise_ct`.
 
 Grid: the volume is denoised on its own voxel grid (reoriented to RAS, never resampled, since
 resampling would correlate the noise), padded to a multiple of the prior's downsampling and cropped
@@ -154,13 +154,21 @@ def denoise_volume(
     notify: NotifyCallback | None = None,
     run_id: str | None = None,
     input_label: str | None = None,
+    dose: float | None = None,
+    photons: float | None = None,
+    views: int | None = None,
+    sigma_max: float | None = None,
 ) -> DenoiseResult:
     """Denoise one volume by posterior sampling under a diffusion prior and write the results.
 
     Args:
         image: the noisy NIfTI volume.
         out_dir: output folder (created).
-        noise: ``"gaussian"`` or ``"rician"`` (magnitude MR).
+        noise: ``"gaussian"``, ``"rician"`` (magnitude MR) or ``"ct"`` (low-dose CT:
+            :func:`medidiff.stages.denoise_ct.denoise_low_dose_ct` simulates the scan of ``image`` at
+            ``dose`` (default 0.25) of ``photons`` per ray over ``views`` angles and denoises it under the
+            Poisson likelihood; ``sigma``, ``reference``, the tiling knobs and ``method="auto"``/``"ancestral"``
+            do not apply there).
         sigma: the noise standard deviation in the image's units (Rician: per complex component);
             None estimates it from the image (recorded).
         checkpoint: a diffusion checkpoint (latent or pixel-space; ``ckpt-*`` folder or run folder) or a
@@ -211,6 +219,23 @@ def denoise_volume(
     )
     from medidiff.train.precision import resolve_precision
 
+    if noise == "ct":
+        from medidiff.stages.denoise_ct import DEFAULT_PHOTONS, denoise_low_dose_ct
+
+        if sigma is not None or reference is not None:
+            raise ValueError(
+                "noise='ct' simulates the low-dose scan of the input (its truth): sigma and reference do not "
+                "apply; set dose (and photons) instead."
+            )
+        return denoise_low_dose_ct(
+            image, out_dir, dose=0.25 if dose is None else dose, photons=photons or DEFAULT_PHOTONS, views=views,
+            checkpoint=checkpoint, method="smc" if method in ("auto", "ancestral") else method, sigma_max=sigma_max,
+            n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size, precision=precision,
+            device=device, grid=grid, normalization=normalization, options=options, progress=progress,
+            notify=notify, run_id=run_id, input_label=input_label,
+        )  # fmt: skip
+    if dose is not None or photons is not None or views is not None or sigma_max is not None:
+        raise ValueError("dose, photons, views and sigma_max are low-dose CT settings: pass noise='ct'.")
     started = utc_now()
     t0 = time.perf_counter()
     s = DenoiseSettings(
@@ -230,9 +255,9 @@ def denoise_volume(
     )
     if s.modality == "CT":
         raise ValueError(
-            "denoising CT needs its projection-domain (Poisson) noise model, which is not built yet; "
-            "use `medidiff reconstruct --simulate ct` for sparse-view CT, or pass modality='MR' for an "
-            "image with white Gaussian noise."
+            "CT noise is Poisson in the projection domain, not white in the image: use noise='ct' "
+            "(`medidiff denoise IN --noise ct --dose 0.25`), or pass modality='MR' for an image with white "
+            "Gaussian noise."
         )
     rs = ReconstructSettings(
         method="smc" if s.method in ("auto", "ancestral") else s.method,

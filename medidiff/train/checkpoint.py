@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import medidiff
 from medidiff.io.atomic import atomic_write_text, atomic_write_with, sha256_file
 from medidiff.models.config import ModelConfig
+from medidiff.seg.config import SegmenterConfig
 
 __all__ = [
     "FORMAT",
@@ -66,6 +67,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 INFO_FILE = "checkpoint.json"
 LATEST_FILE = "latest"
 PARTS = ("model", "ema", "autoencoder", "discriminator")
+STAGES = ("autoencoder", "latent", "segmenter")
 _META_KEY = "medidiff"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
@@ -179,7 +181,7 @@ def save_checkpoint(
     *,
     stage: str,
     step: int,
-    config: ModelConfig,
+    config: ModelConfig | SegmenterConfig,
     weights: Mapping[str, Mapping[str, Tensor]],
     optimizers: Mapping[str, Mapping[str, Any]] | None = None,
     training_state: Mapping[str, Any] | None = None,
@@ -192,7 +194,7 @@ def save_checkpoint(
 
     Args:
         run_dir: the training run's folder.
-        stage: ``"autoencoder"`` or ``"latent"``.
+        stage: ``"autoencoder"``, ``"latent"`` or ``"segmenter"``.
         step: optimisation steps done.
         config: the resolved model config.
         weights: state dicts by part (``"model"``, ``"ema"``, ``"autoencoder"``, ``"discriminator"``).
@@ -206,8 +208,12 @@ def save_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    if stage not in ("autoencoder", "latent"):
-        raise ValueError(f"stage must be 'autoencoder' or 'latent', got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if (stage == "segmenter") != isinstance(config, SegmenterConfig):
+        raise ValueError(
+            f"a {stage} checkpoint needs a {'SegmenterConfig' if stage == 'segmenter' else 'ModelConfig'}"
+        )
     unknown = sorted(set(weights) - set(PARTS))
     if unknown or "model" not in weights:
         raise ValueError(f"weights parts must include 'model' and be among {PARTS}; got {sorted(weights)}")
@@ -479,18 +485,22 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {folder} is corrupt: {WEIGHTS_FILE} is not a medidiff weights file"
         )
+    what = {
+        "autoencoder": "an autoencoder",
+        "latent": "a latent diffusion model",
+        "segmenter": "a segmentation model",
+    }
+    if expect_stage is not None and info["stage"] != expect_stage:
+        raise CheckpointError(
+            f"{folder} is {what.get(info['stage'], repr(info['stage']))} checkpoint, but "
+            f"{what.get(expect_stage, expect_stage)} checkpoint is needed here"
+        )
     try:
-        config = ModelConfig.model_validate(info["config"])
+        config_type = SegmenterConfig if info["stage"] == "segmenter" else ModelConfig
+        config = config_type.model_validate(info["config"])
     except ValidationError as e:
         raise CheckpointError(f"checkpoint {folder} holds a config this medidiff cannot read: {e}") from e
-    ckpt = Checkpoint(path=folder, info=info, config=config)
-    if expect_stage is not None and ckpt.stage != expect_stage:
-        what = {"autoencoder": "an autoencoder", "latent": "a latent diffusion model"}
-        raise CheckpointError(
-            f"{folder} is {what.get(ckpt.stage, ckpt.stage)} checkpoint, but {what.get(expect_stage, expect_stage)} "
-            f"checkpoint is needed here"
-        )
-    return ckpt
+    return Checkpoint(path=folder, info=info, config=config)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- for inference

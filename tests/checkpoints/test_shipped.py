@@ -38,7 +38,7 @@ def test_something_is_shipped_and_it_fits_the_size_budget() -> None:
     assert total <= BUDGET_BYTES, f"shipped checkpoints take {total / 2**20:.1f} MB, over 25 MB"
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize("name", sorted(n for n, c in SHIPPED.items() if c.role != "segmenter"))
 def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str) -> None:
     entry = SHIPPED[name]
     ck = load_checkpoint(entry.path)  # verifies the weights against checkpoint.json
@@ -57,6 +57,20 @@ def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str
     data = json.loads((entry.path / "data.json").read_text())
     assert sorted(data["config"]["modalities"]) == sorted(entry.modalities)
     assert list(data["config"]["target_spacing"]) == [entry.spacing_mm] * 3
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in SHIPPED.items() if c.role == "segmenter"))
+def test_each_shipped_segmenter_is_intact_and_matches_its_index_entry(name: str) -> None:
+    entry = SHIPPED[name]
+    ck = load_checkpoint(entry.path, expect_stage="segmenter")  # verifies the weights
+    assert ck.inference_only and entry.stage == "segmenter" and entry.uses == ("segmentation",)
+    assert float(ck.config.spacing_mm) == entry.spacing_mm and ck.config.modality in entry.modalities
+    release = ck.info["release"]
+    assert release["rebuild"] == "make checkpoints" and release["weights_dtype"] == "float16"
+    # held-out figures measured on exactly the weights released (before float16 storage)
+    assert release["evaluation"]["weights_sha256"] == release["source_weights_sha256"]
+    assert ck.weights_sha256 in (ck.path / "model_card.md").read_text()
+    assert [d.name for d in ck.config.labels] == ["background", "csf", "gray_matter", "white_matter"]
 
 
 def test_default_prior_by_use_and_modality_and_a_clear_refusal() -> None:

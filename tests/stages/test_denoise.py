@@ -223,7 +223,7 @@ def test_bad_input_is_refused_before_any_network_call(
             ValueError,
             "affine differs",
         ),
-        ({"modality": "CT"}, ValueError, "projection-domain"),
+        ({"modality": "CT"}, ValueError, "projection domain"),
         ({"noise": "poisson"}, ValueError, "noise"),
         ({"n_particles": 1}, ValueError, "n_particles"),
         ({"checkpoint": latent_prior["autoencoder"]}, CheckpointError, "latent"),

@@ -1,0 +1,185 @@
+"""The segmentation core: schedule and sampler, sliding windows, summaries, config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medidiff.seg.config import SegmenterConfig
+from medidiff.seg.diffusion import alpha_bar, one_hot_map, sample_label_map, segmentation_loss, time_grid
+from medidiff.seg.inference import predict_probabilities, summarize, window_logits
+from medidiff.seg.nets import build_segmenter
+
+LABELS = [{"value": 0, "name": "background"}, {"value": 1, "name": "a"}, {"value": 2, "name": "b"}]
+
+
+def _cfg(**kw) -> SegmenterConfig:
+    base = {"arch": "diffusion", "labels": LABELS, "patch_size": (16, 16, 16), "channels": (8, 16),
+            "norm_num_groups": 4, "sample_steps": 2, "samples": 3, "overlap": 0.5}  # fmt: skip
+    return SegmenterConfig.model_validate({**base, **kw})
+
+
+def _trained_like(cfg: SegmenterConfig) -> nn.Module:
+    """The network with every weight jittered: MONAI zero-initialises the diffusion UNet's last
+    convolution, so an untrained one ignores its input."""
+    net = build_segmenter(cfg, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def test_schedule_is_fp32_or_wider_and_decreasing() -> None:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        ab = alpha_bar(torch.linspace(0, 1, 11, dtype=dtype))
+        assert ab.dtype in (torch.float32, torch.float64)
+    ab = alpha_bar(time_grid(8))
+    assert ab.dtype == torch.float64 and bool((ab[1:] > ab[:-1]).all())  # times run from 1 towards 0
+    assert (
+        float(alpha_bar(torch.tensor(0.0))) == pytest.approx(1.0)
+        and float(alpha_bar(torch.tensor(1.0))) < 1e-6
+    )
+
+
+def test_one_hot_map_refuses_interpolated_labels() -> None:
+    idx = torch.tensor([[[[0, 1], [2, 1]]]])
+    oh = one_hot_map(idx, 3)
+    assert oh.shape == (1, 3, 2, 2) and set(oh.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(((oh + 1) / 2).argmax(1, keepdim=True), idx)
+    with pytest.raises(TypeError, match="integer class indices"):
+        one_hot_map(idx.float() * 0.5, 3)
+
+
+def test_loss_is_finite_and_depends_on_the_generator() -> None:
+    cfg = _cfg()
+    net = _trained_like(cfg)
+    image = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    idx = (image * 3).long().clamp(max=2)
+    a = segmentation_loss(net, image, idx, 3, diffusion=True, generator=torch.Generator().manual_seed(1))
+    b = segmentation_loss(net, image, idx, 3, diffusion=True, generator=torch.Generator().manual_seed(1))
+    c = segmentation_loss(net, image, idx, 3, diffusion=True, generator=torch.Generator().manual_seed(2))
+    assert torch.isfinite(a) and a.item() == b.item() and a.item() != c.item()
+
+
+def test_sampler_is_seeded_per_sample() -> None:
+    """A sample depends on its own generator only: drawn alone or beside others, it is the same."""
+    cfg = _cfg()
+    net = _trained_like(cfg)
+    image = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    fn = window_logits(net, cfg, whole_grid=True)
+
+    def draw(seeds: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            return sample_label_map(fn, image, 3, steps=3, generators=gens)
+
+    both = draw([5, 7])
+    assert torch.equal(both[1], draw([7])[0]) and torch.equal(both[0], draw([5])[0])
+    assert not torch.equal(both[0], both[1])
+    assert torch.allclose(both.sum(1), torch.ones(1), atol=1e-5)
+    p1 = predict_probabilities(net, cfg, image, seed=3)
+    p2 = predict_probabilities(net, cfg, image, seed=3)
+    p3 = predict_probabilities(net, cfg, image, seed=4)
+    assert p1.shape == (3, 3, 16, 16, 16) and torch.equal(p1, p2) and not torch.equal(p1, p3)
+
+
+class _Pointwise(nn.Module):
+    """A 1x1x1 network: its output at a voxel depends on that voxel only, so any correct tiling of
+    windows reproduces the whole-grid output exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4, 3, 1)
+        torch.nn.init.normal_(self.conv.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, image: torch.Tensor, x_t: torch.Tensor | None = None, t: torch.Tensor | None = None):
+        return self.conv(torch.cat([image, x_t], 1)) * (1 + t.view(-1, 1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("shape", [(40, 37, 23), (12, 20, 16)])
+def test_sliding_windows_place_and_blend_exactly(shape: tuple[int, ...]) -> None:
+    """Windows (larger and smaller than the volume, odd sizes, 50% overlap) reassemble the whole-grid
+    output: a misplaced or mis-weighted window would show."""
+    cfg = _cfg()
+    net = _Pointwise().eval()
+    g = torch.Generator().manual_seed(1)
+    image, x_t = torch.randn(1, 1, *shape, generator=g), torch.randn(1, 3, *shape, generator=g)
+    with torch.no_grad():
+        tiled = window_logits(net, cfg)(image, x_t, 0.3)
+        whole = window_logits(net, cfg, whole_grid=True)(image, x_t, 0.3)
+    assert tiled.shape == whole.shape
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_summarize_by_hand() -> None:
+    # 3 samples, 2 classes, 2 voxels: voxel 0 certain class 1; voxel 1 split 2 : 1
+    p = np.zeros((3, 2, 1, 1, 2))
+    p[:, 1, 0, 0, 0] = 1.0
+    p[:, 0, 0, 0, 1] = [0.9, 0.8, 0.2]
+    p[:, 1, 0, 0, 1] = [0.1, 0.2, 0.8]
+    s = summarize(p)
+    assert s.index.ravel().tolist() == [1, 0]
+    assert s.disagreement.ravel().tolist() == pytest.approx([0.0, 1 / 3])
+    m = 0.9 + 0.8 + 0.2
+    h = -((m / 3) * np.log(m / 3) + (1 - m / 3) * np.log(1 - m / 3)) / np.log(2)
+    assert s.entropy.ravel().tolist() == pytest.approx([0.0, h], abs=1e-6)
+    assert s.counts.tolist() == [[1, 1], [1, 1], [0, 2]]
+
+
+def test_config_refuses_bad_tables_and_shapes() -> None:
+    with pytest.raises(ValueError, match="background"):
+        _cfg(labels=[{"value": 1, "name": "a"}, {"value": 0, "name": "b"}])
+    with pytest.raises(ValueError, match="distinct"):
+        _cfg(labels=[{"value": 0, "name": "a"}, {"value": 1, "name": "b"}, {"value": 1, "name": "c"}])
+    with pytest.raises(ValueError, match="multiple of 2"):
+        _cfg(patch_size=(15, 16, 16))
+    with pytest.raises(ValueError, match="at least 3 levels"):
+        _cfg(arch="dynunet", channels=(8, 16))
+
+
+def test_refuses_nan_images() -> None:
+    cfg = _cfg()
+    net = build_segmenter(cfg, seed=0).eval()
+    image = torch.zeros(1, 1, 16, 16, 16)
+    image[0, 0, 3, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        predict_probabilities(net, cfg, image)
+
+
+def test_dynunet_is_deterministic_and_one_sample() -> None:
+    cfg = _cfg(arch="dynunet", channels=(8, 16, 32))
+    net = build_segmenter(cfg, seed=0).eval()
+    image = torch.rand(1, 1, 20, 16, 24, generator=torch.Generator().manual_seed(0))
+    a, b = predict_probabilities(net, cfg, image, seed=0), predict_probabilities(net, cfg, image, seed=9)
+    assert a.shape == (1, 3, 20, 16, 24) and torch.equal(a, b)
+
+
+def test_error_auroc_by_hand() -> None:
+    from medidiff.seg.metrics import error_auroc
+
+    u = np.array([0.9, 0.1, 0.5, 0.2, 0.5])
+    wrong = np.array([True, False, True, False, False])
+    # wrong scores {0.9, 0.5} against right {0.1, 0.2, 0.5}: pairs won 3 + 2 + 0.5 tie = 5.5 of 6
+    assert error_auroc(u, wrong) == pytest.approx(5.5 / 6)
+    assert np.isnan(error_auroc(u, np.zeros(5, bool)))
+
+
+def test_segmentation_metrics_against_known_overlaps() -> None:
+    from medidiff.seg.metrics import segmentation_metrics
+
+    truth = np.zeros((12, 12, 12), np.int64)
+    truth[2:8, 2:8, 2:8] = 1
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:8, 3:9] = 1  # shifted by one voxel along the last axis (2 mm there)
+    probs = np.stack([pred == 0, pred == 1]).astype(np.float32)
+    m = segmentation_metrics(
+        pred, truth, probs, (pred != truth).astype(float), spacing=(1, 1, 2), names=["bg", "x"]
+    )
+    assert m["dice"]["x"] == pytest.approx(2 * 180 / 432)
+    assert m["hd95_mm"]["x"] == pytest.approx(2.0)
+    assert m["error_auroc"] == pytest.approx(1.0)
+    # confident and wrong on 72 of 1728 voxels: ECE over two classes = 72/1728 each
+    assert m["calibration_error"] == pytest.approx(72 / 1728, rel=1e-4)

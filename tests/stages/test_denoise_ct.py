@@ -1,0 +1,127 @@
+"""Low-dose CT denoising: the whitened likelihood, the stage's outputs, its refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medidiff.io.nifti_write import write_nifti
+from medidiff.volume import Volume
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _phantom(shape=(16, 16, 16)) -> np.ndarray:
+    """Soft tissue (40 HU) in air, a lung (-800 HU) and a bone (700 HU) inside."""
+    g = np.stack(np.meshgrid(*[np.arange(n, dtype=float) - (n - 1) / 2 for n in shape], indexing="ij"))
+    hu = np.full(shape, -1000.0)
+    hu[(g[0] / 7) ** 2 + (g[1] / 6) ** 2 < 1] = 40.0
+    hu[((g[0] + 3) / 2.5) ** 2 + (g[1] / 2.5) ** 2 + (g[2] / 5) ** 2 < 1] = -800.0
+    hu[((g[0] - 3) / 1.5) ** 2 + ((g[1] - 2) / 1.5) ** 2 < 1] = 700.0
+    return hu
+
+
+def test_whitened_residual_of_the_truth_is_unit_noise() -> None:
+    """At the truth, W (y - c b A1) - W c a A x is the whitened Poisson noise: mean 0, variance 1 within 3
+    standard errors (n rays: SE of the mean 1/sqrt(n), of the variance sqrt(2/(n-1))), plus the delta
+    method's O(1/N) bias (N >= 500 photons here)."""
+    from medidiff.inverse import ParallelBeamCT, SliceAxisLast
+    from medidiff.stages.denoise_ct import simulate_low_dose, whitened_problem
+
+    hu = _phantom()
+    op = SliceAxisLast(ParallelBeamCT((16, 16, 16), 30))
+    for scale, offset in ((1e-3, 0.0), (5e-4, -0.2)):  # any affine normalisation
+        scan = simulate_low_dose(hu, op, pixel_mm=2.0, dose=0.25, photons=1e5, seed=3)
+        op_w, y_w = whitened_problem(scan, op, pixel_mm=2.0, scale=scale, offset=offset)
+        x = torch.from_numpy(scale * hu + offset)[None].float()
+        r = (y_w - op_w.forward(x)[0]).double()
+        n = r.numel()
+        assert abs(float(r.mean())) < 3 / math.sqrt(n) + 0.01
+        assert abs(float(r.var()) - 1.0) < 3 * math.sqrt(2 / (n - 1)) + 0.01
+    low = simulate_low_dose(hu, op, pixel_mm=2.0, dose=0.05, photons=1e5, seed=3)
+    assert float(low.counts.mean()) < float(scan.counts.mean()) * 0.25
+
+
+@pytest.fixture(scope="module")
+def ct_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from medidiff.stages.denoise import denoise_volume
+
+    tmp = tmp_path_factory.mktemp("ct")
+    flipped = np.diag([-2.0, 2.0, 2.0, 1.0])
+    write_nifti(Volume(_phantom().astype(np.float32), flipped, "CT"), tmp / "ct.nii.gz")
+    runs = {
+        d: denoise_volume(
+            tmp / "ct.nii.gz", tmp / f"out{d}", noise="ct", dose=d, n_particles=4, steps=4, seed=0
+        )
+        for d in (0.5, 0.05)
+    }
+    return {"tmp": tmp, "runs": runs, "affine": flipped}
+
+
+def test_outputs_in_hu_on_the_input_grid(ct_run: dict) -> None:
+    res = ct_run["runs"][0.5]
+    for name in ("mean", "std", "lower90", "upper90", "low_dose_fbp"):
+        img = nib.load(res.files[name])
+        assert img.shape == (16, 16, 16) and np.allclose(img.affine, ct_run["affine"]), name
+    mean = np.asarray(nib.load(res.files["mean"]).dataobj)
+    truth = _phantom()
+    # in HU: soft tissue near 40, air near -1000 (a wrong scale or offset would be far off)
+    assert abs(np.median(mean[truth == 40.0]) - 40.0) < 60 and np.median(mean[truth == -1000.0]) < -800
+    side = json.loads(res.files["sidecar"].read_text())
+    assert side["noise"]["model"] == "ct" and side["noise"]["dose"] == 0.5 and side["noise"]["views"] >= 8
+    assert side["metrics"]["data_range"] == 400.0 and side["metrics"]["window_hu"] == [-160.0, 240.0]
+    assert side["prior"]["kind"] == "latent"  # the shipped demo-pixel prior
+
+
+def test_lower_dose_is_noisier(ct_run: dict) -> None:
+    """The FBP noise grows as 1/sqrt(dose): 10x less dose, about 3.2x the noise (2.2x-4.5x allowed: the
+    counts' mean changes along each ray)."""
+    hi, lo = ct_run["runs"][0.5].sigma, ct_run["runs"][0.05].sigma
+    assert 2.2 < lo / hi < 4.5, (hi, lo)
+
+
+def test_ct_requests_are_checked(ct_run: dict) -> None:
+    from medidiff.stages.denoise import denoise_volume
+
+    src = ct_run["tmp"] / "ct.nii.gz"
+    for kwargs, message in (
+        ({"noise": "ct", "dose": 0.0}, "dose must be a fraction"),
+        ({"noise": "ct", "dose": 1.5}, "dose must be a fraction"),
+        ({"noise": "ct", "sigma": 10.0}, "sigma and reference do not apply"),
+        ({"noise": "gaussian", "dose": 0.25}, "pass noise='ct'"),
+        ({"noise": "gaussian", "modality": "CT"}, "use noise='ct'"),
+        ({"noise": "ct", "method": "ancestral2"}, "method must be smc or dps"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            denoise_volume(src, ct_run["tmp"] / "bad", **kwargs)
+        assert not (ct_run["tmp"] / "bad").exists()
+
+
+def test_cli_noise_ct_stable_interface(ct_run: dict) -> None:
+    """`medidiff denoise IN --noise ct --dose D --out DIR` writes mean, std and denoise.json (metrics in the
+    fixed HU window); a dose for Gaussian noise is refused with exit code 2."""
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "medidiff.cli", "denoise"]
+    src, out = ct_run["tmp"] / "ct.nii.gz", ct_run["tmp"] / "cli"
+    r = subprocess.run([*cli, str(src), "--noise", "ct", "--dose", "0.25", "--particles", "2", "--steps", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    side = json.loads((out / "denoise.json").read_text())
+    assert (
+        (out / "mean.nii.gz").is_file()
+        and (out / "std.nii.gz").is_file()
+        and (out / "low_dose_fbp.nii.gz").is_file()
+    )
+    assert side["noise"]["dose"] == 0.25 and side["metrics"]["psnr_db"] > side["metrics"]["input_psnr_db"] - 5
+    said = " ".join((r.stdout + r.stderr).split())
+    assert "Low-dose scan: 0.25 of 100000 photons per ray" in said
+    bad = subprocess.run([*cli, str(src), "--dose", "0.25", "--out", str(ct_run["tmp"] / "bad")],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "noise='ct'" in " ".join((bad.stdout + bad.stderr).split())
