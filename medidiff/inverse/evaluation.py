@@ -162,46 +162,28 @@ def window_metrics(
     estimate_hu: np.ndarray | Tensor,
     window: tuple[float, float] = CT_WINDOW_HU,
 ) -> dict[str, Any]:
-    """PSNR (dB) and SSIM of CT volumes in one fixed HU window: both clipped to ``window``, ``data_range``
+    """:func:`image_metrics` of CT volumes in one fixed HU window: both clipped to ``window``, ``data_range``
     its width (explicit, so figures of different volumes and methods compare)."""
-    from skimage.metrics import structural_similarity
-
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:
         raise ValueError(f"window must be increasing, got {window}")
-    ref = np.clip(
-        np.asarray(
-            reference_hu.detach().cpu() if isinstance(reference_hu, Tensor) else reference_hu, np.float64
-        ),
-        lo,
-        hi,
-    )
-    est = np.clip(
-        np.asarray(
-            estimate_hu.detach().cpu() if isinstance(estimate_hu, Tensor) else estimate_hu, np.float64
-        ),
-        lo,
-        hi,
-    )
-    if ref.shape != est.shape:
-        raise ValueError(f"reference {ref.shape} and estimate {est.shape} differ in shape.")
-    if not (np.isfinite(ref).all() and np.isfinite(est).all()):
-        raise ValueError("reference and estimate must be finite.")
-    data_range = hi - lo
-    win = min(7, *(s if s % 2 else s - 1 for s in ref.shape))
-    mse = float(np.mean((ref - est) ** 2))
-    psnr = math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
-    ssim = (
-        float(structural_similarity(ref, est, data_range=data_range, win_size=win)) if win >= 3 else math.nan
-    )
-    return {"psnr_db": psnr, "ssim": ssim, "data_range": data_range, "window_hu": [lo, hi]}
+
+    def clipped(x: np.ndarray | Tensor) -> np.ndarray:
+        return np.clip(np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, np.float64), lo, hi)
+
+    return {
+        **image_metrics(clipped(reference_hu), clipped(estimate_hu), data_range=hi - lo),
+        "window_hu": [lo, hi],
+    }
 
 
-def image_metrics(reference: np.ndarray | Tensor, estimate: np.ndarray | Tensor) -> dict[str, Any]:
+def image_metrics(
+    reference: np.ndarray | Tensor, estimate: np.ndarray | Tensor, *, data_range: float | None = None
+) -> dict[str, Any]:
     """PSNR (dB) and SSIM of ``estimate`` against ``reference`` (2D or 3D), computed in float64.
 
-    ``PSNR = 10 log10(range^2 / MSE)`` (infinite for identical images) with the reference's data range
-    (``max - min``); SSIM is scikit-image's. SSIM uses scikit-image's default 7-voxel
+    ``PSNR = 10 log10(range^2 / MSE)`` (infinite for identical images) with ``data_range``, by default the
+    reference's (``max - min``); SSIM is scikit-image's. SSIM uses scikit-image's default 7-voxel
     window, shrunk to the smallest odd size that fits an axis shorter than 7.
     """
     from skimage.metrics import structural_similarity
@@ -212,9 +194,10 @@ def image_metrics(reference: np.ndarray | Tensor, estimate: np.ndarray | Tensor)
         raise ValueError(f"reference {ref.shape} and estimate {est.shape} differ in shape.")
     if not (np.isfinite(ref).all() and np.isfinite(est).all()):
         raise ValueError("reference and estimate must be finite.")
-    data_range = float(ref.max() - ref.min())
-    if data_range <= 0:
-        raise ValueError("the reference is constant; PSNR and SSIM are undefined.")
+    if data_range is None:
+        data_range = float(ref.max() - ref.min())
+        if data_range <= 0:
+            raise ValueError("the reference is constant; PSNR and SSIM are undefined.")
     win = min(7, *(s if s % 2 else s - 1 for s in ref.shape))
     mse = float(np.mean((ref - est) ** 2))
     psnr = math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)

@@ -104,6 +104,7 @@ def segment_volume(
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.seg.inference import predict_probabilities, sample_seeds, summarize
+    from medidiff.stages._reconstruct_io import write_samples
     from medidiff.stages._seg_io import foreground_box, read_image, to_input_grid, to_model_grid
     from medidiff.volume import LabelVolume, Volume
 
@@ -178,7 +179,7 @@ def segment_volume(
             LabelVolume(labels, affine, modality=cfg.modality, labels={d.value: d.name for d in cfg.labels}),
             out / "labels.nii.gz",
         ),
-        "probabilities": _write_4d(np.moveaxis(summ.mean, 0, -1), affine, out / "probabilities.nii.gz"),
+        "probabilities": write_samples(summ.mean, affine, out / "probabilities.nii.gz"),  # channels last
         "uncertainty": write_nifti(
             Volume(summ.entropy, affine, modality=cfg.modality), out / "uncertainty.nii.gz"
         ),
@@ -254,19 +255,3 @@ def segment_volume(
         tracker.add_output(path, inputs, warnings=warnings if role == "labels" else ())
     files["provenance"] = tracker.finish()
     return SegmentResult(out, files, sidecar)
-
-
-def _write_4d(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    """A float32 4D NIfTI (``X, Y, Z, C``), written atomically."""
-    import nibabel as nib
-
-    from medidiff.io.atomic import atomic_path
-    from medidiff.io.nifti_write import write_image
-
-    img = nib.Nifti1Image(np.asarray(array, np.float32), affine)
-    img.header.set_intent("vector", name="class probabilities")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    with atomic_path(path) as tmp:
-        write_image(img, tmp, gz=path.name.endswith(".gz"))
-    return path
