@@ -274,20 +274,35 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def seed_spread(sel: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
+    """Per metric present in ``sel``: the mean over volumes within each seed, then the spread over seeds."""
+    entry: dict[str, Any] = {}
+    for metric in metrics:
+        by_seed: dict[int, list[float]] = {}
+        for r in sel:
+            if r.get(metric) is not None:
+                by_seed.setdefault(r["seed"], []).append(float(r[metric]))
+        if by_seed:
+            entry[metric] = protocol.spread([statistics.fmean(v) for _, v in sorted(by_seed.items())])
+    return entry
+
+
+def metric_cells(e: dict[str, Any]) -> str:
+    """``PSNR mean +- sd [min, max] | SSIM | coverage | seconds`` of one summary entry."""
+    p, s = e["psnr_db"], e["ssim"]
+    cov = f"{e['coverage90']['mean']:.3f}" if "coverage90" in e else "-"
+    return (
+        f"{p['mean']:.2f} +- {p['std']:.2f} [{p['min']:.2f}, {p['max']:.2f}] | {s['mean']:.3f} | {cov} "
+        f"| {e['seconds']['mean']:.1f}"
+    )
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per model/level/method: mean over volumes within each seed, then spread over seeds."""
     out: dict[str, Any] = {}
-    keys = sorted({(r["model"], r["level"], r["method"]) for r in rows})
-    for model, level, method in keys:
+    for model, level, method in sorted({(r["model"], r["level"], r["method"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["level"], r["method"]) == (model, level, method)]
-        entry: dict[str, Any] = {}
-        for metric in ("psnr_db", "ssim", "coverage90", "seconds"):
-            by_seed: dict[int, list[float]] = {}
-            for r in sel:
-                if r.get(metric) is not None:
-                    by_seed.setdefault(r["seed"], []).append(float(r[metric]))
-            if by_seed:
-                entry[metric] = protocol.spread([statistics.fmean(v) for _, v in sorted(by_seed.items())])
+        entry = seed_spread(sel, ("psnr_db", "ssim", "coverage90", "seconds"))
         out.setdefault(model, {}).setdefault(f"{level:g}", {})[method] = entry
     return out
 
@@ -300,12 +315,7 @@ def markdown(summary: dict[str, Any]) -> str:
     for model, levels in summary.items():
         for level, methods in levels.items():
             for method, e in methods.items():
-                p, s = e["psnr_db"], e["ssim"]
-                cov = f"{e['coverage90']['mean']:.3f}" if "coverage90" in e else "-"
-                lines.append(
-                    f"| {model} | {level} | {method} | {p['mean']:.2f} +- {p['std']:.2f} [{p['min']:.2f}, {p['max']:.2f}] "
-                    f"| {s['mean']:.3f} | {cov} | {e['seconds']['mean']:.1f} |"
-                )
+                lines.append(f"| {model} | {level} | {method} | {metric_cells(e)} |")
     return "\n".join(lines)
 
 

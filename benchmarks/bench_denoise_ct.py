@@ -1,5 +1,5 @@
-"""Low-dose CT denoising benchmark (issue 16): the diffusion posterior under the Poisson likelihood against
-the low-dose FBP, classical image denoisers on the FBP (BM4D, slice-wise BM3D, NLM, TV) and a model-based
+"""Low-dose CT denoising benchmark (issue 16): the diffusion prior's denoising of the low-dose image (and,
+on request, its posterior under the Poisson likelihood) against the low-dose FBP, classical image denoisers on the FBP (BM4D, slice-wise BM3D, NLM, TV) and a model-based
 penalised weighted least squares with TV (PWLS-TV), at three dose fractions, with tuning and reporting
 parts.
 
@@ -14,8 +14,12 @@ Procedure:
    :func:`medidiff.stages.denoise_ct.scan_volume` (the stage's own simulation, same noise seed): every
    axial slice in parallel beam, about pi/2 x 32 views, Poisson counts, post-log, FBP.
 3. Methods:
-   - ``diffusion``: the ``medidiff denoise --noise ct`` stage (SMC, ``--particles``, ``--steps``) with its
-     ``sigma_max`` tuned on the tuning part from ``SMC_SIGMA_MAX``;
+   - ``diffusion``: the ``medidiff denoise --noise ct`` stage as a user runs it (its default: the prior's
+     reverse diffusion from the low-dose FBP, ``--particles`` x ``--steps``), told the FBP's noise level as
+     the image denoisers are, times a multiple tuned per dose from ``DIFFUSION_MULTIPLES`` (the stage's own
+     estimate from the counts is within 2% of that level: tests/stages/test_denoise_ct.py);
+   - ``diffusion_smc`` (not run by default): the same stage with ``method="smc"``, the SMC under the
+     projection-domain Poisson likelihood, its ``sigma_max`` tuned from ``SMC_SIGMA_MAX``;
    - ``fbp``: the low-dose FBP itself (what the scanner shows);
    - ``bm4d``, ``bm3d``, ``nlm``, ``tv`` on the FBP in the prior's units (HU / 1000), told the FBP's noise
      level (measured on the noise alone: an oracle, alike for all), one knob each tuned per dose on the
@@ -28,7 +32,7 @@ Procedure:
    seconds per volume (1 thread). Mean over volumes within a seed, then mean / SD / min / max over seeds.
 
     python benchmarks/bench_denoise_ct.py --json bench_out/denoise_ct.json [--doses 0.5 0.25 0.1] \\
-        [--seeds 0 1 2] [--particles 16] [--steps 30] [--part tuning|reporting|both]
+        [--seeds 0 1 2] [--particles 8] [--steps 40] [--part tuning|reporting|both]
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 import imaging_protocol as protocol
-from bench_denoise import GRIDS, baseline
+from bench_denoise import GRIDS, baseline, metric_cells, seed_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = (48, 48, 16)
 EVAL = (slice(8, 40), slice(8, 40), slice(None))
 SMC_SIGMA_MAX = (0.25, 0.5, 1.0)
+DIFFUSION_MULTIPLES = (0.8, 0.9, 1.0, 1.1, 1.25)
 GRIDS_CT = {
     **GRIDS,
     # the FBP's noise is correlated along the ramp filter: every method picked the top of bench_denoise's
@@ -62,17 +67,19 @@ GRIDS_CT = {
 }
 PWLS_MULTIPLES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 PWLS_ITERS = 300
-METHODS = ("diffusion", "fbp", "bm4d", "bm3d", "nlm", "tv", "pwls_tv")
+METHODS = ("diffusion", "fbp", "bm4d", "bm3d", "nlm", "tv", "pwls_tv", "diffusion_smc")
+DEFAULT_METHODS = METHODS[:-1]
 
 
 def load_blocks(part: str, args: argparse.Namespace) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(subject, truth block in HU, its affine)`` for the part's CT volumes."""
     from medidiff.stages._reconstruct_io import load_reference, normalization_config
     from medidiff.train.checkpoint import load_checkpoint
+    from medidiff.transforms import denormalize
+    from medidiff.volume import Volume
 
     ck = load_checkpoint(args.checkpoint)
     norm, _ = normalization_config(None, ck.path.parent / "data.json")
-    ct = norm.for_modality("CT")
     split = protocol.load_split(args.split)
     volumes = protocol.usable_volumes(args.manifest)
     train = protocol.training_subjects(args.train_split) if args.train_split.is_file() else set()
@@ -81,15 +88,15 @@ def load_blocks(part: str, args: argparse.Namespace) -> list[tuple[str, np.ndarr
     for v in protocol.part_volumes(split, part, volumes, args.manifest, "CT", args.volumes):
         ref = load_reference(Path(v["file"]), modality="CT", spacing_mm=float(ck.config.spacing_mm),
                              grid=BLOCK, normalization=norm)  # fmt: skip
-        lo, hi = ct.clip_hu
-        a, b = ct.scale_to
-        hu = (np.asarray(ref.array, np.float64) - a) / (b - a) * (hi - lo) + lo
-        out.append((str(v["subject"]), hu, ref.affine))
+        hu = denormalize(Volume(np.asarray(ref.array, np.float64), ref.affine, "CT"), ref.params).array
+        out.append((str(v["subject"]), np.asarray(hu, np.float64), ref.affine))
     return out
 
 
-def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, sigma_max: float | None,
+def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: float, level_hu: float, smc: bool,
               args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """The stage on ``hu``: ancestral from the FBP at ``knob x level_hu``, or (``smc``) the SMC with
+    ``sigma_max = knob``."""
     import nibabel as nib
 
     from medidiff.io.nifti_write import write_nifti
@@ -102,7 +109,8 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, sigma_
         t0 = time.perf_counter()
         res = denoise_volume(
             src, Path(tmp) / "out", noise="ct", dose=dose, photons=args.photons, checkpoint=args.checkpoint,
-            n_particles=args.particles, steps=args.steps, seed=seed, sigma_max=sigma_max, device="cpu",
+            n_particles=args.particles, steps=args.steps, seed=seed, device="cpu",
+            **({"method": "smc", "sigma_max": knob} if smc else {"sigma": knob * level_hu}),
         )  # fmt: skip
         sec = time.perf_counter() - t0
         mean, lo, hi = (nib.load(res.files[k]).get_fdata() for k in ("mean", "lower90", "upper90"))
@@ -110,7 +118,8 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, sigma_
 
     t = hu[EVAL]
     cov = float(((t >= lo[EVAL]) & (t <= hi[EVAL])).mean())
-    return {**_score(window_metrics(t, mean[EVAL])), "coverage90": cov, "seconds": sec, "noise_hu": res.sigma}
+    return {**_score(window_metrics(t, mean[EVAL])), "coverage90": cov, "seconds": sec, "noise_hu": res.sigma,
+            "method_used": res.sidecar["method"]["used"]}  # fmt: skip
 
 
 def run_part(
@@ -155,11 +164,13 @@ def run_part(
                                 "seconds": 0.0,
                             }
                         )
-                    elif method == "diffusion":
-                        grid = SMC_SIGMA_MAX if part == "tuning" else (tuned["diffusion"][key],)  # type: ignore[index]
-                        for sm in [v for v in grid if ("diffusion", dose, v) not in done]:
-                            r = diffusion(hu, affine, dose, seed, sm, args)
-                            rows.append({**base, "method": method, "multiple": sm, **r})
+                    elif method in ("diffusion", "diffusion_smc"):
+                        smc = method == "diffusion_smc"
+                        knobs = SMC_SIGMA_MAX if smc else DIFFUSION_MULTIPLES
+                        grid = knobs if part == "tuning" else (tuned[method][key],)  # type: ignore[index]
+                        for v in [v for v in grid if (method, dose, v) not in done]:
+                            r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args)
+                            rows.append({**base, "method": method, "multiple": v, **r})
                     elif method == "pwls_tv":
                         op_w, y_w = whitened_problem(sim.scan, sim.op, pixel_mm=2.0, scale=1e-3, offset=0.0)
                         norm = spectral_norm(op_w, torch.float32, torch.device("cpu"))
@@ -203,19 +214,13 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dose/method: mean over volumes within each seed, then spread over seeds."""
     out: dict[str, Any] = {}
     for dose, method in sorted(
         {(r["dose"], r["method"]) for r in rows}, key=lambda k: (-k[0], METHODS.index(k[1]))
     ):
         sel = [r for r in rows if (r["dose"], r["method"]) == (dose, method)]
-        entry: dict[str, Any] = {}
-        for metric in ("psnr_db", "ssim", "coverage90", "seconds", "fbp_noise_hu"):
-            by_seed: dict[int, list[float]] = {}
-            for r in sel:
-                if r.get(metric) is not None:
-                    by_seed.setdefault(r["seed"], []).append(float(r[metric]))
-            if by_seed:
-                entry[metric] = protocol.spread([statistics.fmean(v) for _, v in sorted(by_seed.items())])
+        entry = seed_spread(sel, ("psnr_db", "ssim", "coverage90", "seconds", "fbp_noise_hu"))
         out.setdefault(f"{dose:g}", {})[method] = entry
     return out
 
@@ -227,12 +232,7 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for dose, methods in summary.items():
         for method, e in methods.items():
-            p, s = e["psnr_db"], e["ssim"]
-            cov = f"{e['coverage90']['mean']:.3f}" if "coverage90" in e else "-"
-            lines.append(
-                f"| {dose} | {e['fbp_noise_hu']['mean']:.1f} | {method} | {p['mean']:.2f} +- {p['std']:.2f} "
-                f"[{p['min']:.2f}, {p['max']:.2f}] | {s['mean']:.3f} | {cov} | {e['seconds']['mean']:.1f} |"
-            )
+            lines.append(f"| {dose} | {e['fbp_noise_hu']['mean']:.1f} | {method} | {metric_cells(e)} |")
     return "\n".join(lines)
 
 
@@ -246,12 +246,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--train-split", type=Path, default=ROOT / "runs" / "pixel" / "split.json")
     p.add_argument("--doses", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     p.add_argument("--photons", type=float, default=1e5)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tuning-seeds", type=int, nargs="+", default=[100])
     p.add_argument("--volumes", type=int, default=None)
-    p.add_argument("--particles", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--part", choices=["tuning", "reporting", "both"], default="both")
     p.add_argument("--tuned", type=Path, default=ROOT / "bench_out" / "denoise_ct_tuned.json")

@@ -75,6 +75,45 @@ def shipped_checkpoints() -> dict[str, ShippedCheckpoint]:
     }
 
 
+def _shipped_for(role: str, modality: str | None, use: str | None) -> ShippedCheckpoint:
+    """The first shipped checkpoint of ``role`` (with ``use`` among its uses) that fits ``modality``.
+
+    Raises:
+        LookupError: none fits; the message says what is shipped and what to pass instead.
+    """
+    kind = "prior" if role == "prior" else "segmenter"
+    cands = [c for c in shipped_checkpoints().values() if c.role == role and (use is None or use in c.uses)]
+    fits = [c for c in cands if modality is None or modality.upper() in c.modalities]
+    if not fits:
+        have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in cands) or "none"
+        how = (
+            "a trained checkpoint (--prior / --checkpoint), e.g. one made with `medidiff train`"
+            if role == "prior"
+            else "a checkpoint trained with `medidiff train-seg` (--checkpoint)"
+        )
+        raise LookupError(
+            f"no shipped demo {kind}{f' for {use}' if use else ''} of modality {modality!r} (shipped: {have}); "
+            f"pass {how}."
+        )
+    return fits[0]
+
+
+def _given_or_shipped(
+    given: Any, role: str, modality: str | None, use: str | None, what: str
+) -> tuple[Any, list[str]]:
+    """``(given, [])``, or the shipped checkpoint's folder and a warning that says it is the demo one."""
+    if given is not None:
+        return given, []
+    try:
+        demo = _shipped_for(role, modality, use)
+    except LookupError as e:
+        raise ValueError(str(e)) from e
+    return demo.path, [
+        f"no {what} given: using the shipped demo {role} {demo.name!r} ({demo.description}). It has seen only "
+        f"the synthetic demo cohort; pass a {role} trained on your data for real scans."
+    ]
+
+
 def default_prior(modality: str | None = None, use: str = "reconstruction") -> ShippedCheckpoint:
     """The shipped diffusion prior for ``use`` (``"synthesis"`` or ``"reconstruction"``) and ``modality``.
 
@@ -85,15 +124,7 @@ def default_prior(modality: str | None = None, use: str = "reconstruction") -> S
     """
     if use not in ("synthesis", "reconstruction"):
         raise ValueError(f"use must be 'synthesis' or 'reconstruction', got {use!r}")
-    priors = [c for c in shipped_checkpoints().values() if c.role == "prior" and use in c.uses]
-    fits = [c for c in priors if modality is None or modality.upper() in c.modalities]
-    if not fits:
-        have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in priors) or "none"
-        raise LookupError(
-            f"no shipped demo prior for {use} of modality {modality!r} (shipped: {have}); pass a trained "
-            "checkpoint (--prior / --checkpoint), e.g. one made with `medidiff train`."
-        )
-    return fits[0]
+    return _shipped_for("prior", modality, use)
 
 
 def prior_or_default(
@@ -104,16 +135,9 @@ def prior_or_default(
     Raises:
         ValueError: no prior given and none shipped for ``modality`` (the message says what to pass).
     """
-    if prior is not None:
-        return prior, []
-    try:
-        demo = default_prior(modality, use)
-    except LookupError as e:
-        raise ValueError(str(e)) from e
-    return demo.path, [
-        f"no prior given: using the shipped demo prior {demo.name!r} ({demo.description}). It has seen only "
-        "the synthetic demo cohort; pass a checkpoint trained on your data for real scans."
-    ]
+    if use not in ("synthesis", "reconstruction"):
+        raise ValueError(f"use must be 'synthesis' or 'reconstruction', got {use!r}")
+    return _given_or_shipped(prior, "prior", modality, use, "prior")
 
 
 def segmenter_or_default(checkpoint: Any, modality: str | None = None) -> tuple[Any, list[str]]:
@@ -122,18 +146,4 @@ def segmenter_or_default(checkpoint: Any, modality: str | None = None) -> tuple[
     Raises:
         ValueError: none given and none shipped for ``modality`` (the message says what to pass).
     """
-    if checkpoint is not None:
-        return checkpoint, []
-    segs = [c for c in shipped_checkpoints().values() if c.role == "segmenter"]
-    fits = [c for c in segs if modality is None or modality.upper() in c.modalities]
-    if not fits:
-        have = ", ".join(f"{c.name} ({'/'.join(c.modalities)})" for c in segs) or "none"
-        raise ValueError(
-            f"no shipped demo segmenter for modality {modality!r} (shipped: {have}); pass a checkpoint "
-            "trained with `medidiff train-seg` (--checkpoint)."
-        )
-    demo = fits[0]
-    return demo.path, [
-        f"no checkpoint given: using the shipped demo segmenter {demo.name!r} ({demo.description}). It has "
-        "seen only the synthetic demo cohort; pass a segmenter trained on your data for real scans."
-    ]
+    return _given_or_shipped(checkpoint, "segmenter", modality, None, "checkpoint")

@@ -166,9 +166,10 @@ def denoise_volume(
         out_dir: output folder (created).
         noise: ``"gaussian"``, ``"rician"`` (magnitude MR) or ``"ct"`` (low-dose CT:
             :func:`medidiff.stages.denoise_ct.denoise_low_dose_ct` simulates the scan of ``image`` at
-            ``dose`` (default 0.25) of ``photons`` per ray over ``views`` angles and denoises it under the
-            Poisson likelihood; ``sigma``, ``reference``, the tiling knobs and ``method="auto"``/``"ancestral"``
-            do not apply there).
+            ``dose`` (default 0.25) of ``photons`` per ray over ``views`` angles and denoises it: by default
+            the prior's reverse diffusion from the low-dose FBP, whose noise level ``sigma`` (HU) is estimated
+            from the counts; ``method="smc"`` samples under the projection-domain Poisson likelihood;
+            ``reference`` and the tiling knobs do not apply there).
         sigma: the noise standard deviation in the image's units (Rician: per complex component);
             None estimates it from the image (recorded).
         checkpoint: a diffusion checkpoint (latent or pixel-space; ``ckpt-*`` folder or run folder) or a
@@ -206,7 +207,7 @@ def denoise_volume(
     """
     from medidiff.inverse.simple_ops import Identity
     from medidiff.privacy import scrub_paths
-    from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
+    from medidiff.provenance import labelled_inputs, utc_now
     from medidiff.stages._reconstruct_io import jsonable
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
     from medidiff.stages.reconstruct import (
@@ -222,14 +223,14 @@ def denoise_volume(
     if noise == "ct":
         from medidiff.stages.denoise_ct import DEFAULT_PHOTONS, denoise_low_dose_ct
 
-        if sigma is not None or reference is not None:
+        if reference is not None:
             raise ValueError(
-                "noise='ct' simulates the low-dose scan of the input (its truth): sigma and reference do not "
-                "apply; set dose (and photons) instead."
+                "noise='ct' simulates the low-dose scan of the input (its truth): a reference does not apply; "
+                "set dose (and photons) instead."
             )
         return denoise_low_dose_ct(
             image, out_dir, dose=0.25 if dose is None else dose, photons=photons or DEFAULT_PHOTONS, views=views,
-            checkpoint=checkpoint, method="smc" if method in ("auto", "ancestral") else method, sigma_max=sigma_max,
+            checkpoint=checkpoint, method=method, sigma=sigma, sigma_max=sigma_max,
             n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size, precision=precision,
             device=device, grid=grid, normalization=normalization, options=options, progress=progress,
             notify=notify, run_id=run_id, input_label=input_label,
@@ -364,7 +365,6 @@ def denoise_volume(
     seconds = time.perf_counter() - t0
 
     # -- outputs (the input's grid, orientation and affine) ----------------------------------------
-    from medidiff.io.atomic import atomic_write_json
     from medidiff.io.nifti_write import write_nifti
     from medidiff.volume import Volume
 
@@ -425,28 +425,41 @@ def denoise_volume(
         "seconds": round(seconds, 3),
         "warnings": warnings,
     }
+    _write_records(
+        out, files, sidecar,
+        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma, "method_used": used},
+        seeds={"seed": s.seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
+        started=started, inputs=labelled_inputs({"image": image, "reference": reference}, input_label),
+        warnings=warnings,
+    )  # fmt: skip
+    return DenoiseResult(out_dir=out, files=files, sigma=est.sigma, metrics=metrics, sidecar=sidecar)
+
+
+def _write_records(
+    out: Path, files: dict[str, Path], sidecar: dict[str, Any], *, config: dict[str, Any], seeds: dict[str, Any],
+    precision: str, device: torch.device, model: Any, run_id: str | None, started: Any, inputs: Any,
+    warnings: list[str],
+) -> None:  # fmt: skip
+    """Write ``denoise.json`` and the provenance of every file in ``files`` (the mean carries the warnings);
+    adds both to ``files``. Shared by the image-noise and the low-dose CT paths."""
+    from medidiff.io.atomic import atomic_write_json
+    from medidiff.provenance import ProvenanceTracker
+
     files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
     tracker = ProvenanceTracker(
         "denoise",
         out,
-        config={
-            **s.model_dump(mode="json"),
-            "prior": _prior_record(pri),
-            "sigma_used": est.sigma,
-            "method_used": used,
-        },
-        seeds={"seed": s.seed, **seeds},
-        precision=prec.label,
-        device=dev,
-        model=model_ref(pri),
+        config=config,
+        seeds=seeds,
+        precision=precision,
+        device=device,
+        model=model,
         run_id=run_id,
     )
     tracker.started = started
-    inputs = labelled_inputs({"image": image, "reference": reference}, input_label)
     for role, path in files.items():
         tracker.add_output(path, inputs, warnings=warnings if role == "mean" else ())
     files["provenance"] = tracker.finish()
-    return DenoiseResult(out_dir=out, files=files, sigma=est.sigma, metrics=metrics, sidecar=sidecar)
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -1,5 +1,6 @@
-"""Low-dose CT denoising (``medidiff denoise IN --noise ct --dose 0.25``): posterior sampling with the
-projection-domain Poisson likelihood, through the existing CT operator and the reconstruct stage's SMC.
+"""Low-dose CT denoising (``medidiff denoise IN --noise ct --dose 0.25``): the prior's reverse diffusion from
+the low-dose image (``method="ancestral"``, the default for pixel-space priors), or posterior sampling with
+the projection-domain Poisson likelihood through the existing CT operator (``method="smc"``).
 
 ``IN`` is a CT volume in HU taken as the full-dose truth. The stage simulates its low-dose scan and
 denoises it:
@@ -12,10 +13,22 @@ denoises it:
    ``mu = MU_WATER (1 + HU / 1000)`` (:mod:`medidiff.inverse.ct_dose`); post-log data ``y = log(I / N)``.
    The low-dose image a scanner would show is the filtered back-projection of ``y`` (written as
    ``low_dose_fbp.nii.gz``).
-3. Likelihood: ``y ~ N(p(x), diag(1 / N))``. In the prior's normalised units ``x`` (``HU = (x - o) / s``)
-   the attenuation is affine, ``mu = a x + b``, so ``w (y - c b A 1) = w c a A x + unit noise`` with
-   ``w = sqrt(N)`` and ``c`` the voxel size: the SMC runs on :class:`~medidiff.inverse.ct_dose.RowWeighted`
-   with ``sigma_y = 1``.
+3. Denoising, one of:
+
+   - ``"ancestral"`` (``method="auto"`` with a pixel-space prior whose noise range holds the level): the
+     low-dose FBP is taken as a diffusion state ``x + sigma n`` of the prior, with ``sigma`` the FBP's
+     noise level *estimated from the counts alone* (:func:`fbp_noise_level`: the post-log variance
+     ``1 / N`` of every ray, pushed through the FBP by Monte Carlo; never the simulated realisation), and
+     each particle runs the prior's reverse diffusion from it (the MR path's
+     :func:`~medidiff.stages.denoise._ancestral`); the mean is Tweedie's ``D(FBP, sigma)``. An
+     approximation: FBP noise is correlated (ramp-filtered) and a little non-stationary where the white
+     noise of the model is not; the 90% coverage it reaches is measured (docs/benchmarks.md). ``sigma``
+     may be given instead (HU).
+   - ``"smc"`` / ``"dps"``: the likelihood ``y ~ N(p(x), diag(1 / N))``. In the prior's normalised units
+     ``x`` (``HU = (x - o) / s``) the attenuation is affine, ``mu = a x + b``, so ``w (y - c b A 1) = w c a
+     A x + unit noise`` with ``w = sqrt(N)`` and ``c`` the voxel size: the reconstruct stage's sampler
+     runs on :class:`~medidiff.inverse.ct_dose.RowWeighted` with ``sigma_y = 1``. Exact in its
+     likelihood, but with the demo prior 7 dB behind the ancestral path (docs/benchmarks.md).
 4. Outputs in HU on the input's grid: ``mean``, ``std``, ``lower90`` / ``upper90``, ``low_dose_fbp``, and
    ``denoise.json`` with PSNR / SSIM of the mean and of the low-dose FBP against ``IN`` in one fixed HU
    window (:data:`~medidiff.inverse.evaluation.CT_WINDOW_HU`, ``data_range`` its width) and the 90%
@@ -43,6 +56,7 @@ __all__ = [
     "LowDoseScan",
     "ScannedVolume",
     "denoise_low_dose_ct",
+    "fbp_noise_level",
     "scan_volume",
     "simulate_low_dose",
     "whitened_problem",
@@ -132,6 +146,42 @@ def scan_volume(
     return ScannedVolume(inner, op, scan, fbp_hu, noise, inside)
 
 
+LIFT_MARGIN = 1.05
+"""A low-dose image quieter than the prior's smallest noise level is lifted by added white noise to this
+multiple of that level (the ancestral path)."""
+
+NOISE_DRAWS = 8
+"""Monte-Carlo draws of the post-log noise behind :func:`fbp_noise_level` (its relative error is about
+``1 / sqrt(2 x draws x voxels)``: under 1% for a 32^3 block)."""
+
+
+def fbp_noise_level(
+    counts: torch.Tensor, inner: Any, *, pixel_mm: float, inside: tuple[slice, ...], draws: int = NOISE_DRAWS,
+    seed: int = 0,
+) -> float:  # fmt: skip
+    """The standard deviation (HU) of the low-dose FBP's noise inside the volume, from the measured counts.
+
+    Post-log data have variance ``1 / N`` per ray (``N`` the counts, starved rays at half a photon, as
+    :func:`~medidiff.inverse.ct_dose.post_log` treats them). ``draws`` Gaussian noise sinograms of that
+    variance go through the same FBP as the data; the pooled standard deviation of their images inside
+    the volume is the level. It needs what a scanner records (the counts), not the noiseless scan.
+    """
+    from medidiff.inverse import fbp
+    from medidiff.inverse.ct_dose import MU_WATER_PER_MM, post_log_weights
+
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1; got {draws}")
+    sd = 1.0 / post_log_weights(counts)
+    gen = torch.Generator().manual_seed(int(seed))
+    acc, n = 0.0, 0
+    for _ in range(int(draws)):
+        e = sd * torch.randn(sd.shape, dtype=torch.float64, generator=gen)
+        img = fbp(e, inner).movedim(-3, -1).numpy() / pixel_mm * 1000.0 / MU_WATER_PER_MM
+        acc += float((img[inside] ** 2).sum())
+        n += int(img[inside].size)
+    return math.sqrt(acc / n)
+
+
 def denoise_low_dose_ct(
     image: str | Path,
     out_dir: str | Path,
@@ -140,7 +190,8 @@ def denoise_low_dose_ct(
     photons: float = DEFAULT_PHOTONS,
     views: int | None = None,
     checkpoint: Any = None,
-    method: str = "smc",
+    method: str = "auto",
+    sigma: float | None = None,
     sigma_max: float | None = None,
     n_particles: int = 16,
     steps: int = 40,
@@ -158,21 +209,35 @@ def denoise_low_dose_ct(
 ) -> Any:
     """Simulate the low-dose scan of ``image`` (HU) at ``dose`` and denoise it; see the module docstring.
 
+    ``method``: ``"auto"`` (``"ancestral"`` for a pixel-space prior whose noise range holds the FBP's noise
+    level, else ``"smc"``), ``"ancestral"``, ``"smc"`` or ``"dps"``. ``sigma``: the low-dose FBP's noise
+    level in HU for the ancestral path (default: estimated from the counts, :func:`fbp_noise_level`).
+    ``sigma_max``: the top noise level of ``smc`` / ``dps``.
+
     Returns:
-        A :class:`~medidiff.stages.denoise.DenoiseResult` (``sigma`` is the low-dose FBP's noise in HU:
-        the FBP of the scan's noise alone).
+        A :class:`~medidiff.stages.denoise.DenoiseResult` (``sigma`` is the low-dose FBP's noise level in
+        HU the denoiser used: estimated from the counts, or given).
 
     Raises:
         ValueError / FileNotFoundError / CheckpointError: a bad request or input, before any compute.
     """
     from medidiff.inverse.ct_dose import MU_WATER_PER_MM as MU_W
     from medidiff.inverse.evaluation import CT_WINDOW_HU, window_metrics
-    from medidiff.io.atomic import atomic_write_json
     from medidiff.io.nifti_write import write_nifti
     from medidiff.privacy import scrub_paths
-    from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
+    from medidiff.provenance import labelled_inputs, utc_now
     from medidiff.stages._reconstruct_io import jsonable
-    from medidiff.stages.denoise import SIDECAR, DenoiseResult, _from_ras, _linear_normalization, _read
+    from medidiff.stages.denoise import (
+        DenoiseResult,
+        DenoiseSettings,
+        _ancestral,
+        _from_ras,
+        _linear_normalization,
+        _noise_range,
+        _read,
+        _resolve_method,
+        _write_records,
+    )
     from medidiff.stages.reconstruct import (
         ReconstructSettings,
         _interval_record,
@@ -191,12 +256,19 @@ def denoise_low_dose_ct(
         raise ValueError(f"dose must be a fraction of the full dose in (0, 1], e.g. 0.25; got {dose!r}")
     if not (math.isfinite(photons) and photons > 0):
         raise ValueError(f"photons must be a positive number of incident photons per ray; got {photons!r}")
-    if method not in ("smc", "dps"):
+    if method not in ("auto", "ancestral", "smc", "dps"):
+        raise ValueError(f"method must be auto, ancestral, smc or dps for CT; got {method!r}")
+    if sigma is not None and not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be the low-dose image's noise level in HU (> 0); got {sigma!r}")
+    if sigma is not None and method in ("smc", "dps"):
         raise ValueError(
-            f"method must be smc or dps for CT (the likelihood is not the identity's); got {method!r}"
+            f"sigma (the low-dose image's noise level) is used by the ancestral path only; {method} uses the "
+            "counts' own Poisson likelihood. Drop sigma, or use method='ancestral'."
         )
+    if sigma_max is not None and method == "ancestral":
+        raise ValueError("sigma_max is the top noise level of smc / dps; the ancestral path starts at sigma.")
     rs = ReconstructSettings(
-        method=method, modality="CT", n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size,
+        method="smc" if method in ("auto", "ancestral") else method, modality="CT", n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size,
         sigma_max=sigma_max,
         precision=precision, tiling="whole", options=dict(options or {}),
     )  # fmt: skip
@@ -243,17 +315,63 @@ def denoise_low_dose_ct(
     starved = int((counts == 0).sum())
     if starved:
         warnings.append(f"{starved} rays recorded no photon (replaced by half a photon before the log)")
+    # the FBP's noise level from the counts alone (a scanner's data), on its own stream of the seed
+    est_hu = fbp_noise_level(counts, inner, pixel_mm=pixel_mm, inside=inside, seed=seeds["noise"] + 1)
+    sigma_hu = float(sigma) if sigma is not None else est_hu
+    sy = sigma_hu * abs(scale)
+    ds = DenoiseSettings(
+        method=method if method in ("auto", "ancestral") else "smc", modality="CT", n_particles=n_particles,
+        steps=steps, seed=seed, chunk_size=chunk_size, precision=rs.precision, tiling="whole",
+    )  # fmt: skip
+    pixel_prior = pri.kind == "pixel" or (pri.kind == "latent" and pri.pixel_space)
+    noise_range = _noise_range(pri) if pixel_prior else None
+    y_img = torch.from_numpy((scale * fbp_hu + offset).astype(np.float32))
+    lifted_from = None
+    if noise_range is not None and method in ("auto", "ancestral") and sy <= noise_range[0]:
+        # Below the prior's smallest noise level: add independent white noise up to just above it, so that
+        # the image is again a diffusion state (a little information is given up, nothing is assumed).
+        lifted_from, sy = sy, LIFT_MARGIN * noise_range[0]
+        gen = torch.Generator().manual_seed(seeds["noise"] + 2)
+        y_img = y_img + math.sqrt(sy**2 - lifted_from**2) * torch.randn(y_img.shape, generator=gen)
+        warnings.append(
+            f"the low-dose image's noise ({sigma_hu:.3g} HU) is below the prior's smallest noise level "
+            f"({noise_range[0] / abs(scale):.3g} HU): white noise was added up to {sy / abs(scale):.3g} HU"
+        )
+    if method in ("auto", "ancestral"):
+        used, why = _resolve_method(ds, pri, sy, noise_range)
+        if used == "ancestral":
+            why = "the low-dose FBP taken as a diffusion state of the pixel-space prior (white-noise approximation)"
+        else:
+            why = f"{why}; the Poisson likelihood in the projection domain instead"
+    else:
+        used, why = method, "as requested: the Poisson likelihood in the projection domain"
+    if used == "ancestral" and options:
+        raise ValueError(
+            f"options {sorted(options)} are sampler options of method='smc'; the ancestral path takes none."
+        )
+    how = (
+        f"the prior's reverse diffusion from the low-dose FBP at its noise level {sigma_hu:.3g} HU "
+        f"({'given' if sigma is not None else 'estimated from the counts'})"
+        if used == "ancestral"
+        else f"{used} under the Poisson (weighted) likelihood"
+    )
     plan = (
         f"Low-dose CT: the {'x'.join(map(str, shape))}-voxel volume scanned at {dose:g} of {photons:g} photons per "
         f"ray ({inner.n_angles} views x {inner.n_detectors} detectors per axial slice), denoised with "
-        f"{n_particles} particles x {steps} steps of {method} under the Poisson (weighted) likelihood."
+        f"{n_particles} particles x {steps} steps of {how}."
     )
     if notify is not None:
         notify(plan)
         for x in warnings:
             notify(f"warning: {x}")
 
-    res = _sample(rs, pri, op_w, y_w, 1.0, "CT", dev, prec, seeds["sampler"], progress)
+    if used == "ancestral":
+        from medidiff.inverse.simple_ops import Identity
+
+        res = _ancestral(ds, pri, Identity(padded), y_img, sy, dev, prec, seeds["sampler"], progress,
+                         noise_range[0])  # type: ignore[index]  # fmt: skip
+    else:
+        res = _sample(rs, pri, op_w, y_w, 1.0, "CT", dev, prec, seeds["sampler"], progress)
     if not bool(torch.isfinite(res.mean).all()):
         raise FloatingPointError("the sampler returned non-finite voxels; rerun with precision='fp32'")
     interval = _interval_record(res.weights)
@@ -294,7 +412,7 @@ def denoise_low_dose_ct(
     }
     settings = {
         "noise": "ct", "dose": float(dose), "photons": float(photons), "views": inner.n_angles, "method": method,
-        "sigma_max": sigma_max,
+        "sigma": sigma, "sigma_max": sigma_max,
         "n_particles": n_particles, "steps": steps, "seed": seed, "precision": rs.precision,
         "grid": list(grid) if grid is not None else None, "options": dict(options or {}),
     }  # fmt: skip
@@ -302,7 +420,7 @@ def denoise_low_dose_ct(
         "medidiff_version": __version__,
         "stage": "denoise",
         "settings": settings,
-        "method": {"used": method, "why": "the Poisson likelihood lives in the projection domain"},
+        "method": {"used": used, "why": why},
         "noise": {
             "model": "ct",
             "dose": float(dose),
@@ -311,12 +429,21 @@ def denoise_low_dose_ct(
             "views": inner.n_angles,
             "detectors": inner.n_detectors,
             "mu_water_per_mm": MU_W,
-            "sigma": noise_hu,
-            "sigma_what": "standard deviation in HU of the FBP of the scan's noise alone (FBP of the noisy minus "
-            "FBP of the noiseless scan)",
-            "estimated": False,
-            "method": "simulated",
-            "likelihood": "Poisson counts, post-log Gaussian with variance 1/N (rows weighted by sqrt(N))",
+            "sigma": sigma_hu,
+            "sigma_what": "the low-dose FBP's noise level in HU, the ancestral path's starting noise",
+            "estimated": sigma is None,
+            "method": "given"
+            if sigma is not None
+            else f"Monte Carlo: {NOISE_DRAWS} Gaussian sinograms of the post-log variance 1/N (N the counts) "
+            "through the FBP, pooled standard deviation inside the volume",
+            "sigma_estimated": est_hu,
+            "sigma_lifted_to": None if lifted_from is None else sy / abs(scale),
+            "sigma_realised": noise_hu,
+            "sigma_realised_what": "standard deviation in HU of the FBP of this scan's noise alone (known here "
+            "because the scan is simulated; not used by the denoiser)",
+            "likelihood": "white Gaussian noise on the low-dose FBP (an approximation: FBP noise is correlated)"
+            if used == "ancestral"
+            else "Poisson counts, post-log Gaussian with variance 1/N (rows weighted by sqrt(N))",
             "starved_rays": starved,
         },
         "prior": _prior_record(pri),
@@ -346,14 +473,10 @@ def denoise_low_dose_ct(
         "seconds": round(seconds, 3),
         "warnings": warnings,
     }
-    files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
-    tracker = ProvenanceTracker(
-        "denoise", out, config={**settings, "prior": _prior_record(pri)}, seeds={"seed": seed, **seeds},
-        precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
+    _write_records(
+        out, files, sidecar,
+        config={**settings, "prior": _prior_record(pri), "sigma_used": sigma_hu, "method_used": used},
+        seeds={"seed": seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
+        started=started, inputs=labelled_inputs({"image": image}, input_label), warnings=warnings,
     )  # fmt: skip
-    tracker.started = started
-    inputs = labelled_inputs({"image": image}, input_label)
-    for role, path in files.items():
-        tracker.add_output(path, inputs, warnings=warnings if role == "mean" else ())
-    files["provenance"] = tracker.finish()
-    return DenoiseResult(out_dir=out, files=files, sigma=noise_hu, metrics=metrics, sidecar=sidecar)
+    return DenoiseResult(out_dir=out, files=files, sigma=sigma_hu, metrics=metrics, sidecar=sidecar)
