@@ -106,7 +106,8 @@ bench-imaging: setup
 # 2-hour budget ran out; 2 h at 2 threads).
 # demo-seg-brain: the diffusion segmenter of configs/seg_brain.yaml; its benchmark run stopped at its 1500 s
 # budget after 1671 steps (1 thread), so the rebuild trains exactly that many steps (same seed: the same
-# weights on the same kind of CPU); stored in float16 (--half).
+# weights on the same kind of CPU); stored in float16 (--half), with the inference defaults chosen on the
+# tuning volumes (DDIM eta 1, step fusion: docs/benchmarks.md, Segmentation).
 # Each line resumes an interrupted run and skips a finished one.
 BRAIN_RUN ?= runs/brain_ldm_e
 SEG_RUN   ?= runs/seg_brain_diffusion
@@ -131,7 +132,8 @@ checkpoints: setup
 		configs/seg_brain.yaml $(SEG_RUN) --max-steps 1671 --budget-s 100000
 	rm -rf medidiff/checkpoints/demo-seg-brain
 	$(VENV)/bin/medidiff release $(SEG_RUN)/segmenter medidiff/checkpoints/demo-seg-brain --half \
-		--evaluation benchmarks/shipped/demo-seg-brain.json --rebuild "make checkpoints"
+		--evaluation benchmarks/shipped/demo-seg-brain.json --rebuild "make checkpoints" \
+		--sampling '{"sample_eta": 1.0, "fuse": "steps"}'
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -11,8 +11,10 @@ Procedure:
    parameters). The commands are in docs/benchmarks.md.
 3. Inference: the ``medidiff segment`` stage (``segment_volume``) on each whole volume at its own grid
    (windows of the training patch, 25% overlap, Gaussian blending), 1 thread. Diffusion: K samples of
-   S DDIM steps; S chosen on the tuning part from ``--steps-grid`` (best mean Dice over structures);
-   its sampling seeds ``--seeds`` give the spread. DynUNet is deterministic: its spread is over its
+   S DDIM steps with DDIM's eta and a step fusion (a sample's last step, or the mean of its steps); S,
+   eta and the fusion chosen on the tuning part from ``--steps-grid`` x ``--eta-grid`` x ``--fuse-grid``
+   (``--criterion``: best mean Dice over structures, or mean Dice + error AUROC in the head); its
+   sampling seeds ``--seeds`` give the spread. DynUNet is deterministic: its spread is over its
    training runs (``--dynunet RUN [RUN ...]``).
 4. Metrics on the input grid against the true label map (``medidiff.seg.metrics``): Dice and HD95 (mm)
    per structure, expected calibration error (MONAI, 20 bins), the AUROC of the uncertainty map
@@ -56,7 +58,8 @@ def _head_mask(truth: np.ndarray) -> np.ndarray:
 
 
 def score(ckpt: Path, name: str, data: Any, cfg: Any, *, seed: int, samples: int | None, steps: int | None,
-          tmp: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+          tmp: Path, eta: float | None = None, fuse: str | None = None,
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
     """Segment one volume with the stage and score it; also returns the maps (for the figure)."""
     from medidiff.seg.metrics import segmentation_metrics
     from medidiff.stages.segment import segment_volume
@@ -65,7 +68,14 @@ def score(ckpt: Path, name: str, data: Any, cfg: Any, *, seed: int, samples: int
     image = data.images / f"{name}.nii.gz"
     t0 = time.perf_counter()
     res = segment_volume(
-        image, tmp / f"{name}-{seed}", checkpoint=ckpt, seed=seed, samples=samples, steps=steps
+        image,
+        tmp / f"{name}-{seed}",
+        checkpoint=ckpt,
+        seed=seed,
+        samples=samples,
+        steps=steps,
+        eta=eta,
+        fuse=fuse,
     )
     seconds = time.perf_counter() - t0
     import nibabel as nib
@@ -87,6 +97,7 @@ def score(ckpt: Path, name: str, data: Any, cfg: Any, *, seed: int, samples: int
     m["seconds"] = seconds
     m["samples"] = res.sidecar["samples"]
     m["steps"] = res.sidecar["steps"]
+    m["eta"], m["fuse"] = res.sidecar["eta"], res.sidecar["fuse"]
     maps = {"image": _load(image), "truth": truth, "pred": pred, "uncertainty": unc, "affine": lab_img.affine}
     return m, maps
 
@@ -180,6 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--steps-grid", type=int, nargs="+", default=list(STEPS_GRID))
     p.add_argument("--steps", type=int, default=None, help="skip tuning: use this many DDIM steps")
+    p.add_argument("--eta-grid", type=float, nargs="+", default=[0.0], help="DDIM etas tried in tuning")
+    p.add_argument("--fuse-grid", nargs="+", choices=["last", "steps"], default=["last"])
+    p.add_argument("--eta", type=float, default=None, help="skip tuning: this eta (with --steps and --fuse)")
+    p.add_argument("--fuse", choices=["last", "steps"], default=None)
+    p.add_argument(
+        "--criterion", choices=["dice", "dice+auroc"], default="dice",
+        help="tuning picks the highest mean Dice, or mean Dice + error AUROC in the head",
+    )  # fmt: skip
     p.add_argument("--part", choices=["tuning", "reporting", "both"], default="both")
     p.add_argument("--methods", nargs="+", choices=["diffusion", "dynunet"], default=["diffusion", "dynunet"])
     p.add_argument("--threads", type=int, default=1)
@@ -216,16 +235,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     maps: dict[str, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        steps = args.steps
+        steps, eta, fuse = args.steps, args.eta, args.fuse
         if args.part in ("tuning", "both") and steps is None:
-            tuning = {}
+            tuning: dict[tuple[int, float, str], dict[str, float]] = {}
             for s in args.steps_grid:
-                rows = [score(args.diffusion, n, data, cks["diffusion"].config, seed=100, samples=args.samples,
-                              steps=s, tmp=tmp)[0] for n in data.tuning]  # fmt: skip
-                tuning[s] = float(np.mean([_flat(r)["dice.mean"] for r in rows]))
-                print(f"tuning: {s} steps -> mean Dice {tuning[s]:.4f}", file=sys.stderr)
-            steps = max(tuning, key=lambda s: tuning[s])
-            out["tuning"] = {"names": list(data.tuning), "mean_dice_by_steps": tuning, "chosen_steps": steps}
+                for e in args.eta_grid:
+                    for f in args.fuse_grid:
+                        rows = [score(args.diffusion, n, data, cks["diffusion"].config, seed=100,
+                                      samples=args.samples, steps=s, eta=e, fuse=f, tmp=tmp)[0]
+                                for n in data.tuning]  # fmt: skip
+                        flat = [_flat(r) for r in rows]
+                        tuning[s, e, f] = {k: float(np.mean([x[k] for x in flat]))
+                                           for k in ("dice.mean", "error_auroc_in_mask")}  # fmt: skip
+                        print(f"tuning: {s} steps, eta {e:g}, fuse {f} -> {tuning[s, e, f]}", file=sys.stderr)
+
+            def merit(key: tuple[int, float, str]) -> float:
+                m = tuning[key]
+                return m["dice.mean"] + (m["error_auroc_in_mask"] if args.criterion == "dice+auroc" else 0.0)
+
+            steps, eta, fuse = max(tuning, key=merit)
+            out["tuning"] = {
+                "names": list(data.tuning), "criterion": args.criterion,
+                "grid": [{"steps": k[0], "eta": k[1], "fuse": k[2], **v} for k, v in tuning.items()],
+                "chosen_steps": steps, "chosen_eta": eta, "chosen_fuse": fuse,
+            }  # fmt: skip
         if args.part in ("reporting", "both"):
             report: dict[str, Any] = {}
             for arch in args.methods:
@@ -238,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     for n in data.reporting:
                         m, mp = score(ck.path, n, data, ck.config, seed=seed,
                                       samples=args.samples if arch == "diffusion" else None,
-                                      steps=steps if arch == "diffusion" else None, tmp=tmp)  # fmt: skip
+                                      steps=steps if arch == "diffusion" else None, tmp=tmp,
+                                      eta=eta if arch == "diffusion" else None,
+                                      fuse=fuse if arch == "diffusion" else None)  # fmt: skip
                         per_seed[seed].append({"name": n, **m})
                         if n == data.reporting[0] and arch not in maps:
                             maps[arch] = mp
@@ -248,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "per_seed": {str(k): v for k, v in per_seed.items()},
                     "summary": aggregate(per_seed),
                 }
-            out["reporting"] = {"names": list(data.reporting), "steps": steps, **report,
+            out["reporting"] = {"names": list(data.reporting), "steps": steps, "eta": eta, "fuse": fuse, **report,
                                 "markdown": markdown(report)}  # fmt: skip
             print(out["reporting"]["markdown"], file=sys.stderr)
     out["seconds"] = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Prefect flow for segmentation: one task per volume, paths between tasks.
 
     python -m flows.segment OUT_DIR IMG1.nii.gz [IMG2.nii.gz ...] [--checkpoint CKPT] [--samples K]
+        [--steps S] [--eta E] [--fuse last|steps]
 
 Each task runs :func:`medidiff.stages.segment.segment_volume` on one volume into ``OUT_DIR/<name>/``
 and returns the path of its ``segment.json``. ``<name>`` is a keyed hash of the file's content, never
@@ -58,9 +59,12 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--fuse", choices=["last", "steps"], default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    settings = {"checkpoint": a.checkpoint, "samples": a.samples, "steps": a.steps, "seed": a.seed}
+    settings = {"checkpoint": a.checkpoint, "samples": a.samples, "steps": a.steps, "eta": a.eta, "fuse": a.fuse,
+                "seed": a.seed}  # fmt: skip
     print(segment_flow(a.out_dir, a.images, settings))
 
 

@@ -375,6 +375,13 @@ def release(
     half: Annotated[
         bool, typer.Option(help="Segmenters: store the weights in float16 (half the size).")
     ] = False,
+    sampling: Annotated[
+        str | None,
+        typer.Option(
+            help='Segmenters: JSON of inference defaults for the release, e.g. \'{"sample_eta": 1, "fuse": '
+            "\"steps\"}' (samples, sample_steps, sample_eta, fuse; recorded with the source's values)."
+        ),
+    ] = None,
 ) -> None:
     """Cut an inference-only release of a checkpoint (no optimizer state, no local paths) for shipping."""
     import json
@@ -390,10 +397,15 @@ def release(
         if load_checkpoint(source, verify=False).stage == "segmenter":
             if final_reason is not None:
                 raise ValueError("--final-reason is for diffusion models; a segmenter stops at its budget")
-            folder = release_segmenter(source, dest, evaluation=figures, rebuild=rebuild, half=half)
+            knobs = json.loads(sampling) if sampling is not None else None
+            if knobs is not None and not isinstance(knobs, dict):
+                raise ValueError('--sampling must be a JSON object, e.g. \'{"fuse": "steps"}\'')
+            folder = release_segmenter(
+                source, dest, evaluation=figures, rebuild=rebuild, half=half, sampling=knobs
+            )
         else:
-            if half:
-                raise ValueError("--half is for segmenters only")
+            if half or sampling is not None:
+                raise ValueError("--half and --sampling are for segmenters only")
             folder = release_checkpoint(
                 source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason
             )
@@ -662,7 +674,10 @@ def denoise(
     ] = "gaussian",
     sigma: Annotated[
         float | None,
-        typer.Option(help="Noise standard deviation in the image's units (default: estimated, recorded)."),
+        typer.Option(
+            help="Noise standard deviation in the image's units (default: estimated, recorded); --noise ct: "
+            "the low-dose image's noise in HU (default: estimated from the counts)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None,
@@ -677,8 +692,9 @@ def denoise(
     method: Annotated[
         str,
         typer.Option(
-            help="auto (ancestral sampling from the noisy image for a pixel-space prior, smc for a latent "
-            "one), ancestral, smc, afdps or dps."
+            help="auto (ancestral sampling from the noisy image, or from the low-dose FBP for --noise ct, "
+            "with a pixel-space prior; smc for a latent one), ancestral, smc, afdps or dps (smc and dps sample "
+            "CT under the projection-domain Poisson likelihood)."
         ),
     ] = "auto",
     particles: Annotated[int, typer.Option(help="Posterior samples (SMC particles).")] = 16,
@@ -736,7 +752,9 @@ def denoise(
     if noise_rec["model"] == "ct":
         console.print(
             f"Low-dose scan: {noise_rec['dose']:g} of {noise_rec['photons_full_dose']:g} photons per ray; the "
-            f"low-dose FBP's noise is {result.sigma:.1f} HU (low_dose_fbp.nii.gz)."
+            f"low-dose FBP's noise is {result.sigma:.1f} HU (low_dose_fbp.nii.gz; "
+            f"{'estimated from the counts' if noise_rec['estimated'] else 'given'}); "
+            f"method {result.sidecar['method']['used']}."
         )
     else:
         how = "given" if not noise_rec["estimated"] else f"estimated ({noise_rec['method']})"
@@ -809,6 +827,17 @@ def segment(
     steps: Annotated[
         int | None, typer.Option(help="Sampling steps per sample (default: the checkpoint's).")
     ] = None,
+    eta: Annotated[
+        float | None,
+        typer.Option(help="DDIM eta, 0 (deterministic steps) to 1 (ancestral) (default: the checkpoint's)."),
+    ] = None,
+    fuse: Annotated[
+        str | None,
+        typer.Option(
+            help="last (a sample is its last step's prediction) or steps (the mean of its steps') "
+            "(default: the checkpoint's)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Segment a volume, with per-voxel uncertainty and per-structure volumes."""
@@ -818,7 +847,8 @@ def segment(
     try:
         with _stage_errors():
             result = segment_volume(
-                image, out, checkpoint=checkpoint, samples=samples, steps=steps, seed=seed, notify=_say,
+                image, out, checkpoint=checkpoint, samples=samples, steps=steps, eta=eta, fuse=fuse, seed=seed,
+                notify=_say,
                 progress=lambda done, total: bar("Segmenting", done, total),
             )  # fmt: skip
     finally:

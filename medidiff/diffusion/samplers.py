@@ -32,6 +32,7 @@ __all__ = [
     "expected_nfe",
     "get_ancestral_step",
     "per_sample_generators",
+    "per_sample_seeds",
     "randn_like_per_sample",
     "randn_per_sample",
     "sample_ddim",
@@ -56,21 +57,24 @@ class Denoiser(Protocol):
 # ----------------------------------------------------------------------------------------------
 
 
+def per_sample_seeds(seed: int, n: int, *, start: int = 0) -> list[int]:
+    """The seeds of samples ``start .. start + n - 1`` of a run: sample ``i``'s depends only on ``(seed, i)``
+    (``numpy.random.SeedSequence`` spawn keys, 64 bits), so splitting a run into batches of any size gives
+    the same samples. Recorded in sidecars; :func:`per_sample_generators` seeds its generators with them."""
+    if n < 0 or start < 0:
+        raise ValueError(f"n and start must be >= 0; got n={n}, start={start}.")
+    return [
+        int(np.random.SeedSequence(entropy=seed, spawn_key=(i,)).generate_state(1, dtype=np.uint64)[0])
+        for i in range(start, start + n)
+    ]
+
+
 def per_sample_generators(
     seed: int, n: int, *, start: int = 0, device: str | torch.device = "cpu"
 ) -> list[torch.Generator]:
-    """One independent ``torch.Generator`` per sample, for samples ``start .. start + n - 1`` of a run.
-
-    Sample ``i``'s generator depends only on ``(seed, i)`` (through ``numpy.random.SeedSequence`` spawn keys),
-    so splitting a run into batches of any size gives the same samples.
-    """
-    if n < 0 or start < 0:
-        raise ValueError(f"n and start must be >= 0; got n={n}, start={start}.")
-    gens = []
-    for i in range(start, start + n):
-        state = np.random.SeedSequence(entropy=seed, spawn_key=(i,)).generate_state(1, dtype=np.uint64)[0]
-        gens.append(torch.Generator(device=device).manual_seed(int(state)))
-    return gens
+    """One independent ``torch.Generator`` per sample, for samples ``start .. start + n - 1`` of a run,
+    seeded by :func:`per_sample_seeds`."""
+    return [torch.Generator(device=device).manual_seed(s) for s in per_sample_seeds(seed, n, start=start)]
 
 
 def randn_per_sample(

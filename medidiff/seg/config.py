@@ -67,6 +67,8 @@ class SegmenterConfig(_Strict):
         timesteps: the diffusion's discrete time scale (network input ``t * timesteps``).
         sample_steps: DDIM steps per sample at inference (few-step sampling).
         samples: K, the samples drawn per volume.
+        sample_eta: DDIM's eta at inference (0 deterministic steps, 1 ancestral).
+        fuse: a sample's probabilities: its last step's (``last``) or the mean over its steps (``steps``).
         overlap: sliding-window overlap (fraction of the window).
         normalization: MR percentile scaling ``[p_low, p_high]`` to [0, 1].
     """
@@ -84,6 +86,8 @@ class SegmenterConfig(_Strict):
     timesteps: int = Field(default=1000, gt=0)
     sample_steps: int = Field(default=4, gt=0)
     samples: int = Field(default=4, gt=0)
+    sample_eta: float = Field(default=0.0, ge=0, le=1)
+    fuse: Literal["last", "steps"] = "last"
     overlap: float = Field(default=0.25, ge=0, lt=1)
     percentiles: tuple[float, float] = (0.5, 99.5)
     train: SegTrainConfig = SegTrainConfig()

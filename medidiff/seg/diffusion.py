@@ -3,9 +3,12 @@
 A label map with C classes is a one-hot map scaled to [-1, 1], ``x_0 = 2 onehot - 1``. The forward
 process is ``x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) eps`` with the cosine schedule (Nichol &
 Dhariwal 2021, eq. 17) on continuous ``t`` in [0, 1]. The network predicts the clean map's logits; its
-softmax gives ``x0_hat = 2 p - 1``. Sampling is DDIM with eta = 0 (Song et al. 2021, eq. 12) over a few
-equally spaced times from ``t = 1``; the K samples differ by their starting noise, drawn from per-sample
-generators so a sample does not depend on how many are drawn beside it.
+softmax gives ``x0_hat = 2 p - 1``. Sampling is DDIM (Song et al. 2021, eq. 12) over a few equally spaced
+times from ``t = 1``: ``eta = 0`` is deterministic given the starting noise, ``eta = 1`` adds the
+ancestral (DDPM) noise at every step. The K samples differ by their noise, drawn from per-sample
+generators so a sample does not depend on how many are drawn beside it. A sample's probabilities are
+its last step's (``fuse="last"``) or the mean of every step's prediction (``fuse="steps"``, the
+step fusion of Diff-UNet, Xing et al. 2023, with equal weights).
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "FUSE_MODES",
     "alpha_bar",
     "one_hot_map",
     "sample_label_map",
     "segmentation_loss",
     "time_grid",
 ]
+
+FUSE_MODES = ("last", "steps")
+"""How a sample's probabilities come from its steps' predictions."""
 
 _S = 0.008  # the cosine schedule's offset (Nichol & Dhariwal 2021)
 _T_MAX = 0.999  # abar(1) is exactly 0; stop just short of it so eps_hat stays defined
@@ -95,30 +102,45 @@ def sample_label_map(
     *,
     steps: int,
     generators: Sequence[torch.Generator],
+    eta: float = 0.0,
+    fuse: str = "last",
 ) -> Tensor:
-    """K samples of the clean map's class probabilities ``(K, C, *spatial)`` by DDIM (eta = 0).
+    """K samples of the clean map's class probabilities ``(K, C, *spatial)`` by DDIM.
 
     Args:
         logits_fn: logits of the clean map for ``(image (1, 1, *s), x_t (1, C, *s), t)``.
         image: ``(1, 1, *spatial)``.
         num_classes: C.
         steps: DDIM steps (network calls per sample).
-        generators: one per sample; each draws that sample's starting noise ``x_1``.
+        generators: one per sample; each draws that sample's starting noise ``x_1`` (and, with ``eta > 0``,
+            its noise at every step).
+        eta: DDIM's eta in [0, 1] (0: deterministic steps; 1: ancestral).
+        fuse: ``"last"`` (the last step's prediction) or ``"steps"`` (the mean over the steps).
     """
     if image.ndim < 4 or image.shape[0] != 1 or image.shape[1] != 1:
         raise ValueError(f"image must be (1, 1, *spatial), got {tuple(image.shape)}")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}; got {fuse!r}")
     ts = time_grid(steps)
     out = []
     for g in generators:
         x = torch.randn((1, num_classes, *image.shape[2:]), generator=g, device=image.device)
         p = x  # overwritten on the first step
+        acc = torch.zeros_like(x)
         for i, t in enumerate(ts):
             p = torch.softmax(logits_fn(image, x, float(t)).float(), dim=1)
+            acc += p
             if i + 1 == len(ts):
                 break
             x0 = 2.0 * p - 1.0
             ab, ab_next = alpha_bar(t), alpha_bar(ts[i + 1])
             eps = (x - ab.sqrt().float() * x0) / (1 - ab).sqrt().float()
-            x = ab_next.sqrt().float() * x0 + (1 - ab_next).sqrt().float() * eps
-        out.append(p)
+            # DDIM eq. 16: the step's own noise sigma_t; eta = 1 is the ancestral step
+            sig = float(eta) * math.sqrt(float((1 - ab_next) / (1 - ab) * (1 - ab / ab_next)))
+            x = ab_next.sqrt().float() * x0 + (1 - ab_next - sig**2).clamp_min(0.0).sqrt().float() * eps
+            if sig > 0:
+                x = x + sig * torch.randn(x.shape, generator=g, device=x.device)
+        out.append(p if fuse == "last" else acc / len(ts))
     return torch.cat(out, dim=0)

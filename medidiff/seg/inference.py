@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medidiff.diffusion.samplers import per_sample_generators
 from medidiff.seg.config import SegmenterConfig
 from medidiff.seg.diffusion import LogitFn, sample_label_map
 
-__all__ = ["SegSummary", "predict_probabilities", "sample_seeds", "summarize", "window_logits"]
+__all__ = ["SegSummary", "predict_probabilities", "summarize", "window_logits"]
 
 
 def window_logits(
@@ -48,12 +49,6 @@ def window_logits(
     return fn
 
 
-def sample_seeds(seed: int, samples: int) -> list[int]:
-    """Independent per-sample seeds from one number (``numpy.random.SeedSequence`` children)."""
-    kids = np.random.SeedSequence(seed).spawn(samples)
-    return [int(k.generate_state(1, dtype=np.uint32)[0]) for k in kids]
-
-
 @torch.no_grad()
 def predict_probabilities(
     net: nn.Module,
@@ -63,6 +58,8 @@ def predict_probabilities(
     seed: int = 0,
     samples: int | None = None,
     steps: int | None = None,
+    eta: float | None = None,
+    fuse: str | None = None,
     whole_grid: bool = False,
     sw_batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
@@ -70,8 +67,9 @@ def predict_probabilities(
     """Class probabilities ``(K, C, *spatial)`` of a normalised image ``(1, 1, *spatial)``.
 
     The diffusion segmenter draws ``samples`` (default ``cfg.samples``) samples of ``steps`` DDIM steps
-    each; the baseline gives its softmax once (K = 1). ``progress(done, total)`` after each
-    whole-volume network pass.
+    each, with DDIM's ``eta`` and the steps' ``fuse`` (defaults ``cfg.sample_eta``, ``cfg.fuse``); the
+    baseline gives its softmax once (K = 1). ``progress(done, total)`` after each whole-volume network
+    pass.
     """
     if not torch.isfinite(image).all():
         raise ValueError("the image holds NaN or infinite voxels; fix or mask them before segmenting")
@@ -90,8 +88,11 @@ def predict_probabilities(
 
     if cfg.arch == "dynunet":
         return torch.softmax(fn(image, None, None).float(), dim=1)
-    gens = [torch.Generator(device=image.device).manual_seed(s) for s in sample_seeds(seed, k)]
-    return sample_label_map(fn, image, cfg.num_classes, steps=n_steps, generators=gens)
+    gens = per_sample_generators(seed, k, device=image.device)
+    return sample_label_map(
+        fn, image, cfg.num_classes, steps=n_steps, generators=gens,
+        eta=cfg.sample_eta if eta is None else float(eta), fuse=cfg.fuse if fuse is None else fuse,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

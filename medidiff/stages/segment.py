@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +45,8 @@ class SegmentSettings(BaseModel):
 
     samples: int | None = Field(default=None, gt=0)
     steps: int | None = Field(default=None, gt=0)
+    eta: float | None = Field(default=None, ge=0, le=1)
+    fuse: Literal["last", "steps"] | None = None
     seed: int = 0
     sw_batch_size: int = Field(default=4, gt=0)
 
@@ -71,6 +73,8 @@ def segment_volume(
     checkpoint: str | Path | None = None,
     samples: int | None = None,
     steps: int | None = None,
+    eta: float | None = None,
+    fuse: str | None = None,
     seed: int = 0,
     threads: int | None = None,
     notify: Callable[[str], None] | None = None,
@@ -86,6 +90,9 @@ def segment_volume(
         checkpoint: a segmenter from ``medidiff train-seg`` (default: the shipped demo segmenter).
         samples: K (default: the checkpoint's); the DynUNet baseline gives one.
         steps: DDIM steps per sample (default: the checkpoint's).
+        eta: DDIM's eta, 0 (deterministic steps) to 1 (ancestral); default: the checkpoint's.
+        fuse: ``"last"`` (a sample is its last step's prediction) or ``"steps"`` (the mean of its steps');
+            default: the checkpoint's.
         seed: seeds the samples (per-sample seeds are derived from it and recorded).
         threads: torch CPU threads.
         notify: ``notify(message)`` with the plan and warnings, before the compute.
@@ -99,18 +106,19 @@ def segment_volume(
     """
     import torch
 
+    from medidiff.diffusion.samplers import per_sample_seeds
     from medidiff.io.atomic import atomic_write_json
     from medidiff.io.nifti_write import write_nifti
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
-    from medidiff.seg.inference import predict_probabilities, sample_seeds, summarize
+    from medidiff.seg.inference import predict_probabilities, summarize
     from medidiff.stages._reconstruct_io import write_samples
     from medidiff.stages._seg_io import foreground_box, read_image, to_input_grid, to_model_grid
     from medidiff.volume import LabelVolume, Volume
 
     started = utc_now()
     t0 = time.perf_counter()
-    s = SegmentSettings(samples=samples, steps=steps, seed=seed)
+    s = SegmentSettings(samples=samples, steps=steps, eta=eta, fuse=fuse, seed=seed)  # type: ignore[arg-type]
     ck, warnings = _load_segmenter(checkpoint)
     cfg = ck.config
     vol = read_image(Path(image), "OT")
@@ -156,7 +164,7 @@ def segment_volume(
     t_net = time.perf_counter()
     inner = predict_probabilities(
         net, cfg, torch.from_numpy(np.ascontiguousarray(grid.array[box]))[None, None], seed=s.seed, samples=k,
-        steps=n_steps,
+        steps=n_steps, eta=s.eta, fuse=s.fuse,
         sw_batch_size=s.sw_batch_size, progress=progress,
     )  # fmt: skip
     net_seconds = time.perf_counter() - t_net
@@ -220,7 +228,12 @@ def segment_volume(
         },
         "samples": k,
         "steps": n_steps,
-        "seeds": {"seed": s.seed, "per_sample": sample_seeds(s.seed, k) if cfg.arch == "diffusion" else []},
+        "eta": (cfg.sample_eta if s.eta is None else s.eta) if cfg.arch == "diffusion" else None,
+        "fuse": (s.fuse or cfg.fuse) if cfg.arch == "diffusion" else None,
+        "seeds": {
+            "seed": s.seed,
+            "per_sample": per_sample_seeds(s.seed, k) if cfg.arch == "diffusion" else [],
+        },
         "labels": [d.model_dump(mode="json") for d in cfg.labels],
         "structures": structures,
         "uncertainty": {

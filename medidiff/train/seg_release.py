@@ -31,7 +31,10 @@ from medidiff.train.checkpoint import (
 )
 from medidiff.train.release import strip_local_paths
 
-__all__ = ["release_segmenter"]
+__all__ = ["SAMPLING_KEYS", "release_segmenter"]
+
+SAMPLING_KEYS = ("samples", "sample_steps", "sample_eta", "fuse")
+"""The inference defaults a release may set (the network and its training stay the source's)."""
 
 CARD_FILE = "model_card.md"
 
@@ -45,7 +48,8 @@ def _card(info: dict[str, Any], sha: str) -> str:
         f"- architecture: {cfg['arch']}, channels {cfg['channels']}, {m.get('parameters')} parameters; "
         f"patch / window {cfg['patch_size']}, overlap {cfg['overlap']}"
         + (
-            f"; {cfg['samples']} samples x {cfg['sample_steps']} DDIM steps"
+            f"; {cfg['samples']} samples x {cfg['sample_steps']} DDIM steps, eta {cfg.get('sample_eta', 0.0):g}, "
+            f"fusion {cfg.get('fuse', 'last')}"
             if cfg["arch"] == "diffusion"
             else ""
         ),
@@ -81,11 +85,14 @@ def release_segmenter(
     evaluation: Mapping[str, Any] | None = None,
     rebuild: str | None = None,
     half: bool = False,
+    sampling: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an inference-only release of the segmenter ``source`` into the new folder ``dest``.
 
     With ``half``, floating-point weights are stored in float16 (half the size; they are cast back to
-    the network's float32 when loaded, and the release records it).
+    the network's float32 when loaded, and the release records it). ``sampling`` sets the release's
+    inference defaults (any of :data:`SAMPLING_KEYS`, chosen on a tuning split), recorded with the
+    source's own values.
 
     Raises:
         CheckpointError: ``source`` is not a segmenter checkpoint, or already a release.
@@ -93,6 +100,11 @@ def release_segmenter(
         ValueError: ``evaluation`` names other weights (``weights_sha256``) than the source's.
     """
     ck = load_checkpoint(source, expect_stage="segmenter")
+    unknown = set(sampling or {}) - set(SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"sampling sets only {list(SAMPLING_KEYS)}; not {sorted(unknown)}")
+    # validated as the config it becomes (a bad eta or fusion is refused here, not at inference)
+    config = type(ck.config).model_validate({**ck.config.model_dump(mode="json"), **dict(sampling or {})})
     dest = Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; a release is written into a new folder (remove it first)")
@@ -125,7 +137,7 @@ def release_segmenter(
             "created": ck.info.get("created"),
             "stage": "segmenter",
             "step": ck.step,
-            "config": ck.config.model_dump(mode="json"),
+            "config": config.model_dump(mode="json"),
             "files": {WEIGHTS_FILE: sha},
             "parts": ["model"],
             "optimizers": {},
@@ -138,6 +150,10 @@ def release_segmenter(
                 "evaluation": dict(evaluation or {}),
                 "rebuild": rebuild,
                 "weights_dtype": "float16" if half else "as trained",
+                "sampling": {
+                    k: {"source": getattr(ck.config, k), "release": getattr(config, k)}
+                    for k in sorted(sampling or {})
+                },
             },
         }
         info = strip_local_paths(info)

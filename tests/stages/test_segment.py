@@ -225,6 +225,19 @@ def test_cli_segment_stable_interface(trained: dict[str, Path], tmp_path: Path) 
                           str(trained["diffusion"]), "--out", str(tmp_path / "bad")],
                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert bad.returncode == 2 and "does not exist" in " ".join((bad.stdout + bad.stderr).split())
+    # the sampler's knobs: recorded when given, refused with exit code 2 when out of range
+    k = subprocess.run([*cli, "segment", str(path), "--checkpoint", str(trained["diffusion"]), "--eta", "1",
+                        "--fuse", "steps", "--samples", "2", "--steps", "2", "--out", str(tmp_path / "knobs")],
+                       capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert k.returncode == 0, k.stdout + k.stderr
+    side = json.loads((tmp_path / "knobs" / "segment.json").read_text())
+    assert side["eta"] == 1.0 and side["fuse"] == "steps" and side["settings"]["fuse"] == "steps"
+    assert json.loads((tmp_path / "seg" / "segment.json").read_text())["fuse"] == "last"  # the checkpoint's
+    for flag, value in (("--eta", "1.5"), ("--fuse", "mean")):
+        b = subprocess.run([*cli, "segment", str(path), "--checkpoint", str(trained["diffusion"]), flag, value,
+                            "--out", str(tmp_path / "bad2")], capture_output=True, text=True, timeout=300,
+                           check=False)  # fmt: skip
+        assert b.returncode == 2 and not (tmp_path / "bad2").exists(), b.stdout + b.stderr
     root = trained["root"]
     shutil.rmtree(root / "cli_run", ignore_errors=True)
     t = subprocess.run([*cli, "train-seg", str(root / "seg_diffusion.yaml"), str(root / "cli_run"),

@@ -51,6 +51,18 @@ def test_release_segmenter_round_trip(tmp_path: Path) -> None:
         release_segmenter(src, tmp_path / "other", evaluation={"weights_sha256": "0" * 64})
     with pytest.raises(CheckpointError, match="already an inference-only release"):
         release_segmenter(full, tmp_path / "again")
+    # inference defaults chosen at release: recorded beside the source's, and what segment then uses
+    knobs = release_segmenter(src, tmp_path / "knobs", sampling={"sample_eta": 1.0, "fuse": "steps"})
+    kinfo = json.loads((knobs / "checkpoint.json").read_text())
+    assert kinfo["config"]["sample_eta"] == 1.0 and kinfo["config"]["fuse"] == "steps"
+    assert kinfo["release"]["sampling"]["fuse"] == {"source": "last", "release": "steps"}
+    assert "eta 1, fusion steps" in (knobs / "model_card.md").read_text()
+    used = segment_volume(root / "images" / "p-001.nii.gz", tmp_path / "ok", checkpoint=knobs, seed=0)
+    assert used.sidecar["eta"] == 1.0 and used.sidecar["fuse"] == "steps"
+    for bad, msg in (({"channels": [4]}, "sampling sets only"), ({"fuse": "mean"}, "fuse")):
+        with pytest.raises(ValueError, match=msg):
+            release_segmenter(src, tmp_path / "bad", sampling=bad)
+        assert not (tmp_path / "bad").exists()
     image = root / "images" / "p-001.nii.gz"
     outs = [
         segment_volume(image, tmp_path / f"o{i}", checkpoint=c, seed=0)
