@@ -268,9 +268,9 @@ def denoise_low_dose_ct(
     if sigma_max is not None and method == "ancestral":
         raise ValueError("sigma_max is the top noise level of smc / dps; the ancestral path starts at sigma.")
     rs = ReconstructSettings(
-        method="smc" if method in ("auto", "ancestral") else method, modality="CT", n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size,
-        sigma_max=sigma_max,
-        precision=precision, tiling="whole", options=dict(options or {}),
+        method="smc" if method in ("auto", "ancestral") else method, modality="CT", n_particles=n_particles,
+        steps=steps, seed=seed, chunk_size=chunk_size, sigma_max=sigma_max, precision=precision, tiling="whole",
+        options=dict(options or {}),
     )  # fmt: skip
     dev = (
         torch.device(device)
@@ -286,6 +286,12 @@ def denoise_low_dose_ct(
             "in-plane voxels. Resample the volume in-plane first."
         )
     pri = _resolve_prior(checkpoint, rs, normalization)
+    pixel_prior = pri.kind == "pixel" or (pri.kind == "latent" and pri.pixel_space)
+    if options and (method == "ancestral" or (method == "auto" and pixel_prior)):
+        raise ValueError(
+            f"options {sorted(options)} are sampler options of method='smc'; the ancestral path (the default "
+            "with a pixel-space prior) takes none. Pass method='smc' with them."
+        )
     scale, offset = _linear_normalization(src.raw, src.affine_ras, "CT", pri.normalization)
     shape = tuple(int(v) for v in src.raw.shape)
     padded = tuple(-(-n // pri.multiple) * pri.multiple for n in shape)
@@ -323,7 +329,6 @@ def denoise_low_dose_ct(
         method=method if method in ("auto", "ancestral") else "smc", modality="CT", n_particles=n_particles,
         steps=steps, seed=seed, chunk_size=chunk_size, precision=rs.precision, tiling="whole",
     )  # fmt: skip
-    pixel_prior = pri.kind == "pixel" or (pri.kind == "latent" and pri.pixel_space)
     noise_range = _noise_range(pri) if pixel_prior else None
     y_img = torch.from_numpy((scale * fbp_hu + offset).astype(np.float32))
     lifted_from = None
@@ -345,10 +350,6 @@ def denoise_low_dose_ct(
             why = f"{why}; the Poisson likelihood in the projection domain instead"
     else:
         used, why = method, "as requested: the Poisson likelihood in the projection domain"
-    if used == "ancestral" and options:
-        raise ValueError(
-            f"options {sorted(options)} are sampler options of method='smc'; the ancestral path takes none."
-        )
     how = (
         f"the prior's reverse diffusion from the low-dose FBP at its noise level {sigma_hu:.3g} HU "
         f"({'given' if sigma is not None else 'estimated from the counts'})"

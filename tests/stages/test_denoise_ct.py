@@ -161,7 +161,7 @@ def test_ct_requests_are_checked(ct_run: dict) -> None:
         ({"noise": "ct", "sigma": -1.0}, "noise level in HU"),
         ({"noise": "ct", "sigma": 10.0, "method": "smc"}, "ancestral path only"),
         ({"noise": "ct", "sigma_max": 0.5, "method": "ancestral"}, "top noise level of smc"),
-        ({"noise": "ct", "options": {"final": "denoise"}}, "ancestral path takes none"),
+        ({"noise": "ct", "options": {"final": "denoise"}}, "takes none. Pass method=.smc."),
         ({"noise": "gaussian", "dose": 0.25}, "pass noise='ct'"),
         ({"noise": "gaussian", "modality": "CT"}, "use noise='ct'"),
         ({"noise": "ct", "method": "afdps"}, "method must be auto, ancestral, smc or dps"),
