@@ -596,10 +596,11 @@ def reconstruct(
     tiling: Annotated[
         str,
         typer.Option(
-            help="patches (default): the prior on overlapping patches of its training size, seams "
+            help="auto (default): whole when the grid is at most 1.5x the prior's training patch along "
+            "every axis, else patches; patches: the prior on overlapping patches of its training size, seams "
             "blended; whole: on the whole grid at once (its attention then spans the whole volume)."
         ),
-    ] = "patches",
+    ] = "auto",
     tile_overlap: Annotated[
         float, typer.Option(help="Overlap fraction of the patches (--tiling patches).")
     ] = 0.25,

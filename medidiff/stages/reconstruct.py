@@ -57,8 +57,10 @@ Whole volumes (the default): a checkpoint's prior was trained on patches of ``pa
 whole volume is then padded (centred, with its minimum, as the training pipeline pads) up to the
 next multiple of the prior's downsampling (:func:`grid_multiple`: the UNet's, times the
 autoencoder's for a latent prior), and that grid is simulated and reconstructed. Every output lies
-on it (``reference.nii.gz`` is the reference on the same grid and affine). By default
-(``tiling="patches"``) the denoiser runs on overlapping patches of its training size with
+on it (``reference.nii.gz`` is the reference on the same grid and affine). With ``tiling="patches"``
+(what the default ``"auto"`` picks unless the grid is within :data:`AUTO_WHOLE_RATIO` of the training
+patch along every axis, where it runs the whole grid) the denoiser runs on overlapping patches of its
+training size with
 Gaussian-blended seams (:class:`~medidiff.inverse.tiling.PatchDenoiser`; ``tile_overlap`` 0.25):
 each patch is what the network saw in training, GroupNorm statistics and attention included. A
 latent prior's decoder decodes the whole latent grid (it is convolutional unless configured with
@@ -94,7 +96,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -172,7 +174,7 @@ class ReconstructSettings(BaseModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
     grid: tuple[int, int, int] | None = None
     crop: bool = Field(False, description="reconstruct only the prior's patch at the volume's centre")
-    tiling: Literal["whole", "patches"] = "patches"
+    tiling: Literal["auto", "whole", "patches"] = "auto"
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     spacing_mm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     spectrum: dict[str, Any] | None = None
@@ -239,7 +241,7 @@ def reconstruct_volume(
     device: str | torch.device | None = None,
     grid: tuple[int, int, int] | None = None,
     crop: bool = False,
-    tiling: str = "patches",
+    tiling: str = "auto",
     tile_overlap: float = 0.25,
     spacing_mm: float | None = None,
     normalization: Any = None,
@@ -292,7 +294,9 @@ def reconstruct_volume(
             :func:`grid_multiple`.
         crop: reconstruct only the checkpoint's training patch at the centre of the volume.
         tiling: ``"patches"``: the denoiser on overlapping patches of its training size, blended
-            (:class:`~medidiff.inverse.tiling.PatchDenoiser`); ``"whole"``: on the whole grid at once.
+            (:class:`~medidiff.inverse.tiling.PatchDenoiser`); ``"whole"``: on the whole grid at once;
+            ``"auto"`` (default): whole when the grid is within :data:`AUTO_WHOLE_RATIO` of the training
+            patch along every axis, else patches (the choice is in the plan and the sidecar's ``extent``).
         tile_overlap: the patches' overlap fraction (``tiling="patches"``).
         spacing_mm: resample the reference to this isotropic spacing first (pixel-space priors and
             baselines; a latent prior uses its own).
@@ -383,7 +387,11 @@ def reconstruct_volume(
             multiple_of=pri.multiple,
         )
     geom = _geometry(s, pri, ref, raw)
+    requested_tiling = s.tiling
+    s = s.model_copy(update={"tiling": resolve_tiling(s.tiling, pri.patch, geom.grid)})  # recorded as run
     extent = _extent(s, pri, ref, geom)
+    if "tiling" in extent:
+        extent["tiling_requested"] = requested_tiling
     if notify is not None:
         notify(extent["message"])
         for w in pri.warnings:
@@ -685,6 +693,22 @@ def grid_multiple(config: Any) -> int:
     return int(config.unet.downsample_factor) * int(config.autoencoder.downsample_factor)
 
 
+AUTO_WHOLE_RATIO = 1.5
+"""``tiling="auto"`` runs the prior on the whole grid when no axis exceeds this multiple of the training
+patch (a whole-brain model on a head a little larger than its 64^3: one pass instead of 8 overlapping
+windows, 4x fewer voxels), and on overlapping patches otherwise."""
+
+
+def resolve_tiling(tiling: str, patch: Sequence[int] | None, grid: Sequence[int]) -> str:
+    """``"whole"`` or ``"patches"``: ``tiling`` itself unless it is ``"auto"`` (see :data:`AUTO_WHOLE_RATIO`)."""
+    if tiling != "auto":
+        return tiling
+    if patch is None:
+        return "whole"
+    near = all(int(g) <= AUTO_WHOLE_RATIO * int(p) for g, p in zip(grid, patch, strict=True))
+    return "whole" if near else "patches"
+
+
 WHOLE_GRID_VOXELS_PER_CALL = 2_000_000
 """``tiling="whole"``: particles x voxels per network call when ``chunk_size`` is not given. Guidance
 keeps the UNet's activations for its backward pass: 8 particles x 1.55 M voxels (a whole demo head at
@@ -878,6 +902,7 @@ def checkpoint_sampler(
     f = int(cfg.autoencoder.downsample_factor)
     latent_grid = tuple(int(g) // f for g in op.in_shape)
     patch = tuple(int(v) // f for v in cfg.patch_size)
+    tiling = resolve_tiling(tiling, patch, latent_grid)
     if any(g > p for g, p in zip(latent_grid, patch, strict=True)):
         if tiling == "patches":
             den = PatchDenoiser(den, patch, overlap=tile_overlap)

@@ -88,6 +88,7 @@ def test_latent_prior_simulate_paths_write_everything(
         steps=5,
         chunk_size=3,
         keep_samples=True,
+        tiling="patches",  # "auto" would run this grid, near the training patch, whole
         progress=lambda step, total, ess: seen.append((step, total, ess)),
     )
     raw = ["kspace.npy", "mask.npy"] if simulate == "mri" else ["sinogram.npy", "angles.npy"]

@@ -23,7 +23,7 @@ def test_the_plan_and_the_priors_warnings_come_before_the_compute(latent_prior, 
     mean's provenance carry the same warning."""
     events: list[tuple[str, object]] = []
     res = reconstruct_volume(
-        tmp_path / "out", prior=latent_prior["latent"], reference=reference, method="smc",
+        tmp_path / "out", prior=latent_prior["latent"], reference=reference, method="smc", tiling="patches",
         notify=lambda msg: events.append(("notify", msg)),
         progress=lambda step, total, ess: events.append(("step", step)), **KW,
     )  # fmt: skip
@@ -68,11 +68,13 @@ def test_a_crop_only_on_request(latent_prior, pixel_prior, reference, tmp_path) 
 
 
 def test_patch_tiling_runs_the_stage_and_is_recorded(pixel_prior, reference, tmp_path) -> None:  # noqa: F811
-    """The default ``tiling="patches"``: the whole 16x18x14 grid in two overlapping 16^3 patches (the pixel
-    prior's); ``tiling="whole"`` runs the network on the grid at once."""
+    """``tiling="patches"``: the whole 16x18x14 grid in two overlapping 16^3 patches (the pixel prior's);
+    ``tiling="whole"`` runs the network on the grid at once, and so does the default ``"auto"`` on a grid
+    this close to the training patch."""
     said: list[str] = []
     res = reconstruct_volume(
-        tmp_path / "p", prior=pixel_prior, reference=reference, method="smc", notify=said.append, **KW,
+        tmp_path / "p", prior=pixel_prior, reference=reference, method="smc", notify=said.append,
+        tiling="patches", **KW,
     )  # fmt: skip
     ext = res.sidecar["extent"]
     assert (ext["tiling"], ext["n_patches"], ext["patch"], ext["grid"]) == (
@@ -86,6 +88,27 @@ def test_patch_tiling_runs_the_stage_and_is_recorded(pixel_prior, reference, tmp
     whole = reconstruct_volume(tmp_path / "w", prior=pixel_prior, reference=reference, tiling="whole", **KW)
     assert whole.sidecar["extent"]["tiling"] == "whole" and "n_patches" not in whole.sidecar["extent"]
     assert "the prior runs on the whole grid at once" in whole.sidecar["extent"]["message"]
+    auto = reconstruct_volume(tmp_path / "a", prior=pixel_prior, reference=reference, **KW)
+    assert (
+        auto.sidecar["extent"]["tiling_requested"] == "auto" and auto.sidecar["extent"]["tiling"] == "whole"
+    )
+    assert auto.sidecar["settings"]["tiling"] == "whole"  # what ran
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(auto.files["mean"]).dataobj), np.asarray(nib.load(whole.files["mean"]).dataobj)
+    )
+
+
+def test_auto_tiling_rule() -> None:
+    """Whole when every axis is within 1.5x the training patch (the 3 mm brain model's 64^3 on a 88x80x72
+    head), patches otherwise (the 2 mm pixel prior's 32^3 on a 124x120x104 head); explicit choices stand."""
+    from medidiff.stages.reconstruct import resolve_tiling
+
+    assert resolve_tiling("auto", (64, 64, 64), (88, 80, 72)) == "whole"
+    assert resolve_tiling("auto", (64, 64, 64), (97, 64, 64)) == "patches"
+    assert resolve_tiling("auto", (32, 32, 32), (124, 120, 104)) == "patches"
+    assert resolve_tiling("auto", None, (124, 120, 104)) == "whole"
+    assert resolve_tiling("patches", (64, 64, 64), (64, 64, 64)) == "patches"
+    assert resolve_tiling("whole", (32, 32, 32), (124, 120, 104)) == "whole"
 
 
 @pytest.mark.parametrize("sigma", [0.05, 0.5])
