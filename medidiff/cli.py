@@ -769,6 +769,12 @@ def denoise(
             if isinstance(v, int | float):
                 table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
         console.print(table)
+        inner = result.metrics.get("inner")
+        if inner:
+            console.print(
+                f"Away from the block's edges ({inner['margin_voxels']} voxels in-plane, where the FBP of a cut "
+                f"rings): PSNR {inner['psnr_db']:.2f} dB (low-dose FBP {inner['input_psnr_db']:.2f} dB)."
+            )
     console.print(f"Outputs in [bold]{escape(str(result.out_dir))}[/bold]")
 
 

@@ -115,6 +115,26 @@ def test_ancestral_is_the_default_and_records_its_noise_level(ct_run: dict) -> N
     assert smc["settings"]["method"] == "smc"
 
 
+def test_inner_metrics_leave_the_cut_edges_out(tmp_path) -> None:
+    """A block wide enough gets ``metrics["inner"]``: the same window metrics 8 voxels in from its in-plane
+    edges (where the FBP of a cut rings), recomputed here from the written files."""
+    from medidiff.inverse.evaluation import window_metrics
+    from medidiff.stages.denoise import denoise_volume
+
+    hu = _phantom((40, 40, 8))
+    write_nifti(Volume(hu.astype(np.float32), AFFINE, "CT"), tmp_path / "ct.nii.gz")
+    res = denoise_volume(
+        tmp_path / "ct.nii.gz", tmp_path / "o", noise="ct", dose=0.25, n_particles=2, steps=2
+    )
+    inner = res.metrics["inner"]
+    core = (slice(8, -8), slice(8, -8), slice(None))
+    mean, fbp = (np.asarray(nib.load(res.files[k]).dataobj, np.float64) for k in ("mean", "low_dose_fbp"))
+    assert inner["margin_voxels"] == 8
+    assert inner["psnr_db"] == pytest.approx(window_metrics(hu[core], mean[core])["psnr_db"], abs=1e-3)
+    assert inner["input_psnr_db"] == pytest.approx(window_metrics(hu[core], fbp[core])["psnr_db"], abs=1e-3)
+    assert 0.0 <= inner["coverage90"] <= 1.0
+
+
 def test_ct_noise_level_can_be_given(ct_run: dict) -> None:
     """A given sigma (HU) is the ancestral path's starting level, recorded as given."""
     from medidiff.stages.denoise import denoise_volume
@@ -140,6 +160,7 @@ def test_outputs_in_hu_on_the_input_grid(ct_run: dict) -> None:
     side = json.loads(res.files["sidecar"].read_text())
     assert side["noise"]["model"] == "ct" and side["noise"]["dose"] == 0.5 and side["noise"]["views"] >= 8
     assert side["metrics"]["data_range"] == 400.0 and side["metrics"]["window_hu"] == [-160.0, 240.0]
+    assert "inner" not in side["metrics"]  # 16 voxels in-plane: no room for an 8-voxel margin
     assert side["prior"]["kind"] == "latent"  # the shipped demo-pixel prior
 
 
