@@ -208,7 +208,6 @@ def denoise_volume(
     from medidiff.inverse.simple_ops import Identity
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import labelled_inputs, utc_now
-    from medidiff.stages._reconstruct_io import jsonable
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
     from medidiff.stages.reconstruct import (
         _interval_record,
@@ -400,9 +399,45 @@ def denoise_volume(
         },
         "prior": _prior_record(pri),
         "modality": s.modality,
+        **_run_record(
+            src,
+            shape,
+            grid,
+            scale,
+            offset,
+            metrics,
+            interval,
+            res,
+            {"seed": s.seed, **seeds},
+            dev,
+            prec.label,
+            seconds,
+            warnings,
+        ),
+    }
+    _write_records(
+        out, files, sidecar,
+        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma, "method_used": used},
+        seeds={"seed": s.seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
+        started=started, inputs=labelled_inputs({"image": image, "reference": reference}, input_label),
+        warnings=warnings,
+    )  # fmt: skip
+    return DenoiseResult(out_dir=out, files=files, sigma=est.sigma, metrics=metrics, sidecar=sidecar)
+
+
+def _run_record(
+    src: _Input, shape: tuple[int, ...], padded: tuple[int, ...], scale: float, offset: float,
+    metrics: dict[str, Any], interval: dict[str, Any], res: PosteriorResult, seeds: dict[str, Any],
+    device: torch.device, precision: str, seconds: float, warnings: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The part of ``denoise.json`` every noise model shares: grid, normalisation, metrics, the sampler's
+    trace, seeds, device and warnings."""
+    from medidiff.stages._reconstruct_io import jsonable
+
+    return {
         "grid": {
             "shape": list(shape),
-            "padded_to": list(grid),
+            "padded_to": list(padded),
             "affine": src.affine.tolist(),
             "volume_shape": list(src.volume_shape),
             "block_start": list(src.block_start),
@@ -419,20 +454,12 @@ def denoise_volume(
         "nfe": res.nfe,
         "weights": [float(w) for w in res.weights],
         "sampler_info": jsonable(res.info),
-        "seeds": {"seed": s.seed, **seeds},
-        "device": str(dev),
-        "precision": prec.label,
+        "seeds": seeds,
+        "device": str(device),
+        "precision": precision,
         "seconds": round(seconds, 3),
         "warnings": warnings,
     }
-    _write_records(
-        out, files, sidecar,
-        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma, "method_used": used},
-        seeds={"seed": s.seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
-        started=started, inputs=labelled_inputs({"image": image, "reference": reference}, input_label),
-        warnings=warnings,
-    )  # fmt: skip
-    return DenoiseResult(out_dir=out, files=files, sigma=est.sigma, metrics=metrics, sidecar=sidecar)
 
 
 def _write_records(

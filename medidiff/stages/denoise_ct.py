@@ -180,9 +180,9 @@ def fbp_noise_level(
     acc, n = 0.0, 0
     for _ in range(int(draws)):
         e = sd * torch.randn(sd.shape, dtype=torch.float64, generator=gen)
-        img = fbp(e, inner).movedim(-3, -1).numpy() / pixel_mm * 1000.0 / MU_WATER_PER_MM
-        acc += float((img[inside] ** 2).sum())
-        n += int(img[inside].size)
+        img = (fbp(e, inner).movedim(-3, -1).numpy() / pixel_mm * 1000.0 / MU_WATER_PER_MM)[inside]
+        acc += float((img**2).sum())
+        n += int(img.size)
     return math.sqrt(acc / n)
 
 
@@ -230,7 +230,6 @@ def denoise_low_dose_ct(
     from medidiff.io.nifti_write import write_nifti
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import labelled_inputs, utc_now
-    from medidiff.stages._reconstruct_io import jsonable
     from medidiff.stages.denoise import (
         DenoiseResult,
         DenoiseSettings,
@@ -240,6 +239,7 @@ def denoise_low_dose_ct(
         _noise_range,
         _read,
         _resolve_method,
+        _run_record,
         _write_records,
     )
     from medidiff.stages.reconstruct import (
@@ -465,30 +465,21 @@ def denoise_low_dose_ct(
         },
         "prior": _prior_record(pri),
         "modality": "CT",
-        "grid": {
-            "shape": list(shape),
-            "padded_to": list(padded),
-            "affine": src.affine.tolist(),
-            "volume_shape": list(src.volume_shape),
-            "block_start": list(src.block_start),
-        },
-        "normalization": {
-            "scale": scale,
-            "offset": offset,
-            "kind": "linear part of the prior's normalisation",
-        },
-        "metrics": jsonable(metrics),
-        "interval90": interval,
-        "ess": [float(v) for v in res.ess],
-        "n_resamples": res.n_resamples,
-        "nfe": res.nfe,
-        "weights": [float(v) for v in res.weights],
-        "sampler_info": jsonable(res.info),
-        "seeds": {"seed": seed, **seeds},
-        "device": str(dev),
-        "precision": prec.label,
-        "seconds": round(seconds, 3),
-        "warnings": warnings,
+        **_run_record(
+            src,
+            shape,
+            padded,
+            scale,
+            offset,
+            metrics,
+            interval,
+            res,
+            {"seed": seed, **seeds},
+            dev,
+            prec.label,
+            seconds,
+            warnings,
+        ),
     }
     _write_records(
         out, files, sidecar,

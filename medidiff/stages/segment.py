@@ -138,6 +138,8 @@ def segment_volume(
         warnings = [scrub_paths(w, (image, checkpoint), input_label) for w in warnings]
     k = 1 if cfg.arch == "dynunet" else int(s.samples or cfg.samples)
     n_steps = 1 if cfg.arch == "dynunet" else int(s.steps or cfg.sample_steps)
+    eta = cfg.sample_eta if s.eta is None else s.eta
+    fuse = s.fuse or cfg.fuse
     if cfg.arch == "dynunet" and (s.samples not in (None, 1) or s.steps not in (None, 1)):
         warnings.append("the DynUNet baseline is deterministic: one prediction, samples and steps ignored")
     grid = to_model_grid(vol, cfg)
@@ -164,7 +166,7 @@ def segment_volume(
     t_net = time.perf_counter()
     inner = predict_probabilities(
         net, cfg, torch.from_numpy(np.ascontiguousarray(grid.array[box]))[None, None], seed=s.seed, samples=k,
-        steps=n_steps, eta=s.eta, fuse=s.fuse,
+        steps=n_steps, eta=eta, fuse=fuse,
         sw_batch_size=s.sw_batch_size, progress=progress,
     )  # fmt: skip
     net_seconds = time.perf_counter() - t_net
@@ -228,8 +230,8 @@ def segment_volume(
         },
         "samples": k,
         "steps": n_steps,
-        "eta": (cfg.sample_eta if s.eta is None else s.eta) if cfg.arch == "diffusion" else None,
-        "fuse": (s.fuse or cfg.fuse) if cfg.arch == "diffusion" else None,
+        "eta": eta if cfg.arch == "diffusion" else None,
+        "fuse": fuse if cfg.arch == "diffusion" else None,
         "seeds": {
             "seed": s.seed,
             "per_sample": per_sample_seeds(s.seed, k) if cfg.arch == "diffusion" else [],
