@@ -873,6 +873,50 @@ def segment(
     console.print(f"Outputs in [bold]{escape(str(result.out_dir))}[/bold]")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  medidiff export results/segmentation --source /data/dicom_drop --out exports/seg\n\n"
+        "  medidiff export results/denoised --out exports/denoised   (no DICOM source: a new study)\n\n"
+        "Writes one sub-folder per series under OUT (01_mean/IM0001.dcm ..., 03_labels/SEG0001.dcm) and "
+        "OUT/export.json. Derived series, SEG and Parametric Maps share the source's study and frame of "
+        "reference and are marked research use only."
+    )
+)
+def export(
+    result_dir: Annotated[Path, typer.Argument(help="A stage's output folder (its --out).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="dicom (review sheets are not built yet).")] = "dicom",
+    source: Annotated[
+        Path | None,
+        typer.Option(help="The DICOM folder the input was ingested from (default: a new study)."),
+    ] = None,
+    input_root: Annotated[
+        list[Path] | None, typer.Option(help="Another folder to look for the stage's input volume in.")
+    ] = None,
+    seg_type: Annotated[str, typer.Option(help="binary (every viewer) or labelmap.")] = "binary",
+) -> None:
+    """Export a result as DICOM: derived image series, SEG and Parametric Maps."""
+    from medidiff.export import export_dicom
+
+    if fmt != "dicom":
+        console.print(f"[red]error:[/red] --format {escape(fmt)} is not built yet; use --format dicom.")
+        raise typer.Exit(2)
+    with _stage_errors():
+        record = export_dicom(
+            result_dir, out, source_dir=source, input_root=input_root or (), seg_type=seg_type
+        )
+    table = Table(title=f"DICOM export of a {record['result_kind']} result")
+    for col in ("folder", "what", "SOP class", "files"):
+        table.add_column(col)
+    for obj in record["objects"]:
+        table.add_row(obj["folder"], obj["what"], obj["sop_class"], str(len(obj["files"])))
+    console.print(table)
+    if record["new_study"]:
+        console.print("No DICOM source given: the objects form a new study that holds the input volume.")
+    console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")
+
+
 def run() -> None:  # pragma: no cover - console entry point helper
     sys.exit(app())
 

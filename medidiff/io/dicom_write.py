@@ -157,8 +157,16 @@ def dicom_geometry(affine: np.ndarray, n_slices: int) -> DicomGeometry:
 
 
 def _ds(x: float) -> DSfloat:
-    """A DS value of at most 16 characters (the standard's limit), deterministic formatting."""
-    return DSfloat(format_number_as_ds(float(x) + 0.0), auto_format=False)
+    """A DS value of at most 16 characters (the standard's limit), deterministic formatting.
+
+    pydicom's formatter can overrun by one where rounding carries into a new digit (-9.99999999999999997
+    becomes ``-10.0000000000000``, 17 characters): fewer significant digits then."""
+    text = format_number_as_ds(float(x) + 0.0)
+    digits = 15
+    while len(text) > 16 and digits > 1:
+        text = f"{float(x) + 0.0:.{digits}g}"
+        digits -= 1
+    return DSfloat(text, auto_format=False)
 
 
 def _exact_ds(x: float, what: str) -> DSfloat:
