@@ -895,6 +895,13 @@ def export(
         list[Path] | None, typer.Option(help="Another folder to look for the stage's input volume in.")
     ] = None,
     seg_type: Annotated[str, typer.Option(help="binary (every viewer) or labelmap.")] = "binary",
+    deidentify: Annotated[
+        bool,
+        typer.Option(
+            help="PS3.15 basic profile on every object (keyed UIDs and subject id); with --source the "
+            "source series is exported too, de-identified, so references resolve."
+        ),
+    ] = False,
 ) -> None:
     """Export a result as DICOM: derived image series, SEG and Parametric Maps."""
     from medidiff.export import export_dicom
@@ -904,7 +911,12 @@ def export(
         raise typer.Exit(2)
     with _stage_errors():
         record = export_dicom(
-            result_dir, out, source_dir=source, input_root=input_root or (), seg_type=seg_type
+            result_dir,
+            out,
+            source_dir=source,
+            input_root=input_root or (),
+            seg_type=seg_type,
+            deidentify=deidentify,
         )
     table = Table(title=f"DICOM export of a {record['result_kind']} result")
     for col in ("folder", "what", "SOP class", "files"):
@@ -912,6 +924,8 @@ def export(
     for obj in record["objects"]:
         table.add_row(obj["folder"], obj["what"], obj["sop_class"], str(len(obj["files"])))
     console.print(table)
+    if record["deidentified"]:
+        console.print("De-identified (PS3.15 basic profile; UIDs and patient id keyed with the project's key).")
     if record["new_study"]:
         console.print("No DICOM source given: the objects form a new study that holds the input volume.")
     console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")

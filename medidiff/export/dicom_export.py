@@ -31,6 +31,7 @@ taken from input paths or DICOM text.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -495,6 +496,7 @@ def export_dicom(
     source_dir: str | os.PathLike[str] | None = None,
     input_root: Sequence[str | os.PathLike[str]] = (),
     seg_type: str = "binary",
+    deidentify: bool = False,
 ) -> dict[str, Any]:
     """Export a stage's result folder as DICOM under ``out_dir`` (one sub-folder per series).
 
@@ -506,6 +508,10 @@ def export_dicom(
             the export is a new study that holds the input volume as its first series.
         input_root: more folders to look for the input volume in.
         seg_type: ``"binary"`` or ``"labelmap"`` for a segmentation.
+        deidentify: apply PS3.15's basic profile (:mod:`medidiff.export.deidentify`) to every object, with
+            UIDs remapped by the project's patient-hash key; with ``source_dir`` the source series itself is
+            exported too (``00_source``, de-identified the same way), so that every reference resolves
+            inside the export.
 
     Returns:
         The export record (also written as ``out_dir/export.json``): result kind, objects, source series.
@@ -546,6 +552,12 @@ def export_dicom(
     )
     built: list[tuple[str, str, list[Dataset]]] = []  # (folder, what, datasets)
     number = 0
+    key = _deid_key() if deidentify else None
+    if deidentify and source is not None:
+        import pydicom
+
+        source_copy = [pydicom.dcmread(d.filename) for d in source.datasets]
+        built.append(("00_source", "the source series (de-identified copy)", source_copy))
 
     def next_folder(name: str) -> str:
         nonlocal number
@@ -616,6 +628,16 @@ def export_dicom(
             ]  # fmt: skip
         built.append((folder, what, dss))
 
+    if key is not None:
+        from medidiff.export.deidentify import deidentify as _deidentify
+
+        # copies: highdicom objects built from one source can share nested items, which would be remapped twice
+        built = [
+            (folder, what, _deidentify(
+                [copy.deepcopy(d) for d in dss], key=key, uid_root=_UID_ROOT, restore_own=folder != "00_source"
+            ))
+            for folder, what, dss in built
+        ]  # fmt: skip
     out = Path(out_dir)
     objects = []
     for folder, what, dss in built:
@@ -636,12 +658,38 @@ def export_dicom(
         "source_series": source.series_uid if source else None,
         "new_study": source is None,
         "seg_type": seg_type,
+        "deidentified": deidentify,
+        "deidentification": _deid_record() if deidentify else None,
         "objects": objects,
     }
     from medidiff.io.atomic import atomic_write_json
 
     atomic_write_json(out / "export.json", record)
     return record
+
+
+def _deid_key() -> bytes:
+    from medidiff.privacy import HASH_KEY_ENV, load_key
+
+    try:
+        return load_key(create=False)
+    except FileNotFoundError as e:
+        raise ExportError(
+            f"--deidentify remaps UIDs and patient ids with the project's patient-hash key, and none was found "
+            f"(set {HASH_KEY_ENV} or create the key file as ingest does)."
+        ) from e
+
+
+def _deid_record() -> dict[str, Any]:
+    from medidiff.export.deidentify import PROFILE_TABLE
+
+    return {
+        "profile": "PS3.15 Annex E basic application confidentiality profile (DCM 113100)",
+        "table": f"dicom-anonymizer {PROFILE_TABLE}",
+        "uids": "keyed (HMAC-SHA256 with the patient-hash key)",
+        "patient_id": "the keyed subject id",
+        "private_elements": "removed",
+    }
 
 
 _IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}

@@ -285,3 +285,74 @@ def test_non_finite_voxels_and_foreign_folders_are_refused(study: dict[str, Path
     with pytest.raises(ExportError, match="exactly one stage"):
         export_dicom(study["drop"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------------------- de-identification
+
+
+def _strings(ds: pydicom.Dataset) -> list[str]:
+    out = []
+    for elem in ds.iterall():
+        if elem.VR not in ("SQ", "OB", "OW", "OF", "UN") and elem.value is not None:
+            out.append(str(elem.value))
+    return out
+
+
+@needs_dciodvfy
+def test_deidentified_export_removes_the_basic_profile_and_references_resolve(
+    study: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medidiff.export.deidentify import surviving_values
+
+    monkeypatch.setenv("MEDIDIFF_HASH_KEY", "unit-test-key-0123456789abcdef")
+    out = tmp_path / "deid"
+    rec = export_dicom(study["seg"], out, source_dir=study["drop"], deidentify=True)
+    assert rec["deidentified"] and rec["objects"][0]["folder"] == "00_source"
+    src = _source(study)
+    copy = [pydicom.dcmread(out / "00_source" / f) for f in rec["objects"][0]["files"]]
+    assert len(copy) == len(src)
+    # tag by tag: no basic-profile attribute of the source keeps its value (the check sees an untouched copy)
+    assert surviving_values(src[0], src[0])
+    by_position = {tuple(float(v) for v in d.ImagePositionPatient): d for d in copy}
+    for original in src:
+        cleaned = by_position[tuple(float(v) for v in original.ImagePositionPatient)]
+        assert surviving_values(original, cleaned) == [], surviving_values(original, cleaned)
+        np.testing.assert_array_equal(cleaned.pixel_array, original.pixel_array)
+    identifying = [
+        *PATIENT.values(),
+        src[0].StudyInstanceUID,
+        src[0].SeriesInstanceUID,
+        src[0].SOPInstanceUID,
+    ]
+    for obj in rec["objects"]:
+        for f in obj["files"]:
+            ds = pydicom.dcmread(out / obj["folder"] / f)
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+            assert ds.PatientID.startswith("sub-")
+            text = " ".join(_strings(ds))
+            assert not [v for v in identifying if v in text], obj["folder"]
+    # references resolve inside the export: the SEG points at the de-identified source
+    seg = hd.seg.segread(out / rec["objects"][1]["folder"] / rec["objects"][1]["files"][0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == copy[0].SeriesInstanceUID
+    refs = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs == {d.SOPInstanceUID for d in copy}
+    assert seg.StudyInstanceUID == copy[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == copy[0].FrameOfReferenceUID
+    assert RESEARCH_ONLY in seg.SeriesDescription  # medidiff's own marker is put back
+    assert seg.PatientID == copy[0].PatientID
+    _valid(out / "00_source" / rec["objects"][0]["files"][0], "MRImage")
+    _valid(out / rec["objects"][1]["folder"] / rec["objects"][1]["files"][0], "Segmentation")
+    _valid(out / rec["objects"][2]["folder"] / rec["objects"][2]["files"][0], "ParametricMap")
+    # the same key gives the same UIDs: a resend, not a new study
+    again = export_dicom(study["seg"], tmp_path / "deid2", source_dir=study["drop"], deidentify=True)
+    assert [o["series_uid"] for o in again["objects"]] == [o["series_uid"] for o in rec["objects"]]
+
+
+def test_deidentify_refuses_burned_in_annotation(tmp_path: Path) -> None:
+    from medidiff.export.deidentify import deidentify
+
+    ds = pydicom.Dataset()
+    ds.PatientName, ds.PatientID, ds.BurnedInAnnotation = PATIENT["name"], PATIENT["id"], "YES"
+    with pytest.raises(ExportError, match="BurnedInAnnotation"):
+        deidentify([ds], key=b"unit-test-key-0123456789abcdef", uid_root="1.2.826.0.1.3680043.8.498.")
