@@ -925,7 +925,9 @@ def export(
         table.add_row(obj["folder"], obj["what"], obj["sop_class"], str(len(obj["files"])))
     console.print(table)
     if record["deidentified"]:
-        console.print("De-identified (PS3.15 basic profile; UIDs and patient id keyed with the project's key).")
+        console.print(
+            "De-identified (PS3.15 basic profile; UIDs and patient id keyed with the project's key)."
+        )
     if record["new_study"]:
         console.print("No DICOM source given: the objects form a new study that holds the input volume.")
     console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")
