@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -197,6 +197,9 @@ def ingest(
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
+    if str(src).startswith("pacs:"):
+        _ingest_from_pacs(str(src), dst, cfg, name=name, source=source, licence=licence)
+        return
     if not src.exists():
         console.print(f"[red]error:[/red] input {src} does not exist")
         raise typer.Exit(2)
@@ -235,6 +238,43 @@ def ingest(
             raise
         raise typer.Exit(1) from None
     bar.stop()
+    _print_ingest_summary(result)
+    if result.n_converted == 0:
+        console.print("[red]nothing could be converted[/red]; see the problems above and the manifest")
+        raise typer.Exit(1)
+
+
+def _ingest_from_pacs(
+    url: str, dst: Path, cfg: Any, *, name: str | None, source: str | None, licence: str
+) -> None:
+    """``pacs://PROFILE/STUDYUID``: C-GET the study into a temporary folder beside DST, ingest it, remove it."""
+    import re
+    import tempfile
+
+    from medidiff.export.pacs import PacsError, load_profile, pull_study
+    from medidiff.stages.ingest import ingest as run_ingest
+
+    m = re.fullmatch(r"pacs:/+([A-Za-z0-9_.-]+)/([0-9.]+)/?", url)
+    if m is None:
+        console.print("[red]error:[/red] a PACS source is pacs://PROFILE/STUDYINSTANCEUID (digits and dots).")
+        raise typer.Exit(2)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        profile = load_profile(m.group(1), os.environ.get("MEDIDIFF_PACS_CONFIG"))
+        with tempfile.TemporaryDirectory(prefix=".medidiff-pacs-", dir=dst.parent) as tmp:
+            files = pull_study(profile, m.group(2), tmp)
+            console.print(f"Pulled {len(files)} instances from {escape(profile.name)} (C-GET).")
+            result = run_ingest(
+                Path(tmp),
+                dst,
+                cfg,
+                name=name,
+                source=source or f"PACS profile {profile.name}",
+                licence=licence,
+            )
+    except PacsError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from e
     _print_ingest_summary(result)
     if result.n_converted == 0:
         console.print("[red]nothing could be converted[/red]; see the problems above and the manifest")
@@ -902,8 +942,15 @@ def export(
             "source series is exported too, de-identified, so references resolve."
         ),
     ] = False,
+    send: Annotated[
+        str | None,
+        typer.Option(help="Then C-STORE everything to this PACS profile and verify it by C-FIND."),
+    ] = None,
+    pacs_config: Annotated[
+        Path | None, typer.Option(help="PACS profiles file (default: configs/pacs.yaml).")
+    ] = None,
 ) -> None:
-    """Export a result as DICOM: derived image series, SEG and Parametric Maps."""
+    """Export a result as DICOM: derived image series, SEG and Parametric Maps; optionally send them to a PACS."""
     from medidiff.export import export_dicom
 
     if fmt != "dicom":
@@ -931,6 +978,54 @@ def export(
     if record["new_study"]:
         console.print("No DICOM source given: the objects form a new study that holds the input volume.")
     console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")
+    if send is not None:
+        from medidiff.export.pacs import PacsError, export_files, load_profile
+        from medidiff.export.pacs import send as send_files
+
+        try:
+            profile = load_profile(send, pacs_config)
+            files = export_files(out)
+            report = send_files(files, profile, notify=_say)
+        except PacsError as e:
+            console.print(f"[red]error:[/red] {escape(str(e))}")
+            raise typer.Exit(1) from e
+        console.print(
+            f"Sent {report.stored} instances to {escape(profile.name)} ({profile.host}:{profile.port}); every "
+            f"series found again by C-FIND ({len(report.series)} series)."
+        )
+
+
+pacs_app = typer.Typer(help="A PACS on loopback for tests and demos (Orthanc).", no_args_is_help=True)
+app.add_typer(pacs_app, name="pacs")
+
+
+@pacs_app.command("serve")
+def pacs_serve(
+    folder: Annotated[Path, typer.Argument(help="Where Orthanc keeps its configuration and storage.")],
+    profile_name: Annotated[
+        str, typer.Option("--profile", help="Profile whose ports and AE titles to use.")
+    ] = "local",
+    pacs_config: Annotated[
+        Path | None, typer.Option(help="PACS profiles file (default: configs/pacs.yaml).")
+    ] = None,
+) -> None:
+    """Start Orthanc on loopback with a configuration medidiff writes (until Ctrl-C)."""
+    from medidiff.export.pacs import PacsError, load_profile, start_orthanc
+
+    try:
+        profile = load_profile(profile_name, pacs_config)
+        running = start_orthanc(folder, profile)
+    except PacsError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(1) from e
+    console.print(
+        f"Orthanc is up: DICOM {profile.called_aet}@{profile.host}:{profile.port}, web viewer and DICOMweb on "
+        f"http://127.0.0.1:{profile.http_port}/ (storage in {escape(str(folder))}). Ctrl-C stops it."
+    )
+    try:
+        running.process.wait()
+    except KeyboardInterrupt:
+        running.stop()
 
 
 def run() -> None:  # pragma: no cover - console entry point helper

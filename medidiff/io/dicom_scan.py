@@ -44,6 +44,8 @@ NON_IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
     "1.2.840.10008.5.1.4.1.1.9.1.1": "12-lead ECG waveform",
     "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
+    # float maps derived from images (medidiff exports its uncertainty maps as these): not a scan to ingest
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map (a derived float map)",
 }
 # Structured reports share a prefix (Basic/Enhanced/Comprehensive SR, ...).
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
