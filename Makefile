@@ -46,7 +46,11 @@ demo: setup
 		--noise rician --grid 32,32,32 --particles 8 --steps 40 --out $(DEMO_DIR)/denoised
 	# a brain the shipped segmenter never saw (mr-019, the reporting part of configs/seg_brain.yaml) segmented whole: labels, probabilities, uncertainty, volumes in mL
 	$(VENV)/bin/medidiff segment "$$(ls $(DEMO_DIR)/ingested/sub-ce0c97ca8aaa5021/*_MR_*.nii.gz | head -n 1)" --out $(DEMO_DIR)/segmentation
+	# review exports: DICOM (SEG, Parametric Maps, derived series referencing the source study) and review sheets
+	$(VENV)/bin/medidiff export $(DEMO_DIR)/segmentation --source $(DEMO_DIR)/drop/dicom --format both --out $(DEMO_DIR)/export/segmentation
+	$(VENV)/bin/medidiff export $(DEMO_DIR)/denoised --source $(DEMO_DIR)/drop/dicom --format both --out $(DEMO_DIR)/export/denoised
 	@echo "demo outputs: $(DEMO_DIR)/ingested (manifest.json, datacard.md), $(DEMO_DIR)/synthetic, $(DEMO_DIR)/reconstruction, $(DEMO_DIR)/denoised, $(DEMO_DIR)/segmentation"
+	@echo "review exports: $(DEMO_DIR)/export/segmentation/index.html, $(DEMO_DIR)/export/denoised/index.html"
 
 test: setup
 	bash scripts/install_test_tools.sh

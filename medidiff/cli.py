@@ -926,7 +926,10 @@ def segment(
 def export(
     result_dir: Annotated[Path, typer.Argument(help="A stage's output folder (its --out).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
-    fmt: Annotated[str, typer.Option("--format", help="dicom (review sheets are not built yet).")] = "dicom",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="dicom (DICOM objects), review (review.png/.pdf, index.html) or both."),
+    ] = "dicom",
     source: Annotated[
         Path | None,
         typer.Option(help="The DICOM folder the input was ingested from (default: a new study)."),
@@ -952,10 +955,23 @@ def export(
 ) -> None:
     """Export a result as DICOM: derived image series, SEG and Parametric Maps; optionally send them to a PACS."""
     from medidiff.export import export_dicom
+    from medidiff.export.review import review_sheet
 
-    if fmt != "dicom":
-        console.print(f"[red]error:[/red] --format {escape(fmt)} is not built yet; use --format dicom.")
+    if fmt not in ("dicom", "review", "both"):
+        console.print(f"[red]error:[/red] --format must be dicom, review or both; got {escape(fmt)}.")
         raise typer.Exit(2)
+    if fmt == "review":
+        if send is not None or deidentify:
+            console.print(
+                "[red]error:[/red] --send and --deidentify apply to DICOM objects: use --format dicom or both."
+            )
+            raise typer.Exit(2)
+        with _stage_errors():
+            files = review_sheet(result_dir, out)
+        console.print(
+            f"Review sheet: [bold]{escape(str(files['pdf']))}[/bold]; index: {escape(str(files['index']))}"
+        )
+        return
     with _stage_errors():
         record = export_dicom(
             result_dir,
@@ -978,6 +994,12 @@ def export(
     if record["new_study"]:
         console.print("No DICOM source given: the objects form a new study that holds the input volume.")
     console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")
+    if fmt == "both":
+        with _stage_errors():
+            files = review_sheet(result_dir, out)
+        console.print(
+            f"Review sheet: [bold]{escape(str(files['pdf']))}[/bold]; index: {escape(str(files['index']))}"
+        )
     if send is not None:
         from medidiff.export.pacs import PacsError, export_files, load_profile
         from medidiff.export.pacs import send as send_files

@@ -14,6 +14,7 @@ from medidiff.config import IngestConfig
 from medidiff.io.dicom_write import write_dicom_series
 from medidiff.stages.denoise import denoise_volume
 from medidiff.stages.ingest import ingest
+from medidiff.stages.reconstruct import reconstruct_volume
 from medidiff.stages.segment import segment_volume
 from medidiff.volume import Volume
 from tests.io.test_dicom_write import DCIODVFY_ALLOWED, _dciodvfy
@@ -70,5 +71,12 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     nifti = root / "ingested" / o["path"]
     segment_volume(nifti, root / "seg", samples=2, steps=2, seed=0)
     denoise_volume(nifti, root / "den", noise="gaussian", sigma=20.0, n_particles=2, steps=3, seed=0)
+    reconstruct_volume(
+        root / "rec", prior="medidiff/checkpoints/demo-pixel/latent", reference=nifti, simulate="mri",
+        n_particles=2, steps=3, seed=0,
+    )  # fmt: skip
     mp.undo()
-    return {"root": root, "drop": root / "drop", "nifti": nifti, "seg": root / "seg", "den": root / "den"}
+    return {
+        "root": root, "drop": root / "drop", "nifti": nifti, "seg": root / "seg", "den": root / "den",
+        "rec": root / "rec",
+    }  # fmt: skip
