@@ -59,6 +59,7 @@ def export_task(name: str, out_dir: str, item: str, settings: dict[str, Any]) ->
                 out,
                 source_dir=settings.get("source"),
                 deidentify=bool(settings.get("deidentify")),
+                review=fmt == "both",
             )
             summary["kind"] = record["result_kind"]
             summary["objects"] = [
@@ -75,9 +76,10 @@ def export_task(name: str, out_dir: str, item: str, settings: dict[str, Any]) ->
 
                 report = send(export_files(out), load_profile(settings["send"], settings.get("pacs_config")))
                 summary["sent"] = report.stored
+        if fmt == "review":
+            review_sheet(result_dir, out)
         if fmt in ("review", "both"):
-            files = review_sheet(result_dir, out)
-            summary["review"] = str(files["index"].resolve())
+            summary["review"] = str((out / "index.html").resolve())
     except Exception as e:  # Prefect logs a failed task's exception: not with the folder's path
         raise scrubbed_error(e, str(result_dir), name) from None
     from medidiff.export.source import read_result

@@ -980,6 +980,7 @@ def export(
             input_root=input_root or (),
             seg_type=seg_type,
             deidentify=deidentify,
+            review=fmt == "both",
         )
     table = Table(title=f"DICOM export of a {record['result_kind']} result")
     for col in ("folder", "what", "SOP class", "files"):
@@ -995,10 +996,9 @@ def export(
         console.print("No DICOM source given: the objects form a new study that holds the input volume.")
     console.print(f"Outputs in [bold]{escape(str(out))}[/bold] (export.json lists them)")
     if fmt == "both":
-        with _stage_errors():
-            files = review_sheet(result_dir, out)
         console.print(
-            f"Review sheet: [bold]{escape(str(files['pdf']))}[/bold]; index: {escape(str(files['index']))}"
+            f"Review sheet: [bold]{escape(str(out / 'review.pdf'))}[/bold] (also as an Encapsulated PDF "
+            f"object); index: {escape(str(out / 'index.html'))}"
         )
     if send is not None:
         from medidiff.export.pacs import PacsError, export_files, load_profile

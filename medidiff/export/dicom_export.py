@@ -36,6 +36,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,21 +173,14 @@ def _code_item(code: Code) -> Dataset:
 
 def _source_refs(
     geometry_positions: np.ndarray, centre_offset: np.ndarray, source: SourceSeries
-) -> list[int | None]:
-    """Per derived slice, the index of the source slice its centre lies in (None outside the source slab)."""
+) -> list[int]:
+    """Per derived slice, the index of the source slice nearest to its centre along the source's normal
+    (the slice it lies in; for a slice of a padded grid outside the source, the edge slice it extends)."""
     first = source.datasets[0]
     iop = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     normal = np.cross(iop[:3], iop[3:])
     src = np.array([[float(x) for x in d.ImagePositionPatient] for d in source.datasets]) @ normal
-    half = 0.5 * (
-        float(np.median(np.abs(np.diff(src)))) if len(src) > 1 else float(first.get("SliceThickness", 1.0))
-    )
-    out: list[int | None] = []
-    for p in geometry_positions:
-        d = np.abs(src - float((p + centre_offset) @ normal))
-        k = int(d.argmin())
-        out.append(k if d[k] <= half + 1e-3 else None)
-    return out
+    return [int(np.abs(src - float((p + centre_offset) @ normal)).argmin()) for p in geometry_positions]
 
 
 def derived_series(
@@ -231,7 +225,7 @@ def derived_series(
         patient_id=str(identity.get("PatientID", "")),
         uid_prefix=_UID_ROOT,
     )
-    refs: list[int | None] = [None] * q.shape[2]
+    refs: list[int] = []
     if source is not None:
         n_i, n_j = q.shape[0], q.shape[1]
         sp_j, sp_i = geom.pixel_spacing
@@ -259,14 +253,12 @@ def derived_series(
         ds.ContributingEquipmentSequence = DicomSequence([equipment])
         ds.BurnedInAnnotation = "NO"
         if source is not None:
-            ref = refs[k]
-            if ref is not None:
-                src = source.datasets[ref]
-                item = Dataset()
-                item.ReferencedSOPClassUID = src.SOPClassUID
-                item.ReferencedSOPInstanceUID = src.SOPInstanceUID
-                item.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(_PURPOSE_SOURCE)])
-                ds.SourceImageSequence = DicomSequence([item])
+            src = source.datasets[refs[k]]
+            item = Dataset()
+            item.ReferencedSOPClassUID = src.SOPClassUID
+            item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            item.PurposeOfReferenceCodeSequence = DicomSequence([_code_item(_PURPOSE_SOURCE)])
+            ds.SourceImageSequence = DicomSequence([item])
             ds.ReferencedSeriesSequence = _referenced_series(source)
     return datasets
 
@@ -459,15 +451,18 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_same_frame(affine: np.ndarray, source: SourceSeries, what: str) -> None:
-    """The result must overlap its source: a volume elsewhere in space is not derived from it."""
+def _check_same_frame(affine: np.ndarray, shape: Sequence[int], source: SourceSeries, what: str) -> None:
+    """The result must overlap its source: a volume elsewhere in space is not derived from it. Its corners,
+    in the source's voxel indices, must span a box that meets the source's (a padded or cropped grid does)."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape[:3]], indexing="ij")).reshape(3, -1)
+    world = affine[:3, :3] @ corners + affine[:3, 3:4]
     inv = np.linalg.inv(source.affine)
-    centre = affine[:3, :3] @ np.zeros(3) + affine[:3, 3]
-    ijk = inv[:3, :3] @ centre + inv[:3, 3]
-    if np.any(ijk < -0.5) or np.any(ijk > np.asarray(source.shape) - 0.5):
+    ijk = inv[:3, :3] @ world + inv[:3, 3:4]
+    lo, hi = ijk.min(1), ijk.max(1)
+    if np.any(hi < -0.5) or np.any(lo > np.asarray(source.shape) - 0.5):
         raise ExportError(
-            f"{what} does not overlap its source series (its first voxel lies outside the source volume); "
-            "the result and --source do not belong together."
+            f"{what} does not overlap its source series (its grid lies outside the source volume); the result "
+            "and --source do not belong together."
         )
 
 
@@ -497,6 +492,7 @@ def export_dicom(
     input_root: Sequence[str | os.PathLike[str]] = (),
     seg_type: str = "binary",
     deidentify: bool = False,
+    review: bool = False,
 ) -> dict[str, Any]:
     """Export a stage's result folder as DICOM under ``out_dir`` (one sub-folder per series).
 
@@ -507,7 +503,10 @@ def export_dicom(
         source_dir: the DICOM folder the input was ingested from; without it (or for a NIfTI-only input)
             the export is a new study that holds the input volume as its first series.
         input_root: more folders to look for the input volume in.
-        seg_type: ``"binary"`` or ``"labelmap"`` for a segmentation.
+        seg_type: ``"binary"`` or ``"labelmap"`` for a segmentation (a Label Map Segmentation, PS3.3 2024:
+            fewer viewers read it, and dicom3tools' 2022 validator does not know it yet).
+        review: also render the review sheet (:func:`medidiff.export.review.review_sheet`) into ``out_dir``
+            and export its PDF as an Encapsulated PDF object in the same study.
         deidentify: apply PS3.15's basic profile (:mod:`medidiff.export.deidentify`) to every object, with
             UIDs remapped by the project's patient-hash key; with ``source_dir`` the source series itself is
             exported too (``00_source``, de-identified the same way), so that every reference resolves
@@ -519,6 +518,7 @@ def export_dicom(
     Raises:
         ExportError: before anything is written, with what is wrong and what to do.
     """
+    from medidiff.io.atomic import atomic_path
     from medidiff.io.dicom_write import write_datasets
 
     result = read_result(result_dir)
@@ -592,7 +592,7 @@ def export_dicom(
     for name, role, what in outputs:
         arr, aff = _load(result.files[name])
         if source is not None:
-            _check_same_frame(aff, source, f"{name}.nii.gz")
+            _check_same_frame(aff, arr.shape, source, f"{name}.nii.gz")
         folder = next_folder(name)
         series_uid = _uid(source.series_uid if source else content_key, content_key, folder)
         if role == "image":
@@ -628,6 +628,20 @@ def export_dicom(
             ]  # fmt: skip
         built.append((folder, what, dss))
 
+    if review:
+        import tempfile
+
+        from medidiff.export.review import review_sheet
+
+        sheet_dir = tempfile.TemporaryDirectory()
+        sheet = review_sheet(result.folder, sheet_dir.name)
+        pdf = sheet["pdf"].read_bytes()
+        folder = next_folder("review")
+        built.append((folder, "review sheet (PDF)", [encapsulated_pdf(
+            pdf, identity=identity, study_uid=study_uid, series_uid=_uid(content_key, folder),
+            series_number=number, title=f"medidiff review: {result.kind}",
+        )]))  # fmt: skip
+
     if key is not None:
         from medidiff.export.deidentify import deidentify as _deidentify
 
@@ -642,7 +656,7 @@ def export_dicom(
     objects = []
     for folder, what, dss in built:
         single = len(dss) == 1 and str(dss[0].SOPClassUID) not in _IMAGE_CLASSES
-        prefix = {"seg": "SEG", "pm": "PM"}.get(_kind_of(dss[0]), "IM") if single else "IM"
+        prefix = {"seg": "SEG", "pm": "PM", "pdf": "DOC"}.get(_kind_of(dss[0]), "IM") if single else "IM"
         paths = write_datasets(dss, out / folder, file_prefix=prefix)
         obj = ExportedObject(
             folder=folder,
@@ -665,7 +679,69 @@ def export_dicom(
     from medidiff.io.atomic import atomic_write_json
 
     atomic_write_json(out / "export.json", record)
+    if review:  # the sheet the PDF object holds, beside the objects, and an index that lists them
+        from medidiff.export.review import write_index
+
+        for kind in ("png", "pdf"):
+            with atomic_path(out / sheet[kind].name) as tmp_path:
+                shutil.copyfile(sheet[kind], tmp_path)
+        sheet_dir.cleanup()
+        write_index(result.folder, out)
     return record
+
+
+def encapsulated_pdf(
+    pdf: bytes,
+    *,
+    identity: dict[str, Any],
+    study_uid: str,
+    series_uid: str,
+    series_number: int,
+    title: str,
+) -> Dataset:
+    """An Encapsulated PDF Storage object (PS3.3 A.45.1) holding ``pdf`` in the study ``study_uid``."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if not pdf.startswith(b"%PDF-"):
+        raise ExportError("the review sheet is not a PDF; rerun the export.")
+    now = _dt.datetime.now(_dt.UTC)
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPInstanceUID = _uid(series_uid, "instance")
+    for kw in _PATIENT_STUDY:
+        if kw in identity and kw not in ("BodyPartExamined", "PatientPosition"):
+            setattr(ds, kw, identity[kw])
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+               "AccessionNumber", "ReferringPhysicianName", "StudyID"):  # fmt: skip
+        if kw not in ds:
+            setattr(ds, kw, "")
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = int(series_number)
+    ds.Modality = "DOC"
+    ds.SeriesDescription = _series_description(title)
+    ds.Manufacturer = "medidiff"
+    ds.SoftwareVersions = __version__
+    ds.ConversionType = "WSD"  # workstation
+    ds.InstanceNumber = 1
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "NO"
+    ds.DocumentTitle = _lo(f"{title} - {RESEARCH_ONLY}")
+    ds.ConceptNameCodeSequence = DicomSequence([])
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.ContributingEquipmentSequence = DicomSequence([_equipment("review sheet")])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
 
 
 def _deid_key() -> bytes:
@@ -697,7 +773,9 @@ _IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}
 
 def _kind_of(ds: Dataset) -> str:
     uid = str(ds.SOPClassUID)
-    return {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.30": "pm"}.get(uid, "image")
+    seg = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # (label map) segmentation
+    kinds = {"1.2.840.10008.5.1.4.1.1.30": "pm", "1.2.840.10008.5.1.4.1.1.104.1": "pdf"}
+    return "seg" if uid in seg else kinds.get(uid, "image")
 
 
 def _new_study_identity(sidecar: dict[str, Any], key: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from medidiff.export.source import ExportError, Result, read_result, result_input
 
-__all__ = ["review_sheet"]
+__all__ = ["review_sheet", "write_index"]
 
 _PANEL = 200  # pixels per panel side (longest side)
 _BG, _FG = (18, 18, 18), (235, 235, 235)
@@ -299,6 +299,18 @@ def review_sheet(result_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     with atomic_path(index) as tmp:
         Path(tmp).write_text(_index_html(result, metrics, prov, out), encoding="utf-8")
     return {"png": png, "pdf": pdf, "index": index}
+
+
+def write_index(result_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """(Re)write ``index.html`` beside a sheet already in ``out_dir`` (after the DICOM objects landed there)."""
+    from medidiff.io.atomic import atomic_path
+
+    result = read_result(result_dir)
+    metrics, prov = _tables(result)
+    out = Path(out_dir)
+    with atomic_path(out / "index.html") as tmp:
+        Path(tmp).write_text(_index_html(result, metrics, prov, out), encoding="utf-8")
+    return out / "index.html"
 
 
 def _index_html(

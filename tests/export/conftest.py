@@ -72,7 +72,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     segment_volume(nifti, root / "seg", samples=2, steps=2, seed=0)
     denoise_volume(nifti, root / "den", noise="gaussian", sigma=20.0, n_particles=2, steps=3, seed=0)
     reconstruct_volume(
-        root / "rec", prior="medidiff/checkpoints/demo-pixel/latent", reference=nifti, simulate="mri",
+        root / "rec", prior=Path(__file__).parents[2] / "medidiff/checkpoints/demo-pixel/latent", reference=nifti,
+        simulate="mri",
         n_particles=2, steps=3, seed=0,
     )  # fmt: skip
     mp.undo()
@@ -80,3 +81,30 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "root": root, "drop": root / "drop", "nifti": nifti, "seg": root / "seg", "den": root / "den",
         "rec": root / "rec",
     }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CT phantom in HU (stored with intercept -1024) as DICOM, ingested and denoised by the real stages."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDIDIFF_HASH_KEY", "unit-test-key-0123456789abcdef")
+    root = tmp_path_factory.mktemp("export_ct")
+    shape = (26, 22, 10)
+    ijk = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None] / 2
+    r = np.sqrt((((ijk - centre) / np.array([11.0, 9.0, 8.0])[:, None, None, None]) ** 2).sum(0))
+    hu = np.where(r < 1.0, 40.0 + 300.0 * (r < 0.3), -1000.0) + np.random.default_rng(1).normal(
+        0.0, 15.0, shape
+    )
+    aff = np.diag([-1.5, -1.5, 2.5, 1.0])
+    aff[:3, 3] = (40.0, 30.0, -20.0)
+    write_dicom_series(
+        Volume(np.rint(hu).astype(np.int16), aff, "CT"), root / "drop" / "ct", rescale_intercept=-1024.0,
+        patient_name=PATIENT["name"], patient_id=PATIENT["id"], patient_birth_date=PATIENT["birth"],
+    )  # fmt: skip
+    res = ingest(root / "drop", root / "ingested", IngestConfig(workers=1))
+    (o,) = res.outputs
+    nifti = root / "ingested" / o["path"]
+    denoise_volume(nifti, root / "den", noise="ct", dose=0.5, modality="CT", n_particles=2, steps=3, seed=0)
+    mp.undo()
+    return {"root": root, "drop": root / "drop", "nifti": nifti, "den": root / "den"}

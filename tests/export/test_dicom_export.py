@@ -31,14 +31,23 @@ def test_segmentation_exports_as_valid_seg_and_parametric_maps(
     study: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "seg"
-    rec = export_dicom(study["seg"], out, source_dir=study["drop"])
+    rec = export_dicom(study["seg"], out, source_dir=study["drop"], review=True)
     assert [o["sop_class"] for o in rec["objects"]] == [
-        "Segmentation Storage", "Parametric Map Storage", "Parametric Map Storage",
+        "Segmentation Storage", "Parametric Map Storage", "Parametric Map Storage", "Encapsulated PDF Storage",
     ]  # fmt: skip
+    pdf_path = out / rec["objects"][3]["folder"] / rec["objects"][3]["files"][0]
+    _valid(pdf_path, "EncapsulatedPDF")
+    pdf = pydicom.dcmread(pdf_path)
+    assert pdf.EncapsulatedDocument[: pdf.EncapsulatedDocumentLength] == (out / "review.pdf").read_bytes()
+    assert (
+        pdf.StudyInstanceUID
+        == pydicom.dcmread(next((study["drop"] / "series").glob("*.dcm"))).StudyInstanceUID
+    )
+    assert "04_review" in (out / "index.html").read_text()
     src = _source(study)
     seg_path = out / rec["objects"][0]["folder"] / rec["objects"][0]["files"][0]
     _valid(seg_path, "Segmentation")
-    for obj in rec["objects"][1:]:
+    for obj in rec["objects"][1:3]:
         _valid(out / obj["folder"] / obj["files"][0], "ParametricMap")
 
     seg = hd.seg.segread(seg_path)
@@ -98,6 +107,7 @@ def test_derived_series_round_trip_through_ingest(study: dict[str, Path], tmp_pa
     _valid(out / std_obj["folder"] / std_obj["files"][0], "ParametricMap")
     src = _source(study)
     ds = pydicom.dcmread(files[0])
+    assert hd.imread(files[0]).SeriesInstanceUID == ds.SeriesInstanceUID  # highdicom reads it back
     assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert (
         ds.StudyInstanceUID == src[0].StudyInstanceUID
@@ -298,3 +308,54 @@ def test_deidentify_refuses_burned_in_annotation(tmp_path: Path) -> None:
     ds.PatientName, ds.PatientID, ds.BurnedInAnnotation = PATIENT["name"], PATIENT["id"], "YES"
     with pytest.raises(ExportError, match="BurnedInAnnotation"):
         deidentify([ds], key=b"unit-test-key-0123456789abcdef", uid_root="1.2.826.0.1.3680043.8.498.")
+
+
+@needs_dciodvfy
+def test_ct_derived_series_in_hounsfield_units_round_trip(ct_study: dict[str, Path], tmp_path: Path) -> None:
+    rec = export_dicom(ct_study["den"], tmp_path / "ct", source_dir=ct_study["drop"])
+    mean_obj, std_obj = rec["objects"]
+    files = sorted((tmp_path / "ct" / mean_obj["folder"]).glob("*.dcm"))
+    _valid(files[0], "CTImage")
+    _valid(tmp_path / "ct" / std_obj["folder"] / std_obj["files"][0], "ParametricMap")
+    ds = pydicom.dcmread(files[0])
+    assert ds.RescaleType == "HU" and ds.Modality == "CT"
+    pm = pydicom.dcmread(tmp_path / "ct" / std_obj["folder"] / std_obj["files"][0])
+    unit = (
+        pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].MeasurementUnitsCodeSequence[0]
+    )
+    assert unit.CodeValue == "[hnsf'U]"
+    back = ingest(tmp_path / "ct" / mean_obj["folder"], tmp_path / "again", IngestConfig(workers=1))
+    (o,) = back.outputs
+    got = nib.load(tmp_path / "again" / o["path"])
+    ref = nib.load(ct_study["den"] / "mean.nii.gz")
+    np.testing.assert_allclose(got.affine, ref.affine, atol=0.01)  # axial RAS both: same voxel order
+    step = float(ds.RescaleSlope)
+    want = np.asarray(ref.dataobj, dtype=np.float64)
+    f32 = (
+        4 * float(np.finfo(np.float32).eps) * max(abs(float(ds.RescaleIntercept)), float(np.abs(want).max()))
+    )
+    assert np.abs(np.asarray(got.dataobj, dtype=np.float64) - want).max() <= step / 2 + f32
+    assert float(want.min()) < -500  # in HU: air is there
+
+
+@needs_dciodvfy
+def test_reconstruction_exports_mean_and_std(study: dict[str, Path], tmp_path: Path) -> None:
+    rec = export_dicom(study["rec"], tmp_path / "rec", source_dir=study["drop"])
+    assert [o["sop_class"] for o in rec["objects"]] == ["MR Image Storage", "Parametric Map Storage"]
+    _valid(sorted((tmp_path / "rec" / rec["objects"][0]["folder"]).glob("*.dcm"))[0], "MRImage")
+    _valid(tmp_path / "rec" / rec["objects"][1]["folder"] / rec["objects"][1]["files"][0], "ParametricMap")
+
+
+def test_labelmap_seg_reads_back_with_the_same_labels(study: dict[str, Path], tmp_path: Path) -> None:
+    """A Label Map Segmentation (PS3.3 2024; dicom3tools 2022 does not know the IOD, so no dciodvfy here)."""
+    rec = export_dicom(study["seg"], tmp_path / "lm", source_dir=study["drop"], seg_type="labelmap")
+    seg = hd.seg.segread(tmp_path / "lm" / rec["objects"][0]["folder"] / rec["objects"][0]["files"][0])
+    assert seg.SegmentationType == "LABELMAP"
+    binary = export_dicom(study["seg"], tmp_path / "bin", source_dir=study["drop"])
+    other = hd.seg.segread(
+        tmp_path / "bin" / binary["objects"][0]["folder"] / binary["objects"][0]["files"][0]
+    )
+    a = seg.get_volume(combine_segments=True, relabel=False)
+    b = other.get_volume(combine_segments=True, relabel=False)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert np.abs(a.affine - b.affine).max() < 0.01

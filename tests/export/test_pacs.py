@@ -45,11 +45,16 @@ def test_send_query_back_and_pull_for_ingest(
     orthanc: PacsProfile, study: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MEDIDIFF_HASH_KEY", "unit-test-key-0123456789abcdef")
-    seg = export_dicom(study["seg"], tmp_path / "seg", source_dir=study["drop"], deidentify=True)
+    seg = export_dicom(study["seg"], tmp_path / "seg", source_dir=study["drop"], deidentify=True, review=True)
     den = export_dicom(study["den"], tmp_path / "den", source_dir=study["drop"], deidentify=True)
     files = export_files(tmp_path / "seg") + export_files(tmp_path / "den")[len(den["objects"][0]["files"]) :]
     classes = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID.name) for f in files}
-    assert classes >= {"MR Image Storage", "Segmentation Storage", "Parametric Map Storage"}
+    assert classes >= {
+        "MR Image Storage",
+        "Segmentation Storage",
+        "Parametric Map Storage",
+        "Encapsulated PDF Storage",
+    }
     report = send(files, orthanc)
     assert report.stored == len(files)
     # queried back, series by series, independently of send's own check
