@@ -634,7 +634,7 @@ def export_dicom(
         from medidiff.export.review import review_sheet
 
         sheet_dir = tempfile.TemporaryDirectory()
-        sheet = review_sheet(result.folder, sheet_dir.name)
+        sheet = review_sheet(result.folder, sheet_dir.name, input_root=input_root)
         pdf = sheet["pdf"].read_bytes()
         folder = next_folder("review")
         built.append((folder, "review sheet (PDF)", [encapsulated_pdf(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def _font(size: int) -> Any:
 
 
 def _panels(
-    result: Result,
+    result: Result, search: Sequence[Path] = ()
 ) -> tuple[list[str], list[tuple[np.ndarray, tuple[float, float], Any]], np.ndarray, np.ndarray]:
     """Column titles and, per column, (array on the display grid, window, overlay); plus spacing and grid."""
     import nibabel as nib
@@ -131,7 +132,7 @@ def _panels(
         raise ExportError(f"{result.folder} has no {main}.nii.gz; rerun the stage.")
     img = nib.load(result.files[main])
     arr, aff = _canonical(np.asarray(img.dataobj, dtype=np.float64), img.affine)
-    found = result_input(result, main)
+    found = result_input(result, main, search)
     inp = None
     if found is not None:
         src = nib.load(found[0])
@@ -228,8 +229,16 @@ def _tables(result: Result) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return metrics, list(dict.fromkeys(prov))
 
 
-def review_sheet(result_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+def review_sheet(
+    result_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    input_root: Sequence[str | os.PathLike[str]] = (),
+) -> dict[str, Path]:
     """Write ``review.png``, ``review.pdf`` and ``index.html`` for ``result_dir`` into ``out_dir``.
+
+    ``input_root``: more folders to look for the stage's input volume in (an ingest folder's manifest
+    finds it by hash).
 
     Raises:
         ExportError: not a stage's output folder, or its main output or input is missing.
@@ -239,7 +248,7 @@ def review_sheet(result_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     from medidiff.io.atomic import atomic_path
 
     result = read_result(result_dir)
-    titles, cols, aff, shape = _panels(result)
+    titles, cols, aff, shape = _panels(result, [Path(p) for p in input_root])
     spacing = np.sqrt((aff[:3, :3] ** 2).sum(0))
     centre = _centre(result, shape, cols)
     pxs = _plane_spacing(spacing)

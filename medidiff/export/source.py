@@ -105,7 +105,11 @@ def result_input(
             f"{prov_path.name} is missing from {result.folder}; the output has no provenance to export."
         )
     prov = json.loads(prov_path.read_text(encoding="utf-8"))
-    inputs = [i for i in prov.get("inputs", []) if str(i.get("path", "")).endswith((".nii.gz", ".nii"))]
+    inputs = [
+        i
+        for i in prov.get("inputs", [])
+        if str(i.get("path", "")).endswith((".nii.gz", ".nii")) or i.get("sha256")
+    ]
     if not inputs:
         return None
     given, digest = Path(inputs[0]["path"]), inputs[0].get("sha256")
@@ -114,6 +118,13 @@ def result_input(
         if given.is_absolute()
         else [given, *(p / given for p in result.folder.parents), *(Path(s) / given for s in search)]
     )
+    # a stage run under a keyed label (the flows) records the input's hash, not its path: an ingest
+    # folder's manifest maps each of its outputs to its hash
+    for root in search:
+        manifest = Path(root) / "manifest.json"
+        if digest and manifest.is_file():
+            outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs", [])
+            candidates += [Path(root) / o["path"] for o in outputs if o.get("sha256") == digest]
     for cand in candidates:
         if cand.is_file() and (digest is None or _sha256(cand) == digest):
             stem = cand.name.removesuffix(".gz").removesuffix(".nii")
@@ -122,7 +133,8 @@ def result_input(
             return cand, sidecar
     raise ExportError(
         f"the input of {output}.nii.gz (recorded as {given.name}, SHA-256 {str(digest)[:12]}...) was not found "
-        "with that content; run the export from the folder the stage ran in, or pass --input-root."
+        "with that content; run the export from the folder the stage ran in, or pass --input-root (e.g. the "
+        "ingest folder: its manifest maps hashes to files)."
     )
 
 

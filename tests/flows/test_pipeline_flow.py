@@ -1,0 +1,106 @@
+"""The main job as one flow on a real (test-harness) Prefect server: every stage on two tiny MR series and
+a corrupt one, then the same run again, which must recompute and rewrite nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medidiff.io.dicom_write import write_dicom_series
+from medidiff.volume import Volume
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {
+    "synthesize": {"n": 1, "steps": 2},
+    "reconstruct": {"n_particles": 2, "steps": 3, "crop": False},
+    "denoise": {"noise": "gaussian", "sigma": 20.0, "grid": None, "n_particles": 2, "steps": 3},
+    "segment": {"samples": 2, "steps": 2},
+}
+
+
+def _drop(root: Path) -> Path:
+    shape = (28, 24, 14)
+    ijk = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None] / 2
+    for i in range(3):
+        r = np.sqrt((((ijk - centre) / np.array([11.0, 9.0 - i, 6.0])[:, None, None, None]) ** 2).sum(0))
+        img = np.where(r < 1.0, 600.0 + 300.0 * (r < 0.6), 0.0) + np.random.default_rng(i).normal(
+            0, 20, shape
+        )
+        aff = np.diag([2.0, 2.0, 2.0, 1.0])
+        files = write_dicom_series(
+            Volume(np.clip(np.rint(img), 0, 2000).astype(np.int16), aff, "MR"), root / f"series{i}",
+            patient_id=f"PIPE-{i}", patient_name=f"Pipeline^Person{i}",
+        )  # fmt: skip
+        if i == 2:  # corrupt: one file cut short in its pixel data
+            data = files[5].read_bytes()
+            files[5].write_bytes(data[: len(data) - 300])
+    return root
+
+
+# run records, rewritten by every run by design: the pipeline's summary, and ingest's manifest, data card,
+# provenance and lock (ingest's series outputs themselves are cached)
+RUN_RECORDS = {
+    "summary.json",
+    "manifest.json",
+    "datacard.json",
+    "datacard.md",
+    "provenance.prov.json",
+    "lock",
+}
+
+
+def _outputs(root: Path) -> dict[str, int]:
+    return {
+        str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name not in RUN_RECORDS
+    }
+
+
+def test_pipeline_runs_every_stage_then_recomputes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline_flow
+
+    monkeypatch.setenv("MEDIDIFF_HASH_KEY", "flow-test-key-0123456789abcdef")
+    drop = _drop(tmp_path / "drop")
+    out = tmp_path / "out"
+    with prefect_test_harness(server_startup_timeout=120):
+        t0 = time.perf_counter()
+        first = pipeline_flow(str(drop), str(out), SETTINGS)
+        t_first = time.perf_counter() - t0
+        before = _outputs(out)
+        t0 = time.perf_counter()
+        second = pipeline_flow(str(drop), str(out), SETTINGS)
+        t_second = time.perf_counter() - t0
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs()
+    # first run: every stage on both good volumes; the corrupt series is reported by ingest, the rest goes on
+    assert first["ingest"]["converted"] == 2 and "truncated_file" in first["ingest"]["problems_by_kind"]
+    for stage in ("reconstruct", "denoise", "segment"):
+        assert first["stages"][stage] == {"done": 2, "cached": 0, "failed": 0}, first["stages"]
+    assert first["stages"]["export"] == {"done": 6, "cached": 0, "failed": 0}
+    assert first["stages"]["synthesize"]["done"] == 1
+    assert len(first["reviews"]) == 6 and all(Path(p).is_file() for p in first["reviews"])
+    # second run: nothing recomputed, nothing rewritten
+    for stage in ("reconstruct", "denoise", "segment"):
+        assert second["stages"][stage] == {"done": 0, "cached": 2, "failed": 0}, second["stages"]
+    assert second["stages"]["export"] == {"done": 0, "cached": 6, "failed": 0}
+    assert second["stages"]["synthesize"] == {"done": 0, "cached": 1, "failed": 0}
+    after = _outputs(out)
+    assert [p for p in before if after.get(p) != before[p]] == [] and set(after) == set(before)
+    cached = [r for r in runs if r.state_name == "Cached"]
+    assert len(cached) == 3 * 2 + 6 + 1
+    assert t_second < t_first / 2, (t_first, t_second)
+    (out / "timing.json").write_text(json.dumps({"first_s": t_first, "second_s": t_second}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == second["stages"]
+    text = (out / "summary.json").read_text()
+    assert "Pipeline^Person" not in text and "PIPE-" not in text
