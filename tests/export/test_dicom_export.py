@@ -318,6 +318,7 @@ def test_ct_derived_series_in_hounsfield_units_round_trip(ct_study: dict[str, Pa
     _valid(files[0], "CTImage")
     _valid(tmp_path / "ct" / std_obj["folder"] / std_obj["files"][0], "ParametricMap")
     ds = pydicom.dcmread(files[0])
+    assert hd.imread(files[0]).SOPInstanceUID == ds.SOPInstanceUID  # highdicom reads it back
     assert ds.RescaleType == "HU" and ds.Modality == "CT"
     pm = pydicom.dcmread(tmp_path / "ct" / std_obj["folder"] / std_obj["files"][0])
     unit = (
