@@ -32,25 +32,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/medidiff demo-data $(DEMO_DIR)/drop --seed 0
-	MEDIDIFF_HASH_KEY=$(DEMO_HASH_KEY) $(VENV)/bin/medidiff ingest $(DEMO_DIR)/drop/dicom $(DEMO_DIR)/ingested --config configs/ingest.yaml \
-		--name "medidiff demo cohort (seed 0)" \
-		--source "synthetic: MNI152 2009a template (nilearn package data) and analytic CT phantoms" \
-		--licence "MNI152: permissive with notice (LICENSE_MNI152.txt); phantoms: CC0"
-	# synthesis and reconstruction with the shipped demo models (medidiff/checkpoints; no training needed)
-	$(VENV)/bin/medidiff synthesize --n 2 --steps 20 --modality MR --out $(DEMO_DIR)/synthetic
-	# a held-out MR (the reporting part of benchmarks/imaging_split.json; the prior never saw it), MRI 4x
-	$(VENV)/bin/medidiff reconstruct --reference "$$(ls $(DEMO_DIR)/ingested/sub-ccc487be7b8bd467/*_MR_*.nii.gz | head -n 1)" \
-		--simulate mri --accel 4 --crop --particles 8 --steps 20 --out $(DEMO_DIR)/reconstruction
-	# the same held-out MR denoised (magnitude MR: Rician noise, its level estimated from the background), a centred 32^3 block for speed
-	$(VENV)/bin/medidiff denoise "$$(ls $(DEMO_DIR)/ingested/sub-ccc487be7b8bd467/*_MR_*.nii.gz | head -n 1)" \
-		--noise rician --grid 32,32,32 --particles 8 --steps 40 --out $(DEMO_DIR)/denoised
-	# a brain the shipped segmenter never saw (mr-019, the reporting part of configs/seg_brain.yaml) segmented whole: labels, probabilities, uncertainty, volumes in mL
-	$(VENV)/bin/medidiff segment "$$(ls $(DEMO_DIR)/ingested/sub-ce0c97ca8aaa5021/*_MR_*.nii.gz | head -n 1)" --out $(DEMO_DIR)/segmentation
-	# review exports: DICOM (SEG, Parametric Maps, derived series referencing the source study) and review sheets
-	$(VENV)/bin/medidiff export $(DEMO_DIR)/segmentation --source $(DEMO_DIR)/drop/dicom --format both --out $(DEMO_DIR)/export/segmentation
-	$(VENV)/bin/medidiff export $(DEMO_DIR)/denoised --source $(DEMO_DIR)/drop/dicom --format both --out $(DEMO_DIR)/export/denoised
-	@echo "demo outputs: $(DEMO_DIR)/ingested (manifest.json, datacard.md), $(DEMO_DIR)/synthetic, $(DEMO_DIR)/reconstruction, $(DEMO_DIR)/denoised, $(DEMO_DIR)/segmentation"
-	@echo "review exports: $(DEMO_DIR)/export/segmentation/index.html, $(DEMO_DIR)/export/denoised/index.html"
+	# the main job, flows/pipeline.py with the embedded Prefect API: ingest -> synthesize -> reconstruct -> denoise
+	# -> segment -> export, on two brains the shipped models never saw (configs/pipeline_demo.yaml), with the
+	# demo models shipped in the package; a rerun recomputes nothing
+	MEDIDIFF_HASH_KEY=$(DEMO_HASH_KEY) $(PY) -m flows.pipeline $(DEMO_DIR)/drop/dicom $(DEMO_DIR) \
+		--settings configs/pipeline_demo.yaml
 
 test: setup
 	bash scripts/install_test_tools.sh

@@ -61,18 +61,27 @@ def convert_task(plan_path: str, item_id: str) -> str:
     retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
 )
-def finalize_task(plan_path: str, result_paths: dict[str, str | None]) -> str:
+def finalize_task(
+    plan_path: str, result_paths: dict[str, str | None], card: dict[str, str] | None = None
+) -> str:
     from prefect.artifacts import create_markdown_artifact
 
-    result = stage.finalize_from_paths(Path(plan_path), result_paths)
+    result = stage.finalize_from_paths(Path(plan_path), result_paths, **(card or {}))
     summary = stage.summary_markdown(result)
     create_markdown_artifact(key="medidiff-ingest-summary", markdown=summary, description="medidiff ingest")
     return str(result.manifest)
 
 
 @flow(name="medidiff-ingest", log_prints=False)
-def ingest_flow(src: str, dst: str, config: str | None = None, lock_timeout: float | None = None) -> str:
-    """Ingest ``src`` into ``dst``; returns the manifest path."""
+def ingest_flow(
+    src: str,
+    dst: str,
+    config: str | None = None,
+    lock_timeout: float | None = None,
+    card: dict[str, str] | None = None,
+) -> str:
+    """Ingest ``src`` into ``dst``; returns the manifest path. ``card``: the data card's ``name``,
+    ``source`` and ``licence``."""
     from medidiff.io.lock import DestinationLock
 
     stage.check_ingest_args(Path(src), Path(dst), load_config(config, IngestConfig))
@@ -87,7 +96,7 @@ def ingest_flow(src: str, dst: str, config: str | None = None, lock_timeout: flo
             state = fut.state
             # A task that failed for good (after its retries) costs its own series only.
             paths[item_id] = str(state.result(raise_on_failure=False)) if state.is_completed() else None
-        return finalize_task(plan_path, paths)
+        return finalize_task(plan_path, paths, card)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,6 +65,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "denoise": {"noise": "rician", "grid": [32, 32, 32], "n_particles": 8, "steps": 40, "seed": 0},
     "segment": {"seed": 0},
     "export": {"format": "both", "deidentify": False},
+    "subjects": None,
     "limit": None,
 }
 """What the demo runs (``make demo``); ``--settings YAML`` overrides it stage by stage."""
@@ -199,11 +200,15 @@ def pipeline_flow(drop: str, out: str, settings: dict[str, Any] | None = None) -
     _preimport()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(Path(ingest_flow(drop, str(root / "ingested"), s["ingest"]["config"])).read_text())
+    card = {k: s["ingest"][k] for k in ("name", "source", "licence") if s["ingest"].get(k)}
+    manifest_path = ingest_flow(drop, str(root / "ingested"), s["ingest"]["config"], None, card or None)
+    manifest = json.loads(Path(manifest_path).read_text())
     volumes = [
         str(root / "ingested" / o["path"])
         for o in manifest["outputs"]
-        if o.get("kind") == "intensity" and o.get("modality") == "MR"
+        if o.get("kind") == "intensity"
+        and o.get("modality") == "MR"
+        and (not s.get("subjects") or o.get("subject") in s["subjects"])
     ]
     if s.get("limit"):
         volumes = volumes[: int(s["limit"])]
@@ -304,8 +309,19 @@ def main() -> None:
     a = p.parse_args()
     settings = yaml.safe_load(Path(a.settings).read_text()) if a.settings else None
     summary = pipeline_flow(a.drop, a.out, settings)
-    print(json.dumps({k: summary[k] for k in ("stages", "seconds")}, indent=1))
-    print(f"outputs: {a.out}; review indexes: {len(summary['reviews'])} under {Path(a.out) / 'export'}")
+    ing = summary["ingest"]
+    print(
+        f"\ningest: {ing['converted']} series converted, {ing['failed']} failed; problems by kind: "
+        f"{ing.get('problems_by_kind', {})} (details: {Path(a.out) / 'ingested' / 'manifest.json'})"
+    )
+    print(f"{'stage':<12} {'done':>5} {'cached':>7} {'failed':>7}")
+    for stage, st in summary["stages"].items():
+        print(f"{stage:<12} {st['done']:>5} {st['cached']:>7} {st['failed']:>7}")
+    for f in summary["failures"]:
+        print(f"failed: {f['stage']} {f['name']}: {f['error'][:200]}")
+    print(f"{summary['seconds']} s. Outputs in {a.out} (summary.json); review indexes:")
+    for path in summary["reviews"]:
+        print(f"  {path}")
 
 
 if __name__ == "__main__":

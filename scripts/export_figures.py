@@ -1,7 +1,7 @@
 """The export documentation's pictures (docs/export.md): one review sheet per result type, and an exported
 series in Orthanc's web viewer, taken with headless Chromium.
 
-Needs `make demo` (its demo_out/ results), Debian's orthanc, orthanc-webviewer and chromium:
+Needs `make demo` (the pipeline's results in demo_out/), Debian's orthanc, orthanc-webviewer and chromium:
 
     MEDIDIFF_HASH_KEY=medidiff-demo-cohort-synthetic-public-key-v1 python scripts/export_figures.py \\
         --demo demo_out --out docs/img
@@ -26,24 +26,35 @@ from medidiff.export import export_dicom
 from medidiff.export.pacs import PacsProfile, export_files, free_port, send, start_orthanc
 from medidiff.export.review import review_sheet
 
+# the pipeline's folders (make demo): a stage's result per volume, and the synthetic volumes
 KINDS = {
-    "segmentation": "segmentation",
-    "denoised": "denoised",
-    "reconstruction": "reconstruction",
+    "segment": "segmentation",
+    "denoise": "denoised",
+    "reconstruct": "reconstruction",
     "synthetic": "synthetic",
 }
+
+
+def result_folder(demo: Path, stage: str) -> Path:
+    """``demo/synthetic``, or the first volume's folder of ``demo/<stage>/``."""
+    if stage == "synthetic":
+        return demo / stage
+    return sorted(p for p in (demo / stage).iterdir() if p.is_dir())[0]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", type=Path, default=Path("demo_out"))
     ap.add_argument("--out", type=Path, default=Path("docs/img"))
+    ap.add_argument("--drop", type=Path, default=None, help="the DICOM drop (default: DEMO/drop/dicom)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         for folder, name in KINDS.items():
-            files = review_sheet(args.demo / folder, t / folder)
+            files = review_sheet(
+                result_folder(args.demo, folder), t / folder, input_root=[args.demo / "ingested"]
+            )
             # 256 colours keep the repository small; the sheets themselves stay full colour
             Image.open(files["png"]).quantize(256).save(args.out / f"review_{name}.png", optimize=True)
             print(f"wrote {args.out / f'review_{name}.png'}")
@@ -54,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         orthanc = start_orthanc(t / "orthanc", profile)
         try:
             export_dicom(
-                args.demo / "denoised", t / "export", source_dir=args.demo / "drop" / "dicom", deidentify=True
+                result_folder(args.demo, "denoise"),
+                t / "export",
+                source_dir=args.drop or args.demo / "drop" / "dicom",
+                input_root=[args.demo / "ingested"],
+                deidentify=True,
             )
             send(export_files(t / "export"), profile)
             record = json.loads((t / "export" / "export.json").read_text())

@@ -535,9 +535,15 @@ def convert_planned_item(plan_path: Path, item_id: str) -> Path:
 
 
 def finalize_from_paths(
-    plan_path: Path, result_paths: Sequence[Path] | Mapping[str, str | Path | None]
+    plan_path: Path,
+    result_paths: Sequence[Path] | Mapping[str, str | Path | None],
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    licence: str = "as the source data (not stated)",
 ) -> IngestResult:
-    """:func:`finalize_ingest` from a saved plan and the item-result files of its tasks.
+    """:func:`finalize_ingest` from a saved plan and the item-result files of its tasks (``name``,
+    ``source`` and ``licence`` go to the data card).
 
     ``result_paths`` maps item ids to their result files; ``None`` marks a task that failed for
     good (its item becomes a ``conversion_failed`` problem). The plan file is removed afterwards.
@@ -571,7 +577,7 @@ def finalize_from_paths(
                 ],
             )
         )
-    out = finalize_ingest(plan, results)
+    out = finalize_ingest(plan, results, name=name, source=source, licence=licence)
     with contextlib.suppress(FileNotFoundError):
         Path(plan_path).unlink()
     with contextlib.suppress(OSError):
