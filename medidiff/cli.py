@@ -1017,6 +1017,32 @@ def export(
         )
 
 
+@app.command(
+    epilog=(
+        "Example:\n\n  MEDIDIFF_HOME=$PWD MEDIDIFF_DROP=/data/drop MEDIDIFF_DATA=/data/medidiff medidiff serve\n\n"
+        "Serves the deployments of prefect.yaml (schedules included) from this process, without a work pool; "
+        "docs/flows.md covers work pools and workers."
+    )
+)
+def serve(
+    prefect_yaml: Annotated[
+        Path | None, typer.Option(help="Deployments file (default: the repository's).")
+    ] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Serve only this deployment (repeatable).")] = None,
+) -> None:
+    """Serve the Prefect deployments (nightly ingest and pipeline, weekly training, on-demand runs)."""
+    from flows.serve import PREFECT_YAML, deployments_from_yaml
+
+    try:
+        deployments = deployments_from_yaml(prefect_yaml or PREFECT_YAML, only)
+    except (KeyError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from e
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments)
+
+
 pacs_app = typer.Typer(help="A PACS on loopback for tests and demos (Orthanc).", no_args_is_help=True)
 app.add_typer(pacs_app, name="pacs")
 
