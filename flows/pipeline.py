@@ -22,6 +22,10 @@ last, so an interrupted task reruns.
 with paths cut out) in ``OUT/failures.json`` and in the summary; the others go on, and the flow fails
 only when nothing at all succeeded.
 
+**Where tasks run.** One worker thread by default (the stages use every core through torch); with
+``--task-runner dask`` (or a flow ``.with_options(task_runner=...)``, :mod:`flows._runner`) the per-item
+tasks go to a Dask cluster, a ``LocalCluster`` of processes or an existing scheduler.
+
 **Artifacts** (no patient data): ``medidiff-pipeline-summary`` (per stage: done, cached, failed; where
 the review indexes are), ``medidiff-pipeline-metrics`` (per volume: the stages' metrics).
 """
@@ -42,6 +46,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._per_volume import keyed_names, scrubbed_error
 from flows._retry import retry_on_io
+from flows._runner import task_runner
 
 STAGE_RECORDS = {
     "reconstruct": "reconstruction.json",
@@ -306,9 +311,15 @@ def main() -> None:
     p.add_argument("drop")
     p.add_argument("out")
     p.add_argument("--settings", default=None, help="YAML overriding the demo settings stage by stage")
+    p.add_argument(
+        "--task-runner", default=None, help="threads (default), dask (a LocalCluster) or tcp://HOST:PORT"
+    )
+    p.add_argument("--workers", type=int, default=None, help="Dask LocalCluster worker processes")
     a = p.parse_args()
     settings = yaml.safe_load(Path(a.settings).read_text()) if a.settings else None
-    summary = pipeline_flow(a.drop, a.out, settings)
+    runner = task_runner(a.task_runner, workers=a.workers)
+    run = pipeline_flow if runner is None else pipeline_flow.with_options(task_runner=runner)
+    summary = run(a.drop, a.out, settings)
     ing = summary["ingest"]
     print(
         f"\ningest: {ing['converted']} series converted, {ing['failed']} failed; problems by kind: "
