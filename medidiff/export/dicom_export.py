@@ -520,6 +520,7 @@ def export_dicom(
     """
     from medidiff.io.atomic import atomic_path
     from medidiff.io.dicom_write import write_datasets
+    from medidiff.provenance import prefect_run_ids
 
     result = read_result(result_dir)
     outputs = _outputs(result)
@@ -674,6 +675,7 @@ def export_dicom(
         "seg_type": seg_type,
         "deidentified": deidentify,
         "deidentification": _deid_record() if deidentify else None,
+        "prefect": prefect_run_ids().model_dump(mode="json"),  # the flow and task run that made it, if any
         "objects": objects,
     }
     from medidiff.io.atomic import atomic_write_json

@@ -44,6 +44,8 @@ def test_export_flow_publishes_artifacts_without_phi(
     assert [s["kind"] for s in summaries] == ["segmentation", "denoised"]
     assert all(Path(s["review"]).is_file() for s in summaries)
     assert summaries[0]["objects"][0]["sop_class"] == "Segmentation Storage"
+    record = json.loads((Path(paths[0]).parent / "export.json").read_text())
+    assert record["prefect"]["flow_run_id"] and record["prefect"]["task_run_id"]  # provenance links the run
     failures = json.loads((tmp_path / "out" / "failures.json").read_text())["failures"]
     assert [f["item"] for f in failures] == [1] and "exactly one stage" in failures[0]["error"]
     keys = {a.key for a in artifacts}
