@@ -104,3 +104,51 @@ def test_pipeline_runs_every_stage_then_recomputes_nothing(
     assert summary["stages"] == second["stages"]
     text = (out / "summary.json").read_text()
     assert "Pipeline^Person" not in text and "PIPE-" not in text
+
+
+def test_a_task_that_fails_once_on_io_is_retried_and_the_batch_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One volume's denoise output folder is blocked by a file (an OSError, as a busy share gives); a watcher
+    removes it once Prefect has put the task in AwaitingRetry, and the retry succeeds."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows._per_volume import keyed_names
+    from flows.pipeline import pipeline_flow
+    from medidiff.stages.ingest import ingest
+
+    monkeypatch.setenv("MEDIDIFF_HASH_KEY", "flow-test-key-0123456789abcdef")
+    drop = _drop(tmp_path / "drop")
+    out = tmp_path / "out"
+    res = ingest(drop, out / "ingested")  # what the pipeline's ingest will find done (its cache)
+    volumes = sorted(str(out / "ingested" / o["path"]) for o in res.outputs)
+    name = keyed_names(volumes)[0][0]
+    blocker = out / "denoise" / name
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
+    seen: list[str] = []
+
+    def unblock() -> None:
+        with get_client(sync_client=True) as client:
+            for _ in range(1200):
+                states = {t.name: t.state_name for t in client.read_task_runs()}
+                if states.get(f"denoise-{name}") == "AwaitingRetry":
+                    seen.append("AwaitingRetry")
+                    blocker.unlink()
+                    return
+                time.sleep(0.1)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        watcher = threading.Thread(target=unblock, daemon=True)
+        watcher.start()
+        summary = pipeline_flow(str(drop), str(out), SETTINGS)
+        watcher.join(timeout=5)
+        with get_client(sync_client=True) as client:
+            runs = {t.name: t for t in client.read_task_runs()}
+    assert seen == ["AwaitingRetry"]
+    assert runs[f"denoise-{name}"].run_count == 2 and runs[f"denoise-{name}"].state_name == "Completed"
+    assert summary["stages"]["denoise"] == {"done": 2, "cached": 0, "failed": 0}
+    assert (out / "denoise" / name / "denoise.json").is_file()
