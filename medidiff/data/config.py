@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medidiff.data.split import check_fractions
 from medidiff.transforms import NormalizationConfig
 
-__all__ = ["AugmentationConfig", "DataConfig"]
+__all__ = ["AugmentationConfig", "DataConfig", "load_data_config"]
 
 # Bumped whenever the cached part of the pipeline changes meaning, so old disk caches are not reused.
 PIPELINE_VERSION = 1
@@ -141,3 +141,39 @@ class DataConfig(BaseModel):
             part["spatial_dims"] = self.spatial_dims
         blob = json.dumps(part, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_PATH_FIELDS = ("manifest", "cache_dir", "split_file")
+
+
+def load_data_config(path: str | Path, notify: Any = None) -> DataConfig:
+    """A data config from its file, with its relative paths (``manifest``, ``cache_dir``, ``split_file``)
+    resolved against the file's folder, so a run gives the same data from any working folder (a worker,
+    a cron job).
+
+    A relative path that does not exist beside the file but does from the working folder (the rule of
+    configs written before this one) is taken from there, with a ``notify`` warning saying how to write it.
+
+    Raises:
+        medidiff.config.ConfigError: as :func:`medidiff.config.load_config`.
+    """
+    from medidiff.config import load_config
+
+    cfg = load_config(path, DataConfig)
+    base = Path(path).resolve().parent
+    updates: dict[str, Any] = {}
+    for name in _PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value is None or Path(value).is_absolute():
+            continue
+        beside = base / value
+        if not beside.exists() and Path(value).exists():
+            if notify is not None:
+                notify(
+                    f"warning: {name} {value} in {path} was found relative to the working folder, not to the "
+                    f"config file; write it as {Path(value).resolve()} or relative to {base}"
+                )
+            updates[name] = Path(value).resolve()
+        else:
+            updates[name] = beside
+    return cfg.model_copy(update=updates)

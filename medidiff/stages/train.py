@@ -16,6 +16,7 @@ on a deterministic device), so a retried Prefect task continues where it stopped
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,8 @@ from typing import Any, Literal
 import torch
 
 from medidiff.io.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EpochData", "TrainStageResult", "planned_stages", "train_stage"]
 
@@ -129,9 +132,7 @@ def train_stage(
         ValueError: the two configs disagree (patch size, spacing).
         ManifestError: the manifest is missing, inconsistent, or its files changed since ingest.
     """
-    from medidiff.config import load_config
     from medidiff.data import (
-        DataConfig,
         build_dataset,
         data_summary,
         datacard_ref,
@@ -139,6 +140,7 @@ def train_stage(
         read_manifest,
         resolve_splits,
     )
+    from medidiff.data.config import load_data_config
     from medidiff.data.split import write_splits
     from medidiff.models.config import load_model_config
     from medidiff.train.loop import train
@@ -148,13 +150,14 @@ def train_stage(
             "extend_to extends one stage: pass stage='autoencoder' or stage='latent' (CLI: --stage)"
         )
     model_cfg = load_model_config(model_config)
-    data_cfg = load_config(data_config, DataConfig)
+    data_cfg = load_data_config(data_config, notify=lambda m: log.warning("%s", m.removeprefix("warning: ")))
     _check_compatible(model_cfg, data_cfg)
     run = Path(out_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    # everything that can refuse the run comes first: a failed start leaves no run folder behind
     entries = read_manifest(data_cfg.manifest, verify=data_cfg.verify_hashes)
     card = datacard_ref(data_cfg.manifest)
     splits = resolve_splits(data_cfg, entries, datacard=card)
+    run.mkdir(parents=True, exist_ok=True)
     write_splits(splits, run / "split.json")
     summary = data_summary(data_cfg, splits, datacard=card)
     card_path = Path(card.path) if card is not None else None

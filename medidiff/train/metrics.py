@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,13 @@ def progress_bar(show: bool, stage: str, start: int, end: int) -> Iterator[tuple
     if not show:
         yield None, None
         return
+    if not sys.stdout.isatty():  # batch logs (a scheduler, a worker, nohup): a line every so often
+        lines = LineProgress(stage, start, end)
+        try:
+            yield lines, stage
+        finally:
+            lines.close()
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (
@@ -165,3 +174,37 @@ def progress_bar(show: bool, stage: str, start: int, end: int) -> Iterator[tuple
     )
     with Progress(*columns) as progress:
         yield progress, progress.add_task(stage, total=end, completed=start, loss="-")
+
+
+class LineProgress:
+    """The progress bar's stand-in where stdout is not a terminal: one plain line per ``every_s`` seconds
+    (and at the end) with the step, the recent loss, the speed and the time left, flushed at once."""
+
+    def __init__(self, stage: str, start: int, end: int, *, every_s: float = 30.0, clock: Any = None) -> None:
+        self.stage, self.step, self.end, self.every_s = stage, start, end, every_s
+        self.clock = clock or time.monotonic
+        self.t0 = self.last = self.clock()
+        self.start = start
+        self.loss = "-"
+
+    def update(self, task: Any = None, *, advance: int = 1, loss: str | None = None, **_: Any) -> None:
+        self.step += advance
+        self.loss = loss if loss is not None else self.loss
+        if self.clock() - self.last >= self.every_s:
+            self.emit()
+
+    def emit(self) -> None:
+        now = self.clock()
+        done = self.step - self.start
+        rate = (now - self.t0) / done if done else float("nan")
+        left = (self.end - self.step) * rate if done else float("nan")
+        print(
+            f"train {self.stage}: step {self.step}/{self.end}, loss {self.loss}, {rate:.2f} s/step, "
+            f"{left / 60:.1f} min left",
+            flush=True,
+        )
+        self.last = now
+
+    def close(self) -> None:
+        if self.step > self.start:
+            self.emit()

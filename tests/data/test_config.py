@@ -77,3 +77,44 @@ def test_cache_key_tracks_only_what_the_cache_holds() -> None:
     other_norm = NormalizationConfig(by_modality={"CT": CTNormalization(clip_hu=(-100, 100))})
     assert base.cache_key("train") != DataConfig(manifest="dst", normalization=other_norm).cache_key("train")
     assert base.cache_key("train") != DataConfig(manifest="dst", target_spacing=(1, 1, 1)).cache_key("train")
+
+
+def test_paths_resolve_against_the_config_file_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medidiff.data.config import load_data_config
+
+    (tmp_path / "project" / "configs").mkdir(parents=True)
+    (tmp_path / "project" / "ingested").mkdir()
+    path = tmp_path / "project" / "configs" / "data.yaml"
+    path.write_text("manifest: ../ingested\ncache: disk\ncache_dir: ../cache\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a worker's or cron job's folder
+    cfg = load_data_config(path)
+    assert cfg.manifest == tmp_path / "project" / "configs" / ".." / "ingested" and cfg.manifest.is_dir()
+    assert cfg.cache_dir == tmp_path / "project" / "configs" / ".." / "cache"
+    # an older config, relative to the working folder: still found, with a warning that says how to write it
+    path.write_text("manifest: legacy\n")
+    (elsewhere / "legacy").mkdir()
+    said: list[str] = []
+    cfg = load_data_config(path, notify=said.append)
+    assert cfg.manifest == (elsewhere / "legacy").resolve() and "relative to the working folder" in said[0]
+
+
+def test_a_failed_training_start_leaves_no_run_folder(tmp_path: Path) -> None:
+    from medidiff.data.manifest import ManifestError
+    from medidiff.stages.train import train_stage
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "data.yaml").write_text(
+        "manifest: missing_ingest\npatch_size: [32, 32, 32]\ntarget_spacing: [2, 2, 2]\n"
+    )
+    with pytest.raises((ManifestError, FileNotFoundError)):
+        train_stage(
+            root / "configs" / "model_pixel_demo.yaml",
+            tmp_path / "data.yaml",
+            tmp_path / "run",
+            progress=False,
+        )
+    assert not (tmp_path / "run").exists()

@@ -269,3 +269,21 @@ def test_latent_resume_refuses_another_autoencoder(tmp_path: Path, ae_checkpoint
         train(cfg, data, tmp_path / "lat", autoencoder=other.checkpoint, **kw)
     # omitting it resumes from the weights carried by the latent checkpoint
     assert train(cfg, data, tmp_path / "lat", **kw).step == 4
+
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Batch logs (a worker, nohup) get a line every 30 s and one at the end, not a rich bar's escape codes."""
+    from medidiff.train.metrics import LineProgress, progress_bar
+
+    with progress_bar(True, "latent", 100, 400) as (prog, task):  # pytest's captured stdout is not a TTY
+        assert isinstance(prog, LineProgress)
+        now = [0.0]
+        prog.clock = lambda: now[0]
+        prog.t0 = prog.last = 0.0
+        for _ in range(100):
+            now[0] += 0.5  # 0.5 s per step: a line at 30 s
+            prog.update(task, advance=1, loss="0.0123")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "train latent: step 160/400, loss 0.0123, 0.50 s/step, 2.0 min left"
+    assert out[-1].startswith("train latent: step 200/400") and len(out) == 2  # 30 s, then the end
+    assert "\x1b" not in "".join(out)
