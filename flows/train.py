@@ -51,12 +51,16 @@ def train_task(
     until_step: int | None = None,
     device: str | None = None,
     extend_to: int | None = None,
+    nproc: int = 1,
 ) -> str:
-    """Train (or resume, or extend) one stage; returns the path of its last checkpoint.
+    """Train (or resume, or extend) one stage; returns the path of its last checkpoint. ``nproc`` > 1
+    launches ``torchrun`` with that many processes (one per GPU).
 
     ``config`` is the model YAML (a parameter named ``model_config`` would clash with pydantic,
     which Prefect uses to validate parameters).
     """
+    if nproc > 1:  # one process per GPU (or CPU share) under torchrun: DDP replicas, rank 0 writes
+        return _torchrun(config, data_config, out_dir, stage, until_step, device, extend_to, nproc)
     result = train_stage(
         config,
         data_config,
@@ -70,6 +74,27 @@ def train_task(
     return str(result[stage].checkpoint)
 
 
+def _torchrun(
+    config: str, data_config: str, out_dir: str, stage: str, until_step: int | None, device: str | None,
+    extend_to: int | None, nproc: int,
+) -> str:  # fmt: skip
+    """``torchrun --nproc_per_node=N -m medidiff.cli train ...``; returns the stage's latest checkpoint."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "medidiff.cli", "train", config, data_config, out_dir, "--stage", stage]  # fmt: skip
+    for flag, value in (("--until-step", until_step), ("--device", device), ("--extend-to", extend_to)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"torchrun exited with {run.returncode}: {run.stderr[-2000:]}")
+    latest = Path(out_dir) / stage / "latest"
+    return str(latest.parent / latest.read_text().strip())
+
+
 @flow(name="medidiff-train", log_prints=False)
 def train_flow(
     config: str,
@@ -79,6 +104,7 @@ def train_flow(
     until_step: int | None = None,
     device: str | None = None,
     extend_to: int | None = None,
+    nproc: int = 1,
 ) -> str:
     """Train the autoencoder, then the latent diffusion model on it (a pixel-space model: the diffusion
     model alone); returns the last checkpoint's path. ``extend_to`` trains a finished run of one
@@ -88,7 +114,7 @@ def train_flow(
         raise ValueError("extend_to extends one stage: pass stage='autoencoder' or stage='latent'")
     ckpt = ""
     for st in stages:
-        ckpt = train_task(config, data_config, out_dir, st, until_step, device, extend_to)
+        ckpt = train_task(config, data_config, out_dir, st, until_step, device, extend_to, nproc)
     return ckpt
 
 
@@ -101,8 +127,11 @@ def main() -> None:
     p.add_argument("--until-step", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--extend-to", type=int, default=None)
+    p.add_argument("--nproc", type=int, default=1, help="processes under torchrun (one per GPU)")
     a = p.parse_args()
-    print(train_flow(a.config, a.data_config, a.out_dir, a.stage, a.until_step, a.device, a.extend_to))
+    print(
+        train_flow(a.config, a.data_config, a.out_dir, a.stage, a.until_step, a.device, a.extend_to, a.nproc)
+    )
 
 
 if __name__ == "__main__":

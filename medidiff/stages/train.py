@@ -15,6 +15,7 @@ on a deterministic device), so a retried Prefect task continues where it stopped
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -101,7 +102,7 @@ def planned_stages(model_config: str | Path, stage: StageName = "both") -> list[
     return ["latent"] if pixel else ["autoencoder", "latent"]
 
 
-def train_stage(
+def _train_stage(
     model_config: str | Path,
     data_config: str | Path,
     out_dir: str | Path,
@@ -199,3 +200,25 @@ def train_stage(
             progress=progress,
         )
     return result
+
+
+@functools.wraps(_train_stage)
+def train_stage(*args: Any, **kwargs: Any) -> TrainStageResult:
+    # Under torchrun (WORLD_SIZE > 1) the ranks join one process group here, and leave it at the end;
+    # the loop then trains DDP replicas and rank 0 alone writes (medidiff.train.ddp).
+    import os
+
+    from torch import distributed as dist
+
+    from medidiff.train import ddp
+
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (
+        dist.is_available() and dist.is_initialized()
+    )
+    if joined:
+        ddp.init_distributed()
+    try:
+        return _train_stage(*args, **kwargs)
+    finally:
+        if joined:
+            ddp.shutdown_distributed()
