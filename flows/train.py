@@ -114,8 +114,19 @@ def train_flow(
         raise ValueError("extend_to extends one stage: pass stage='autoencoder' or stage='latent'")
     ckpt = ""
     for st in stages:
+        if st == "latent" and ckpt and _unfinished_autoencoder(ckpt):
+            # the latent stage binds to one autoencoder checkpoint: started on an unfinished one (after
+            # --until-step), the run could no longer be resumed. Train the autoencoder on first.
+            break
         ckpt = train_task(config, data_config, out_dir, st, until_step, device, extend_to, nproc)
     return ckpt
+
+
+def _unfinished_autoencoder(ckpt: str) -> bool:
+    from medidiff.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(ckpt)
+    return ck.stage == "autoencoder" and ck.step < int(ck.config.training("autoencoder").steps)
 
 
 def main() -> None:
