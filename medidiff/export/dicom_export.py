@@ -278,6 +278,20 @@ def _referenced_series(source: SourceSeries) -> Any:
     return DicomSequence([series])
 
 
+def _instance_kwargs(series_uid: str, series_number: int) -> dict[str, Any]:
+    """The identification and equipment arguments highdicom's SEG and Parametric Map constructors share."""
+    return {
+        "series_instance_uid": series_uid,
+        "series_number": series_number,
+        "sop_instance_uid": _uid(series_uid, "instance"),
+        "instance_number": 1,
+        "manufacturer": "medidiff",
+        "manufacturer_model_name": "medidiff",
+        "software_versions": __version__,
+        "device_serial_number": "none",
+    }
+
+
 def _hd_volume(array: np.ndarray, affine: np.ndarray, frame_of_reference_uid: str) -> Any:
     import highdicom as hd
     import nibabel as nib
@@ -356,14 +370,7 @@ def segmentation(
         ),
         segmentation_type=seg_type.upper(),
         segment_descriptions=segments,
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=_uid(series_uid, "instance"),
-        instance_number=1,
-        manufacturer="medidiff",
-        manufacturer_model_name="medidiff",
-        software_versions=__version__,
-        device_serial_number="none",
+        **_instance_kwargs(series_uid, series_number),
         content_description=_lo(RESEARCH_ONLY),
         content_label="SEGMENTATION",
         contributing_equipment=[_equipment(f"automatic segmentation by {algorithm[0]}")],
@@ -413,14 +420,7 @@ def parametric_map(
     pm = hd.pm.ParametricMap(
         source_images=list(source_images),
         pixel_array=_hd_volume(v, affine, str(source_images[0].FrameOfReferenceUID)),
-        series_instance_uid=series_uid,
-        series_number=series_number,
-        sop_instance_uid=_uid(series_uid, "instance"),
-        instance_number=1,
-        manufacturer="medidiff",
-        manufacturer_model_name="medidiff",
-        software_versions=__version__,
-        device_serial_number="none",
+        **_instance_kwargs(series_uid, series_number),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[

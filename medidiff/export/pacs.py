@@ -279,8 +279,8 @@ def send(
     return report
 
 
-def count_instances(profile: PacsProfile, study_uid: str, series_uid: str) -> int:
-    """Instances of a series the PACS holds (C-FIND, IMAGE level)."""
+def _find_images(profile: PacsProfile, study_uid: str, series_uid: str, what: str) -> list[Any]:
+    """C-FIND at IMAGE level in a study (a series of it, if given): the identifiers, with SOPClassUID."""
     from pydicom.dataset import Dataset
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -288,37 +288,29 @@ def count_instances(profile: PacsProfile, study_uid: str, series_uid: str) -> in
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate(profile.host, profile.port, ae_title=profile.called_aet)
     if not assoc.is_established:
-        raise PacsError(f"could not query {profile.name} ({profile.host}:{profile.port}) to verify the send.")
+        raise PacsError(f"could not reach {profile.name} ({profile.host}:{profile.port}) to {what}.")
     q = Dataset()
     q.QueryRetrieveLevel = "IMAGE"
-    q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID = study_uid, series_uid, ""
-    n = 0
-    for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-        if status and status.Status in (0xFF00, 0xFF01) and ident is not None:
-            n += 1
+    q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID, q.SOPClassUID = study_uid, series_uid, "", ""
+    found = [
+        ident
+        for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind)
+        if status and status.Status in (0xFF00, 0xFF01) and ident is not None
+    ]
     assoc.release()
-    return n
+    return found
+
+
+def count_instances(profile: PacsProfile, study_uid: str, series_uid: str) -> int:
+    """Instances of a series the PACS holds (C-FIND, IMAGE level)."""
+    return len(_find_images(profile, study_uid, series_uid, "verify the send"))
 
 
 def study_sop_classes(profile: PacsProfile, study_uid: str) -> list[str]:
-    """The SOP classes of the instances of a study (C-FIND, IMAGE level), sorted."""
-    from pydicom.dataset import Dataset
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
-
-    ae = _ae(profile)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate(profile.host, profile.port, ae_title=profile.called_aet)
-    if not assoc.is_established:
-        raise PacsError(f"could not reach {profile.name} ({profile.host}:{profile.port}) to query a study.")
-    q = Dataset()
-    q.QueryRetrieveLevel = "IMAGE"
-    q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID, q.SOPClassUID = study_uid, "", "", ""
-    found = set()
-    for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-        if status and status.Status in (0xFF00, 0xFF01) and ident is not None and ident.get("SOPClassUID"):
-            found.add(str(ident.SOPClassUID))
-    assoc.release()
-    return sorted(found)[:120]  # an association offers at most 128 presentation contexts
+    """The SOP classes of the instances of a study (C-FIND, IMAGE level), sorted; at most 120 (an
+    association offers at most 128 presentation contexts)."""
+    idents = _find_images(profile, study_uid, "", "query a study")
+    return sorted({str(i.SOPClassUID) for i in idents if i.get("SOPClassUID")})[:120]
 
 
 def pull_study(profile: PacsProfile, study_uid: str, dst: str | os.PathLike[str]) -> list[Path]:

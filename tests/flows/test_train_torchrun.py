@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+def _tiny_configs(cohort: Cohort, folder: Path, *, steps: int, ckpt_every: int) -> None:
+    """``model.json`` (the tiny model, 8^3 patches at 4 mm, ``steps`` autoencoder steps) and ``data.json``."""
+    model = load_model_config(ROOT / "configs" / "model_tiny.yaml").model_dump(mode="json")
+    model.update(patch_size=[8, 8, 8], spacing_mm=4.0)
+    model["autoencoder_training"].update(steps=steps, warmup_steps=1, ckpt_every=ckpt_every, eval_batches=1)
+    data = {"manifest": str(cohort.dst), "modalities": ["MR"], "target_spacing": [4.0, 4.0, 4.0],
+            "patch_size": [8, 8, 8], "split_fractions": [0.5, 0.25, 0.25], "verify_hashes": False}  # fmt: skip
+    (folder / "model.json").write_text(json.dumps(model))
+    (folder / "data.json").write_text(json.dumps(data))
+
+
 def test_train_flow_with_two_processes_under_torchrun(
     cohort: Cohort,
     tmp_path: Path,
@@ -27,13 +38,7 @@ def test_train_flow_with_two_processes_under_torchrun(
     from medidiff.train.checkpoint import load_checkpoint
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    model = load_model_config(ROOT / "configs" / "model_tiny.yaml").model_dump(mode="json")
-    model.update(patch_size=[8, 8, 8], spacing_mm=4.0)
-    model["autoencoder_training"].update(steps=2, warmup_steps=1, ckpt_every=2, eval_batches=1)
-    data = {"manifest": str(cohort.dst), "modalities": ["MR"], "target_spacing": [4.0, 4.0, 4.0],
-            "patch_size": [8, 8, 8], "split_fractions": [0.5, 0.25, 0.25], "verify_hashes": False}  # fmt: skip
-    (tmp_path / "model.json").write_text(json.dumps(model))
-    (tmp_path / "data.json").write_text(json.dumps(data))
+    _tiny_configs(cohort, tmp_path, steps=2, ckpt_every=2)
     with prefect_test_harness(server_startup_timeout=120):
         ckpt = train_flow(
             str(tmp_path / "model.json"), str(tmp_path / "data.json"), str(tmp_path / "run"),
@@ -53,13 +58,7 @@ def test_until_step_stops_before_the_latent_stage_on_an_unfinished_autoencoder(
     from flows.train import train_flow
     from medidiff.train.checkpoint import load_checkpoint
 
-    model = load_model_config(ROOT / "configs" / "model_tiny.yaml").model_dump(mode="json")
-    model.update(patch_size=[8, 8, 8], spacing_mm=4.0)
-    model["autoencoder_training"].update(steps=3, warmup_steps=1, ckpt_every=1, eval_batches=1)
-    data = {"manifest": str(cohort.dst), "modalities": ["MR"], "target_spacing": [4.0, 4.0, 4.0],
-            "patch_size": [8, 8, 8], "split_fractions": [0.5, 0.25, 0.25], "verify_hashes": False}  # fmt: skip
-    (tmp_path / "model.json").write_text(json.dumps(model))
-    (tmp_path / "data.json").write_text(json.dumps(data))
+    _tiny_configs(cohort, tmp_path, steps=3, ckpt_every=1)
     with prefect_test_harness(server_startup_timeout=120):
         ckpt = train_flow(
             str(tmp_path / "model.json"),
