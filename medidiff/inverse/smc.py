@@ -88,6 +88,7 @@ from medidiff.inverse._common import (
     systematic_resample,
     weighted_moments,
 )
+from medidiff.inverse.kernels import kernel
 from medidiff.inverse.latent import ComposedOperator, decoded_moments
 from medidiff.inverse.operators import LinearOperator, batch_dot, stationary_filter
 from medidiff.inverse.smc_options import (
@@ -748,11 +749,8 @@ class _SMCRun:
         D(x'), log g_{k+1}(x'), grad log g_{k+1}(x'), h)``. With ``kfilt`` (``precondition``) the shift and
         the noise are filtered by the latent DFT-diagonal ``K``: ``q = N(mean + c^2 K g, c^2 K)``."""
         if kfilt is None:
-            shift = c2 * g
-            cz = math.sqrt(c2) * z_c
-            x_c = mu + shift + cz
-            # log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + shift, c^2)
-            inc = (batch_dot(cz, cz) - batch_dot(cz + shift, cz + shift)).to(_F64) / (2.0 * c2)
+            # x' and log p(x'|x) - log q(x'|x) for p = N(mean, c^2), q = N(mean + c^2 g, c^2), float64
+            x_c, inc = kernel("shifted_move", self.opts.kernels)(mu, g, z_c, c2)
         else:
             step = c2 * latent_filter(g, kfilt) + math.sqrt(c2) * latent_filter(z_c, kfilt.sqrt())
             x_c = mu + step

@@ -108,6 +108,8 @@ class SMCOptions:
             pixel-space priors).
         final_var: the Gaussian ``x0 | x_K`` of ``final="posterior"``: ``"network"`` or ``"evidence"``
             (fitted per radial band to ``y``).
+        kernels: the particle arithmetic's implementation (:mod:`medidiff.inverse.kernels`):
+            ``"reference"`` (eager) or ``"compiled"`` (``torch.compile``, the same values).
     """
 
     proposal: Proposal = "auto"
@@ -121,8 +123,13 @@ class SMCOptions:
     temper_ess: float | None = None
     final: Final = "denoise"
     final_var: FinalVar = "network"
+    kernels: str = "reference"
 
     def __post_init__(self) -> None:
+        from medidiff.inverse.kernels import KERNELS
+
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}; got {self.kernels!r}.")
         for name, allowed in (
             ("proposal", PROPOSALS),
             ("guidance", GUIDANCE),
