@@ -1,11 +1,15 @@
 """The SMC sampler's elementwise hot loops, one function per kernel, each with its pure-PyTorch reference.
 
-A kernel is chosen by name (``"reference"`` or ``"compiled"``; ``SMCOptions.kernels``):
+A kernel is chosen by name (``"reference"``, ``"compiled"`` or ``"triton"``; ``SMCOptions.kernels``):
 
 - ``"reference"``: eager PyTorch expressions (the definition; the sampler's default);
 - ``"compiled"``: the same function through ``torch.compile`` (one fused loop over the particles and
   voxels instead of one pass per operation; the same operation order, so the same values up to the
-  reassociation of its reductions). Compiled once per shape and dtype and cached.
+  reassociation of its reductions). Compiled once per shape and dtype and cached;
+- ``"triton"``: hand-written Triton kernels (``triton`` is optional: imported only here, on first use).
+  They run on CUDA tensors, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the
+  tests check them); anywhere else the compiled path runs instead, with a warning. States are loaded in
+  their dtype and computed in float32; per-block float32 partial sums are added in float64.
 
 Kernels:
 
@@ -27,9 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["KERNELS", "kernel", "shifted_move", "weighted_moments"]
+__all__ = ["KERNELS", "kernel", "shifted_move", "triton_runs_on", "weighted_moments"]
 
-KERNELS = ("reference", "compiled")
+KERNELS = ("reference", "compiled", "triton")
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -78,4 +82,37 @@ def kernel(name: str, kind: str = "reference") -> Callable[..., Any]:
         if name not in _COMPILED:
             _COMPILED[name] = torch.compile(_REFERENCE[name], dynamic=False)
         return _COMPILED[name]
+    if kind == "triton":
+        return _with_fallback(name)
     raise ValueError(f"kernels must be one of {KERNELS}; got {kind!r}")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with ``triton`` installed, or the CPU under
+    Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _with_fallback(name: str) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        device = args[0].device
+        if triton_runs_on(device):
+            from medidiff.inverse import _triton_kernels
+
+            return getattr(_triton_kernels, name)(*args)
+        import warnings
+
+        warnings.warn(
+            f"kernels='triton' cannot run on {device.type} here (Triton needs CUDA, or TRITON_INTERPRET=1 on the "
+            "CPU, and the triton package): using the compiled kernels instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return kernel(name, "compiled")(*args)
+
+    return run

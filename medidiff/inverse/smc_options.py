@@ -109,7 +109,8 @@ class SMCOptions:
         final_var: the Gaussian ``x0 | x_K`` of ``final="posterior"``: ``"network"`` or ``"evidence"``
             (fitted per radial band to ``y``).
         kernels: the particle arithmetic's implementation (:mod:`medidiff.inverse.kernels`):
-            ``"reference"`` (eager) or ``"compiled"`` (``torch.compile``, the same values).
+            ``"reference"`` (eager), ``"compiled"`` (``torch.compile``, the same values) or ``"triton"``
+            (CUDA, or the CPU under ``TRITON_INTERPRET=1``; elsewhere the compiled path, with a warning).
     """
 
     proposal: Proposal = "auto"

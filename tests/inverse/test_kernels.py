@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from medidiff.inverse import _common
-from medidiff.inverse.kernels import KERNELS, kernel, shifted_move
+from medidiff.inverse.kernels import kernel, shifted_move
+
+KERNELS = ("reference", "compiled")  # the Triton kernels: test_kernels_triton.py (interpreter)
 
 
 def _states(dtype: torch.dtype, n: int = 6, shape: tuple[int, ...] = (8, 8, 8)) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,79 @@
+"""Triton kernels of :mod:`medidiff.inverse.kernels` (imported only when ``kernels="triton"`` runs).
+
+Each kernel's reference is the function of the same name in :mod:`medidiff.inverse.kernels`; the tests run
+these under ``TRITON_INTERPRET=1`` on the CPU and compare them with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 1024
+
+
+@triton.jit
+def _shifted_move_kernel(mu_ptr, g_ptr, z_ptr, out_ptr, part_ptr, V, NBLK, c2, c, BLOCK: tl.constexpr):
+    """One block of one particle: x' = mu + c2 g + c z (float32, stored in the states' dtype), and the
+    block's part of sum(|c z|^2 - |c z + c2 g|^2) = -sum(c2 g (2 c z + c2 g)) in float32."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    m = offs < V
+    base = b * V
+    mu = tl.load(mu_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
+    shift = c2 * g
+    cz = c * z
+    tl.store(out_ptr + base + offs, (mu + shift + cz).to(out_ptr.dtype.element_ty), mask=m)
+    d = tl.where(m, -shift * (2.0 * cz + shift), 0.0)
+    tl.store(part_ptr + b * NBLK + j, tl.sum(d, axis=0))
+
+
+def shifted_move(mu: Tensor, g: Tensor, z: Tensor, c2: float) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`medidiff.inverse.kernels.shifted_move` (same arguments and results)."""
+    n = mu.shape[0]
+    mu_, g_, z_ = (t.contiguous().reshape(n, -1) for t in (mu, g, z))
+    v = mu_.shape[1]
+    nblk = triton.cdiv(v, BLOCK)
+    out = torch.empty_like(mu_)
+    part = torch.empty(n, nblk, dtype=torch.float32, device=mu.device)
+    _shifted_move_kernel[(n, nblk)](mu_, g_, z_, out, part, v, nblk, float(c2), math.sqrt(c2), BLOCK=BLOCK)
+    return out.reshape(mu.shape), part.to(torch.float64).sum(1) / (2.0 * c2)
+
+
+@triton.jit
+def _moments_kernel(x_ptr, w_ptr, mean_ptr, std_ptr, N, V, BLOCK: tl.constexpr):
+    """One block of voxels: the weighted mean over the N particles, then the weighted variance about it
+    (two passes, float32 accumulation)."""
+    j = tl.program_id(0)
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    m = offs < V
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, N):
+        w = tl.load(w_ptr + i)
+        acc += w * tl.load(x_ptr + i * V + offs, mask=m, other=0.0).to(tl.float32)
+    var = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, N):
+        w = tl.load(w_ptr + i)
+        dev = tl.load(x_ptr + i * V + offs, mask=m, other=0.0).to(tl.float32) - acc
+        var += w * dev * dev
+    tl.store(mean_ptr + offs, acc.to(mean_ptr.dtype.element_ty), mask=m)
+    tl.store(std_ptr + offs, tl.sqrt(tl.maximum(var, 0.0)).to(std_ptr.dtype.element_ty), mask=m)
+
+
+def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`medidiff.inverse.kernels.weighted_moments` (same arguments and results)."""
+    n = x.shape[0]
+    x_ = x.contiguous().reshape(n, -1)
+    v = x_.shape[1]
+    w = weights.to(device=x.device, dtype=torch.float32).contiguous()
+    mean = torch.empty(v, dtype=x.dtype, device=x.device)
+    std = torch.empty(v, dtype=x.dtype, device=x.device)
+    _moments_kernel[(triton.cdiv(v, BLOCK),)](x_, w, mean, std, n, v, BLOCK=BLOCK)
+    return mean.reshape(x.shape[1:]), std.reshape(x.shape[1:])

@@ -1,0 +1,80 @@
+"""The Triton kernels run under Triton's interpreter on the CPU (TRITON_INTERPRET=1) and agree with their
+PyTorch references: the moved states within 2 ulps of their dtype, the float64 increments within 1e-5 of
+the sum of the magnitudes of their terms (float32 partial sums over blocks of 1024 voxels), non-finite
+particles as the reference treats them; without a way to run them, the compiled path runs, with a warning."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+from medidiff.inverse.kernels import kernel, shifted_move, weighted_moments
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+SHAPE = (5, 9, 10, 11)  # 990 voxels: the last block is masked
+
+
+@pytest.fixture
+def interpreted(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import medidiff.inverse._triton_kernels as tk
+
+    return importlib.reload(tk)  # decorated again, now for the interpreter
+
+
+def _states(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(4)
+    return tuple(torch.randn(*SHAPE, generator=g).to(dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_shifted_move_matches_the_reference(interpreted, dtype: torch.dtype) -> None:
+    mu, g, z = _states(dtype)
+    c2 = 0.02
+    x, inc = kernel("shifted_move", "triton")(mu, g, z, c2)
+    rx, rinc = shifted_move(mu, g, z, c2)
+    assert x.dtype == dtype and x.shape == mu.shape and inc.dtype == torch.float64
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(x.float(), rx.float(), rtol=2 * ulp, atol=2 * ulp)
+    shift, cz = c2 * g.double(), c2**0.5 * z.double()
+    scale = (shift * (2 * cz + shift)).abs().sum((1, 2, 3)) / (2 * c2)
+    assert ((inc - rinc).abs() <= 1e-5 * scale).all(), ((inc - rinc).abs() / scale).max()
+
+
+def test_triton_shifted_move_handles_non_finite_particles_as_the_reference(interpreted) -> None:
+    mu, g, z = _states(torch.float32)
+    g[1, 2, 3, 4] = float("nan")
+    mu[3, 0, 0, 0] = float("inf")
+    x, inc = kernel("shifted_move", "triton")(mu, g, z, 0.02)
+    rx, rinc = shifted_move(mu, g, z, 0.02)
+    assert torch.isfinite(inc).tolist() == torch.isfinite(rinc).tolist() == [True, False, True, True, True]
+    assert torch.equal(torch.isfinite(x), torch.isfinite(rx))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_weighted_moments_match_the_reference(interpreted, dtype: torch.dtype) -> None:
+    x, _, _ = _states(dtype)
+    w = torch.softmax(
+        torch.randn(SHAPE[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64), 0
+    )
+    mean, std = kernel("weighted_moments", "triton")(x, w)
+    rmean, rstd = weighted_moments(x, w)
+    assert mean.dtype == std.dtype == dtype and mean.shape == SHAPE[1:]
+    tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    torch.testing.assert_close(mean.float(), rmean.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(std.float(), rstd.float(), rtol=tol, atol=tol)
+
+
+def test_without_the_interpreter_on_the_cpu_the_compiled_kernel_runs_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mu, g, z = _states(torch.float32)
+    with pytest.warns(RuntimeWarning, match="using the compiled kernels"):
+        _, inc = kernel("shifted_move", "triton")(mu, g, z, 0.02)
+    _, rinc = shifted_move(mu, g, z, 0.02)
+    torch.testing.assert_close(inc, rinc, rtol=1e-9, atol=1e-9)
