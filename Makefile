@@ -44,6 +44,8 @@ test: setup
 	# the numerical tests once more on another BLAS/kernel path: 2 threads, instructions up to AVX2
 	MEDIDIFF_TEST_THREADS=2 OMP_NUM_THREADS=2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 \
 		$(VENV)/bin/python -m pytest -q tests/inverse tests/diffusion
+	# the Triton kernels under Triton's interpreter (it must be chosen before anything imports triton)
+	TRITON_INTERPRET=1 $(VENV)/bin/python -m pytest -q tests/inverse/test_kernels_triton.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

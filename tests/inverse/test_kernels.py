@@ -96,3 +96,19 @@ def test_unknown_kernel_names_are_refused() -> None:
     with pytest.raises(ValueError, match="kernels must be one of"):
         kernel("shifted_move", "cuda")
     assert shifted_move is kernel("shifted_move")
+
+
+def test_triton_without_a_way_to_run_it_falls_back_to_compiled_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from medidiff.inverse.kernels import triton_runs_on
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_runs_on(torch.device("cpu"))
+    mu, g, z = _states(torch.float32)
+    with pytest.warns(RuntimeWarning, match="using the compiled kernels"):
+        _, inc = kernel("shifted_move", "triton")(mu, g, z, 0.02)
+    _, rinc = shifted_move(mu, g, z, 0.02)
+    torch.testing.assert_close(inc, rinc, rtol=1e-9, atol=1e-9)
