@@ -646,6 +646,13 @@ def reconstruct(
     ] = 0.25,
     precision: _Precision = "auto",
     chunk_size: _ChunkSize = None,
+    kernels: Annotated[
+        str,
+        typer.Option(
+            help="smc's particle arithmetic: reference, compiled (torch.compile) or triton (CUDA; else "
+            "compiled, with a warning). Recorded in reconstruction.json (sampler_info.kernels)."
+        ),
+    ] = "reference",
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
     from medidiff.stages.reconstruct import reconstruct_volume
@@ -679,6 +686,7 @@ def reconstruct(
             tile_overlap=tile_overlap,
             precision=precision,
             chunk_size=chunk_size,
+            options={"kernels": kernels} if kernels != "reference" else None,
             progress=cb,
             notify=_say,
         )

@@ -1012,6 +1012,7 @@ class _SMCRun:
                 if self.dec_spec is not None
                 else None,
                 "ess_threshold": o.ess_threshold,
+                "kernels": o.kernels,
                 "temper_ess": o.temper_ess,
                 "tempering": self.lambdas,
                 "tempering_initial": self.lambda_initial,
