@@ -69,7 +69,7 @@ _REFERENCE: dict[str, Callable[..., Any]] = {
     "shifted_move": shifted_move,
     "weighted_moments": weighted_moments,
 }
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILED: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def kernel(name: str, kind: str = "reference") -> Callable[..., Any]:
@@ -79,9 +79,15 @@ def kernel(name: str, kind: str = "reference") -> Callable[..., Any]:
     if kind == "reference":
         return _REFERENCE[name]
     if kind == "compiled":
-        if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(_REFERENCE[name], dynamic=False)
-        return _COMPILED[name]
+        isa = torch.backends.cpu.get_cpu_capability()
+        if (name, isa) not in _COMPILED:
+            # The ISA ATen runs with (ATEN_CPU_CAPABILITY) must be part of the compiled graph's cache key:
+            # torch 2.13's FX graph cache leaves it out and hands an AVX-512 graph to an AVX2 process, which
+            # then computes garbage. The vector width, an inductor option, enters the key and matches ATen.
+            simd = {"AVX512": 512, "AVX2": 256}.get(isa)
+            options = {"cpp.simdlen": simd} if simd else {}
+            _COMPILED[(name, isa)] = torch.compile(_REFERENCE[name], dynamic=False, options=options)
+        return _COMPILED[(name, isa)]
     if kind == "triton":
         return _with_fallback(name)
     raise ValueError(f"kernels must be one of {KERNELS}; got {kind!r}")
