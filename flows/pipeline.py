@@ -33,6 +33,7 @@ the review indexes are), ``medidiff-pipeline-metrics`` (per volume: the stages' 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import time
@@ -76,7 +77,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 """What the demo runs (``make demo``); ``--settings YAML`` overrides it stage by stage."""
 
 
+@functools.cache
 def code_key() -> str:
+    """Package version and git commit, once per process (it runs git; every task's cache key needs it)."""
     from medidiff.provenance import code_version
 
     v = code_version()

@@ -27,6 +27,7 @@ is not done here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,7 @@ _DUMMY = {
 _BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
 
 
+@functools.cache
 def basic_profile() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
     """``(exact, masked)``: the action of each tag (as an int), and the repeating-group entries
     ``(group, element, group mask, element mask, action)`` (curves, overlays)."""

@@ -36,7 +36,6 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,13 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
+from pydicom.uid import (
+    CTImageStorage,
+    EncapsulatedPDFStorage,
+    MRImageStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 from pydicom.valuerep import format_number_as_ds
 
 from medidiff import __version__
@@ -56,6 +62,7 @@ from medidiff.export.source import (
     read_result,
     result_input,
 )
+from medidiff.io.atomic import sha256_file
 
 __all__ = [
     "RESEARCH_ONLY",
@@ -447,10 +454,6 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
 
 
-def _file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _check_same_frame(affine: np.ndarray, shape: Sequence[int], source: SourceSeries, what: str) -> None:
     """The result must overlap its source: a volume elsewhere in space is not derived from it. Its corners,
     in the source's voxel indices, must span a box that meets the source's (a padded or cropped grid does)."""
@@ -546,7 +549,7 @@ def export_dicom(
         source = find_source_series(source_dir, str(src_info["key"]))
 
     content_key = hashlib.sha256(
-        "|".join(_file_sha(result.files[name]) for name, *_ in outputs).encode()
+        "|".join(sha256_file(result.files[name]) for name, *_ in outputs).encode()
     ).hexdigest()
     modality = str(
         result.record.get("modality") or sidecar.get("modality") or (source.modality if source else "MR")
@@ -634,9 +637,10 @@ def export_dicom(
 
         from medidiff.export.review import review_sheet
 
-        sheet_dir = tempfile.TemporaryDirectory()
-        sheet = review_sheet(result.folder, sheet_dir.name, input_root=input_root)
-        pdf = sheet["pdf"].read_bytes()
+        with tempfile.TemporaryDirectory() as tmp:
+            sheet = review_sheet(result.folder, tmp, input_root=input_root)
+            sheet_bytes = {p.name: p.read_bytes() for p in (sheet["png"], sheet["pdf"])}
+        pdf = sheet_bytes["review.pdf"]
         folder = next_folder("review")
         built.append((folder, "review sheet (PDF)", [encapsulated_pdf(
             pdf, identity=identity, study_uid=study_uid, series_uid=_uid(content_key, folder),
@@ -684,10 +688,9 @@ def export_dicom(
     if review:  # the sheet the PDF object holds, beside the objects, and an index that lists them
         from medidiff.export.review import write_index
 
-        for kind in ("png", "pdf"):
-            with atomic_path(out / sheet[kind].name) as tmp_path:
-                shutil.copyfile(sheet[kind], tmp_path)
-        sheet_dir.cleanup()
+        for name, data in sheet_bytes.items():
+            with atomic_path(out / name) as tmp_path:
+                Path(tmp_path).write_bytes(data)
         write_index(result.folder, out)
     return record
 
@@ -711,7 +714,7 @@ def encapsulated_pdf(
     now = _dt.datetime.now(_dt.UTC)
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.SOPClassUID = EncapsulatedPDFStorage
     ds.SOPInstanceUID = _uid(series_uid, "instance")
     for kw in _PATIENT_STUDY:
         if kw in identity and kw not in ("BodyPartExamined", "PatientPosition"):
@@ -770,14 +773,17 @@ def _deid_record() -> dict[str, Any]:
     }
 
 
-_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}
+_IMAGE_CLASSES = {CTImageStorage, MRImageStorage}
+_LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"  # PS3.4 2024; pydicom 3.0 has no name for it
 
 
 def _kind_of(ds: Dataset) -> str:
     uid = str(ds.SOPClassUID)
-    seg = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # (label map) segmentation
-    kinds = {"1.2.840.10008.5.1.4.1.1.30": "pm", "1.2.840.10008.5.1.4.1.1.104.1": "pdf"}
-    return "seg" if uid in seg else kinds.get(uid, "image")
+    kinds = {
+        SegmentationStorage: "seg", _LABEL_MAP_SEGMENTATION: "seg", ParametricMapStorage: "pm",
+        EncapsulatedPDFStorage: "pdf",
+    }  # fmt: skip
+    return kinds.get(uid, "image")
 
 
 def _new_study_identity(sidecar: dict[str, Any], key: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ and what to do, raised before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medidiff.io.atomic import sha256_file
 
 __all__ = [
     "RESULT_KINDS",
@@ -55,14 +56,6 @@ class Result:
     folder: Path
     record: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_result(folder: str | os.PathLike[str]) -> Result:
@@ -126,7 +119,7 @@ def result_input(
             outputs = json.loads(manifest.read_text(encoding="utf-8")).get("outputs", [])
             candidates += [Path(root) / o["path"] for o in outputs if o.get("sha256") == digest]
     for cand in candidates:
-        if cand.is_file() and (digest is None or _sha256(cand) == digest):
+        if cand.is_file() and (digest is None or sha256_file(cand) == digest):
             stem = cand.name.removesuffix(".gz").removesuffix(".nii")
             side = cand.with_name(stem + ".json")
             sidecar = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {}

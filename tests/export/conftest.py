@@ -47,6 +47,13 @@ def _valid(path: Path, iod: str) -> None:
     assert not [w for w in warnings if not any(re.fullmatch(p, w) for p in EXPORT_ALLOWED)], warnings
 
 
+def _radius(shape: tuple[int, int, int], semi_axes: tuple[float, float, float]) -> np.ndarray:
+    """The ellipsoidal radius of every voxel about the grid's centre (1 on the ellipsoid's surface)."""
+    ijk = np.indices(shape).astype(np.float64)
+    centre = (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None] / 2
+    return np.sqrt((((ijk - centre) / np.array(semi_axes)[:, None, None, None]) ** 2).sum(0))
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An oblique 2 mm MR head phantom as DICOM, ingested, segmented and denoised by the real stages."""
@@ -54,9 +61,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mp.setenv("MEDIDIFF_HASH_KEY", "unit-test-key-0123456789abcdef")
     root = tmp_path_factory.mktemp("export")
     shape = (28, 24, 14)
-    ijk = np.indices(shape).astype(np.float64)
-    centre = (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None] / 2
-    r = np.sqrt((((ijk - centre) / np.array([11.0, 9.0, 6.0])[:, None, None, None]) ** 2).sum(0))
+    r = _radius(shape, (11.0, 9.0, 6.0))
     img = np.where(r < 1.0, 600.0 + 300.0 * (r < 0.6) - 400.0 * (r < 0.25), 0.0)
     img += np.random.default_rng(0).normal(0.0, 20.0, shape)
     c, s = np.cos(0.3), np.sin(0.3)
@@ -90,9 +95,7 @@ def ct_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mp.setenv("MEDIDIFF_HASH_KEY", "unit-test-key-0123456789abcdef")
     root = tmp_path_factory.mktemp("export_ct")
     shape = (26, 22, 10)
-    ijk = np.indices(shape).astype(np.float64)
-    centre = (np.asarray(shape, dtype=np.float64) - 1)[:, None, None, None] / 2
-    r = np.sqrt((((ijk - centre) / np.array([11.0, 9.0, 8.0])[:, None, None, None]) ** 2).sum(0))
+    r = _radius(shape, (11.0, 9.0, 8.0))
     hu = np.where(r < 1.0, 40.0 + 300.0 * (r < 0.3), -1000.0) + np.random.default_rng(1).normal(
         0.0, 15.0, shape
     )
