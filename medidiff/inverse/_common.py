@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from medidiff.inverse import kernels
 from medidiff.inverse.operators import LinearOperator, batch_dot
 
 __all__ = [
@@ -81,29 +82,24 @@ class PosteriorResult:
 
 
 def normalise(log_w: Tensor) -> Tensor:
-    """Normalised weights from log-weights by log-sum-exp, in float64."""
-    lw = log_w.to(torch.float64)
-    return torch.softmax(lw, dim=0)
+    """Normalised weights from log-weights by log-sum-exp, in float64 (:func:`kernels.log_normalise`)."""
+    return kernels.log_normalise(log_w)[0]
 
 
 def ess_of(log_w: Tensor) -> float:
     """Effective sample size ``1 / sum w_i^2`` of normalised weights (between 1 and N)."""
-    w = normalise(log_w)
-    return float(1.0 / (w * w).sum())
+    return float(kernels.log_normalise(log_w)[1])
 
 
 def systematic_resample(weights: Tensor, generator: torch.Generator) -> Tensor:
     """Indices of a systematic resampling of normalised ``weights`` (one uniform for all particles).
 
     Particle ``i`` is copied ``floor(N w_i)`` or ``ceil(N w_i)`` times, the lowest-variance unbiased
-    scheme in common use (Douc, Cappe and Moulines 2005).
+    scheme in common use (Douc, Cappe and Moulines 2005). Draws ``u0`` from ``generator``, then
+    :func:`kernels.systematic_resample`.
     """
-    n = weights.shape[0]
     u0 = torch.rand(1, generator=generator, dtype=torch.float64, device=generator.device)
-    u = (u0.to(weights.device) + torch.arange(n, dtype=torch.float64, device=weights.device)) / n
-    cdf = torch.cumsum(weights.to(torch.float64), 0)
-    cdf[-1] = 1.0  # guard against round-off leaving the last bin short of 1
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1)
+    return kernels.systematic_resample(weights, u0)
 
 
 def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:

@@ -77,3 +77,79 @@ def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     std = torch.empty(v, dtype=x.dtype, device=x.device)
     _moments_kernel[(triton.cdiv(v, BLOCK),)](x_, w, mean, std, n, v, BLOCK=BLOCK)
     return mean.reshape(x.shape[1:]), std.reshape(x.shape[1:])
+
+
+@triton.jit
+def _log_normalise_kernel(lw_ptr, w_ptr, ess_ptr, N, BLOCK: tl.constexpr):
+    """One program over the N log-weights, float64 throughout, three passes of BLOCK: the largest
+    log-weight m, the sum s of exp(lw - m), then w = exp(lw - m) / s and 1 / sum w^2. A NaN or +inf makes
+    s NaN (whichever m the max keeps) and all -inf makes every lw - m NaN: NaN everywhere, as softmax."""
+    offs = tl.arange(0, BLOCK)
+    top = tl.full((BLOCK,), float("-inf"), dtype=tl.float64)
+    for start in range(0, N, BLOCK):
+        lw = tl.load(lw_ptr + start + offs, mask=start + offs < N, other=float("-inf"))
+        top = tl.maximum(top, lw)
+    m = tl.max(top, axis=0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for start in range(0, N, BLOCK):
+        inb = start + offs < N
+        lw = tl.load(lw_ptr + start + offs, mask=inb, other=float("-inf"))
+        acc += tl.where(inb, tl.exp(lw - m), 0.0)
+    s = tl.sum(acc, axis=0)
+    sq = tl.zeros((BLOCK,), dtype=tl.float64)
+    for start in range(0, N, BLOCK):
+        inb = start + offs < N
+        lw = tl.load(lw_ptr + start + offs, mask=inb, other=float("-inf"))
+        w = tl.exp(lw - m) / s
+        tl.store(w_ptr + start + offs, w, mask=inb)
+        sq += tl.where(inb, w * w, 0.0)
+    tl.store(ess_ptr, 1.0 / tl.sum(sq, axis=0))
+
+
+def log_normalise(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton version of :func:`medidiff.inverse.kernels.log_normalise` (same arguments and results)."""
+    from medidiff.inverse.kernels import _check_log_weights
+
+    _check_log_weights(log_w)
+    n = log_w.shape[0]
+    lw = log_w.to(torch.float64).contiguous()
+    w = torch.empty_like(lw)
+    ess = torch.empty((), dtype=torch.float64, device=lw.device)
+    _log_normalise_kernel[(1,)](lw, w, ess, n, BLOCK=min(BLOCK, triton.next_power_of_2(max(n, 1))))
+    return w, ess
+
+
+@triton.jit
+def _resample_search_kernel(u_ptr, cdf_ptr, idx_ptr, N, STEPS, BLOCK: tl.constexpr):
+    """One block of the points u: ATen's upper-bound binary search (mid = lo + (hi - lo) // 2; right when
+    not cdf[mid] > u), over the cdf with its last entry read as 1, run STEPS = bit_length(N) times (every
+    search has ended by then), clamped to N - 1."""
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = k < N
+    u = tl.load(u_ptr + k, mask=inb, other=0.0)
+    lo = tl.zeros((BLOCK,), dtype=tl.int32)
+    hi = tl.full((BLOCK,), N, dtype=tl.int32)
+    for _ in range(0, STEPS):
+        live = inb & (lo < hi)
+        mid = lo + ((hi - lo) >> 1)
+        c = tl.load(cdf_ptr + mid, mask=live, other=0.0)
+        c = tl.where(mid == N - 1, 1.0, c)  # the guard cdf[-1] = 1
+        right = live & ~(c > u)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(live & (c > u), mid, hi)
+    tl.store(idx_ptr + k, tl.minimum(lo, N - 1).to(tl.int64), mask=inb)
+
+
+def systematic_resample(weights: Tensor, u0: Tensor) -> Tensor:
+    """Triton version of :func:`medidiff.inverse.kernels.systematic_resample` (same arguments and results).
+
+    The points and the cdf come from :func:`medidiff.inverse.kernels.systematic_grid` (ATen, as in the
+    reference: the indices must be exact); the kernel applies the last-bin guard and runs the search."""
+    from medidiff.inverse.kernels import systematic_grid
+
+    n = weights.shape[0]
+    u, cdf = systematic_grid(weights, u0)
+    idx = torch.empty(n, dtype=torch.int64, device=weights.device)
+    block = min(BLOCK, triton.next_power_of_2(max(n, 1)))
+    _resample_search_kernel[(triton.cdiv(n, block),)](u, cdf, idx, n, n.bit_length(), BLOCK=block)
+    return idx

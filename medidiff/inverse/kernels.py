@@ -9,17 +9,23 @@ A kernel is chosen by name (``"reference"``, ``"compiled"`` or ``"triton"``; ``S
 - ``"triton"``: hand-written Triton kernels (``triton`` is optional: imported only here, on first use).
   They run on CUDA tensors, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the
   tests check them); anywhere else the compiled path runs instead, with a warning. States are loaded in
-  their dtype and computed in float32; per-block float32 partial sums are added in float64.
+  their dtype and computed in float32; per-block float32 partial sums are added in float64; the weights'
+  kernels compute in float64.
 
 Kernels:
 
 - :func:`shifted_move`: the gradient proposal's move and weight increment (TDS): ``x' = mu + c^2 g +
   c z`` and ``log p(x'|x) - log q(x'|x) = (|c z|^2 - |c z + c^2 g|^2) / (2 c^2)`` per particle;
-- :func:`weighted_moments`: the weighted mean and standard deviation over the particle axis.
+- :func:`weighted_moments`: the weighted mean and standard deviation over the particle axis;
+- :func:`log_normalise`: log-weights to normalised weights by log-sum-exp, and their ESS ``1 / sum w^2``;
+- :func:`systematic_resample`: normalised weights and one uniform ``u0`` to the resampled indices.
 
 Precision: particle states may be float32, bfloat16 or float16; the per-particle increments and every
-weight are float64, the moments accumulate in float64 (:mod:`medidiff.inverse._common`'s rule). A
-non-finite particle gives a non-finite increment, which the sampler's reweighting drops, in every kernel.
+weight are float64, the moments accumulate in float64 (:mod:`medidiff.inverse._common`'s rule), and
+log-weights below float32 are refused (a half-precision log-weight has already lost the ratios of the
+weights). A non-finite particle gives a non-finite increment, which the sampler's reweighting drops, in
+every kernel. Non-finite log-weights: ``-inf`` gives weight 0; a NaN or ``+inf`` anywhere, or all
+``-inf``, gives NaN weights everywhere and a NaN ESS (softmax's rule, in every implementation).
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["KERNELS", "kernel", "shifted_move", "triton_runs_on", "weighted_moments"]
+__all__ = [
+    "KERNELS",
+    "kernel",
+    "log_normalise",
+    "shifted_move",
+    "systematic_resample",
+    "triton_runs_on",
+    "weighted_moments",
+]
 
 KERNELS = ("reference", "compiled", "triton")
 _HALF = (torch.bfloat16, torch.float16)
@@ -65,8 +79,60 @@ def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     return mean.to(x.dtype), var.clamp_min(0).sqrt().to(x.dtype)
 
 
+def log_normalise(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised weights ``softmax(log_w)`` and their effective sample size ``1 / sum w^2`` (reference).
+
+    ``log_w``: ``(N,)`` float32 or float64 log-weights. Returns the float64 weights ``(N,)`` and the ESS, a
+    float64 0-d tensor (no host synchronisation). ``-inf`` gives weight 0; a NaN or ``+inf``, or all
+    ``-inf``, gives NaN everywhere.
+
+    Raises:
+        ValueError: ``log_w`` is not 1-D, or not float32/float64.
+    """
+    _check_log_weights(log_w)
+    w = torch.softmax(log_w.to(torch.float64), dim=0)
+    return w, 1.0 / (w * w).sum()
+
+
+def systematic_resample(weights: Tensor, u0: Tensor) -> Tensor:
+    """Indices ``(N,)`` int64 of a systematic resampling of normalised ``weights`` with the uniform ``u0``
+    (reference; Douc, Cappe and Moulines 2005).
+
+    Particle ``i`` is drawn for each ``u_k = (u0 + k) / N`` in ``[cdf_{i-1}, cdf_i)``, ``cdf`` the float64
+    cumulative sum with its last entry set to 1 (so round-off cannot leave the last bin short), found by
+    ATen's binary search (``searchsorted(right=True)``) and clamped to ``N - 1``. ``u0``: a float64 tensor of
+    one element in ``[0, 1)``. A NaN weight makes every later ``cdf`` entry NaN; the binary search then
+    steps right past them (``not NaN > u``), in every implementation.
+    """
+    u, cdf = systematic_grid(weights, u0)
+    cdf[-1] = 1.0  # guard against round-off leaving the last bin short of 1
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1)
+
+
+def systematic_grid(weights: Tensor, u0: Tensor) -> tuple[Tensor, Tensor]:
+    """The points ``u_k = (u0 + k) / N`` and the float64 cumulative sum of ``weights``, by ATen.
+
+    The Triton kernel takes them from here: a scan in another order, or ``1 / N`` multiplied instead of
+    divided (CUDA's ATen does that for a Python divisor), moves an index where a point meets a bin edge. The
+    compiled path traces them: the same indices as the reference on the CPU (tested); on CUDA inductor
+    writes its own scan (``benchmarks/bench_kernels.py`` counts mismatches on the device)."""
+    n = weights.shape[0]
+    u = (u0.to(weights.device).reshape(1) + torch.arange(n, dtype=torch.float64, device=weights.device)) / n
+    return u, torch.cumsum(weights.to(torch.float64), 0)
+
+
+def _check_log_weights(log_w: Tensor) -> None:
+    if log_w.ndim != 1 or log_w.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"log-weights must be a 1-D float32 or float64 tensor; got {log_w.dtype} of shape "
+            f"{tuple(log_w.shape)} (accumulate them in float64, whatever the particles' dtype)"
+        )
+
+
 _REFERENCE: dict[str, Callable[..., Any]] = {
+    "log_normalise": log_normalise,
     "shifted_move": shifted_move,
+    "systematic_resample": systematic_resample,
     "weighted_moments": weighted_moments,
 }
 _COMPILED: dict[tuple[str, str], Callable[..., Any]] = {}

@@ -1,16 +1,27 @@
-"""The SMC particle kernels (medidiff.inverse.kernels): the compiled path gives the reference's values,
-handles a non-finite particle as the reference does, keeps increments and weights in float64 whatever the
-particles' dtype, and the sampler gives the same posterior with either."""
+"""The SMC particle kernels (medidiff.inverse.kernels): the compiled path gives the reference's values
+(resampling indices exactly, weights within 64 float64 ulps), handles a non-finite particle or log-weight as
+the reference does, keeps increments and weights in float64 whatever the particles' dtype, and the sampler
+gives the same posterior with either."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from medidiff.inverse import _common
-from medidiff.inverse.kernels import kernel, shifted_move
+from medidiff.inverse.kernels import kernel, shifted_move, systematic_resample
+from tests.inverse._weight_cases import (
+    NON_FINITE,
+    SIZES,
+    UNSORTED,
+    W_ULPS,
+    log_weight_cases,
+    u0_cases,
+    weight_cases,
+)
 
 KERNELS = ("reference", "compiled")  # the Triton kernels: test_kernels_triton.py (interpreter)
 
@@ -112,3 +123,100 @@ def test_triton_without_a_way_to_run_it_falls_back_to_compiled_with_a_warning(
         _, inc = kernel("shifted_move", "triton")(mu, g, z, 0.02)
     _, rinc = shifted_move(mu, g, z, 0.02)
     torch.testing.assert_close(inc, rinc, rtol=1e-9, atol=1e-9)
+
+
+# -- log_normalise and systematic_resample: the weights' kernels ------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _compile_every_shape() -> Iterator[None]:
+    """Past dynamo's recompile limit (8 graphs per function) the compiled path silently runs eagerly, and a
+    comparison with the reference would then prove nothing: raise the limit, and fail instead of falling back."""
+    import torch._dynamo.config as dynamo_config
+
+    with dynamo_config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        yield
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_compiled_resampling_gives_exactly_the_reference_indices(n: int) -> None:
+    ref, cmp = kernel("systematic_resample", "reference"), kernel("systematic_resample", "compiled")
+    for i, w in enumerate(weight_cases(n)):
+        for u0 in u0_cases(i):
+            idx = ref(w, u0)
+            assert idx.dtype == torch.int64 and idx.shape == (n,)
+            assert torch.equal(cmp(w, u0), idx), (n, i, float(u0), w)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_resampling_copies_each_particle_floor_or_ceil_of_n_w_times(n: int) -> None:
+    """Systematic resampling's defining property (Douc, Cappe and Moulines 2005), and the sampler's helper
+    is the reference kernel fed one uniform from the generator."""
+    for i, w in enumerate(weight_cases(n, seed=1)):
+        u0 = torch.rand(1, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        idx = kernel("systematic_resample")(w, u0)
+        counts = torch.bincount(idx, minlength=n).to(torch.float64)
+        nw = n * w
+        if w.sum() > 0:  # all-zero weights: below
+            assert bool(((counts >= torch.floor(nw - 1e-9)) & (counts <= torch.ceil(nw + 1e-9))).all())
+        assert torch.equal(_common.systematic_resample(w, torch.Generator().manual_seed(i)), idx)
+    # all-zero weights: the guarded last bin takes every point
+    zeros = torch.zeros(n, dtype=torch.float64)
+    assert kernel("systematic_resample")(zeros, torch.zeros(1, dtype=torch.float64)).tolist() == [n - 1] * n
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_resampling_an_unsorted_cdf_follows_atens_binary_search(kind: str) -> None:
+    """NaN or negative weights (``UNSORTED``): the same indices in every implementation; all NaN after a
+    weight of 0.5 sends every point to the last particle."""
+    for w in UNSORTED:
+        wt = torch.tensor(w, dtype=torch.float64)
+        for u0 in u0_cases(0):
+            got = kernel("systematic_resample", kind)(wt, u0)
+            assert torch.equal(got, systematic_resample(wt, u0)), (w, float(u0))
+    resample = kernel("systematic_resample", kind)
+    f64 = torch.float64
+    assert resample(torch.tensor(UNSORTED[0], dtype=f64), torch.tensor([0.3], dtype=f64)).tolist() == [7] * 8
+    assert resample(torch.tensor([0.9, -0.5], dtype=f64), torch.tensor([0.2], dtype=f64)).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_compiled_log_normalise_matches_the_reference_in_float64(n: int) -> None:
+    eps = torch.finfo(torch.float64).eps
+    for lw in log_weight_cases(n):
+        w, ess = kernel("log_normalise", "reference")(lw)
+        cw, cess = kernel("log_normalise", "compiled")(lw)
+        assert w.dtype == cw.dtype == ess.dtype == cess.dtype == torch.float64 and cess.ndim == 0
+        torch.testing.assert_close(cw, w, rtol=W_ULPS * eps, atol=0.0)
+        torch.testing.assert_close(cess, ess, rtol=W_ULPS * eps, atol=0.0)
+        assert torch.equal(cw == 0, w == 0)  # -inf log-weights give exactly zero weight
+        assert torch.equal(w, _common.normalise(lw)) and float(ess) == _common.ess_of(lw)
+        assert 1.0 - 1e-12 <= float(ess) <= n * (1.0 + 1e-12)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_log_normalise_keeps_float64_and_refuses_half_precision_log_weights(kind: str) -> None:
+    lw = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    w, ess = kernel("log_normalise", kind)(lw)  # float32 log-weights are accepted, and widened
+    assert w.dtype == ess.dtype == torch.float64
+    torch.testing.assert_close(w, torch.softmax(lw.double(), 0), rtol=W_ULPS * 2.2e-16, atol=0.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match="float32 or float64"):
+            kernel("log_normalise", kind)(lw.to(dtype))
+    with pytest.raises(ValueError, match="1-D"):
+        kernel("log_normalise", kind)(lw.double().reshape(2, 4))
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_non_finite_log_weights_are_handled_as_the_reference_does(kind: str, case: str) -> None:
+    """-inf is weight 0; a NaN or +inf anywhere, or all -inf, gives NaN weights and a NaN ESS (softmax's rule)."""
+    values, finite = NON_FINITE[case]
+    lw = torch.tensor(values, dtype=torch.float64)
+    w, ess = kernel("log_normalise", kind)(lw)
+    rw, ress = kernel("log_normalise")(lw)
+    assert torch.isfinite(w).tolist() == torch.isfinite(rw).tolist() == finite
+    assert math.isfinite(float(ess)) == math.isfinite(float(ress)) == all(finite)
+    if all(finite):
+        assert w[1] == 0.0
+        torch.testing.assert_close(w, rw, rtol=W_ULPS * 2.2e-16, atol=0.0)

@@ -1,7 +1,8 @@
 """The Triton kernels run under Triton's interpreter on the CPU and agree with their PyTorch references: the
 moved states within 2 ulps of their dtype, the float64 increments within 1e-5 of the sum of the magnitudes
 of their terms (float32 partial sums over blocks of 1024 voxels), non-finite particles as the reference
-treats them.
+treats them; the resampling indices exactly, over degenerate and random weight vectors; the weights and ESS
+of log-sum-exp within 64 float64 ulps, non-finite log-weights as the reference treats them.
 
 The interpreter must be chosen before anything imports triton (torch.compile's inductor does, and triton's
 own library functions are decorated then), so these tests run in a process started with
@@ -10,12 +11,29 @@ own library functions are decorated then), so these tests run in a process start
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import warnings
 
 import pytest
 import torch
 
-from medidiff.inverse.kernels import kernel, shifted_move, weighted_moments
+from medidiff.inverse.kernels import (
+    kernel,
+    log_normalise,
+    shifted_move,
+    systematic_resample,
+    weighted_moments,
+)
+from tests.inverse._weight_cases import (
+    NON_FINITE,
+    SIZES,
+    UNSORTED,
+    W_ULPS,
+    log_weight_cases,
+    u0_cases,
+    weight_cases,
+)
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed"),
@@ -76,3 +94,50 @@ def test_triton_weighted_moments_match_the_reference(interpreted, dtype: torch.d
     tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
     torch.testing.assert_close(mean.float(), rmean.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(std.float(), rstd.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_triton_resampling_gives_exactly_the_reference_indices(interpreted, n: int) -> None:
+    for i, w in enumerate(weight_cases(n)):
+        for u0 in u0_cases(i, count=1):
+            idx = kernel("systematic_resample", "triton")(w, u0)
+            assert idx.dtype == torch.int64 and idx.shape == (n,)
+            assert torch.equal(idx, systematic_resample(w, u0)), (n, i, float(u0), w)
+
+
+def test_triton_resampling_of_an_unsorted_cdf_follows_atens_binary_search(interpreted) -> None:
+    """NaN or negative weights (``UNSORTED``): the same search path as ATen's, so the same indices."""
+    for w in UNSORTED:
+        wt = torch.tensor(w, dtype=torch.float64)
+        for u0 in u0_cases(0):
+            got = kernel("systematic_resample", "triton")(wt, u0)
+            assert torch.equal(got, systematic_resample(wt, u0)), (w, float(u0))
+
+
+@pytest.mark.parametrize("n", (*SIZES, 3000))  # 3000: several blocks of 1024 log-weights
+def test_triton_log_normalise_matches_the_reference(interpreted, n: int) -> None:
+    eps = torch.finfo(torch.float64).eps
+    for lw in log_weight_cases(n) + [lw.float() for lw in log_weight_cases(n, seed=1)[2:4]]:
+        w, ess = kernel("log_normalise", "triton")(lw)
+        rw, ress = log_normalise(lw)
+        assert w.dtype == ess.dtype == torch.float64 and w.shape == (n,) and ess.ndim == 0
+        torch.testing.assert_close(w, rw, rtol=W_ULPS * eps, atol=0.0)
+        torch.testing.assert_close(ess, ress, rtol=W_ULPS * eps, atol=0.0)
+        assert torch.equal(w == 0, rw == 0)
+
+
+@pytest.mark.parametrize("case", sorted(NON_FINITE))
+def test_triton_log_normalise_handles_non_finite_log_weights_as_the_reference(interpreted, case: str) -> None:
+    values, finite = NON_FINITE[case]
+    lw = torch.tensor(values, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy on inf - inf
+        w, ess = kernel("log_normalise", "triton")(lw)
+    assert torch.isfinite(w).tolist() == finite and math.isfinite(float(ess)) == all(finite)
+    rw, _ = log_normalise(lw)
+    torch.testing.assert_close(w, rw, rtol=W_ULPS * 2.2e-16, atol=0.0, equal_nan=True)
+
+
+def test_triton_log_normalise_refuses_half_precision_log_weights(interpreted) -> None:
+    with pytest.raises(ValueError, match="float32 or float64"):
+        kernel("log_normalise", "triton")(torch.zeros(4, dtype=torch.bfloat16))
