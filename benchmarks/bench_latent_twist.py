@@ -53,11 +53,22 @@ from medidiff.train.checkpoint import load_models
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 from bench_autoencoder import run_dir_of
 
-TWISTS = {
+TWISTS: dict[str, dict[str, Any]] = {
     "isotropic": {"twist_cov": "isotropic"},
     "spectral": {"twist_cov": "spectral"},
     "spectral+precondition": {"twist_cov": "spectral", "precondition": True},
+    # the decoder's own error as white noise in the twist ("auto": measured on the training brains)
+    "spectral+dvar": {"twist_cov": "spectral", "decoder_var": "auto"},
+    # ... and the last step draws x0 = Dec(z) + e given y: white, or fitted per radial band
+    "spectral+dvar+posterior": {"twist_cov": "spectral", "decoder_var": "auto", "final": "posterior"},
+    "spectral+dvar+evidence": {
+        "twist_cov": "spectral",
+        "decoder_var": "auto",
+        "final": "posterior",
+        "final_var": "evidence",
+    },
 }
+TEMPER = {"temper_ess": 0.5}
 
 
 class DiagonalGaussian:
@@ -79,9 +90,11 @@ def _volumes(cfg: DataConfig, split: str, splits: Any, entries: Any) -> list[tor
 
 
 def run(
-    checkpoint: str,
+    checkpoint: str | None,
     *,
     ldm: str | None = None,
+    split: Path | None = None,
+    temper: bool = False,
     particles: int,
     steps: int,
     acceleration: float,
@@ -90,17 +103,23 @@ def run(
     twists: list[str],
     seed: int,
 ) -> dict[str, Any]:
-    models = load_models(checkpoint, expect_stage="autoencoder", use_ema=True)
+    if checkpoint is not None:
+        models = load_models(checkpoint, expect_stage="autoencoder", use_ema=True)
+    elif ldm is not None:
+        models = load_models(ldm, expect_stage="latent", use_ema=True)
+    else:
+        raise ValueError("pass --checkpoint, --ldm or both")
     ae = models.autoencoder.eval()
     stage_dir, run_dir = run_dir_of(models.checkpoint.path)
     data = json.loads((stage_dir / "data.json").read_text(encoding="utf-8"))
     cfg = DataConfig.model_validate(
         {**data["config"], "patch_size": list(grid), "eval_patches": "center", "cache": "none"}
     )
-    splits = read_splits(run_dir / "split.json")
+    splits = read_splits(split if split is not None else run_dir / "split.json")
     entries = select_entries(cfg, read_manifest(cfg.manifest, verify=cfg.verify_hashes))
+    train_vols = _volumes(cfg, "train", splits, entries)
     with torch.no_grad():
-        train_lat = torch.cat([ae.encode(v[None, None])[0] for v in _volumes(cfg, "train", splits, entries)])
+        train_lat = torch.cat([ae.encode(v[None, None])[0] for v in train_vols])
     scale = 1.0 / float(train_lat.std())
     sigma_kw: dict[str, float] = {}
     preset: Any = None
@@ -130,6 +149,10 @@ def run(
 
     with torch.no_grad():
         ceiling = op.decode(ae.encode(ref[None, None])[0] * scale)[0]
+        # the decoder's error variance per voxel on the training brains (what decoder_var="auto" means)
+        dvar = statistics.mean(
+            float((op.decode(ae.encode(v[None, None])[0] * scale)[0] - v).pow(2).mean()) for v in train_vols
+        )
         prior_mean = op.decode(gauss.mean)[0]  # the training latents' mean, decoded
     out: dict[str, Any] = {
         "checkpoint": str(models.checkpoint.path),
@@ -147,9 +170,14 @@ def run(
         "ae_ceiling_psnr_db": image_metrics(ref, ceiling)["psnr_db"],
         "prior_mean_psnr_db": image_metrics(ref, prior_mean)["psnr_db"],
         "zero_filled_psnr_db": image_metrics(ref, lin.pseudo_inverse(y[None])[0].real)["psnr_db"],
+        "decoder_var_train": dvar,
+        "temper_ess": TEMPER["temper_ess"] if temper else None,
         "runs": {},
     }
     for name in twists:
+        chosen = {k: (dvar if v == "auto" else v) for k, v in TWISTS[name].items()}
+        if temper:
+            chosen.update(TEMPER)
         t0 = time.perf_counter()
         res = reconstruct(
             prior,
@@ -159,7 +187,7 @@ def run(
             n_particles=particles,
             steps=steps,
             generator=torch.Generator().manual_seed(seed + 1),
-            options=preset.updated(TWISTS[name]) if preset is not None else {"data_var": 1.0, **TWISTS[name]},
+            options=preset.updated(chosen) if preset is not None else {"data_var": 1.0, **chosen},
             **sigma_kw,  # type: ignore[arg-type]
         )
         seconds = time.perf_counter() - t0
@@ -174,6 +202,9 @@ def run(
             "psnr_db": image_metrics(ref, res.mean)["psnr_db"],
             "coverage_90": float(((ref >= lo) & (ref <= hi)).double().mean()),
             "decoder_gain": res.info["decoder_gain"],
+            "final_var": res.info["final_var"],
+            "tempering_min": min(res.info["tempering"], default=None),
+            "tempering": [round(v, 4) for v in res.info["tempering"]],
             "seconds": seconds,
         }
         print(
@@ -186,10 +217,12 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--checkpoint", required=True, help="autoencoder folder or checkpoint of a `medidiff train` run"
-    )
+    p.add_argument("--checkpoint", help="autoencoder folder or checkpoint of a `medidiff train` run")
     p.add_argument("--ldm", default=None, help="a trained latent diffusion checkpoint as the prior")
+    p.add_argument("--split", type=Path, help="the run's split.json (default: beside the checkpoint's run)")
+    p.add_argument(
+        "--temper", action="store_true", help=f"every entry with {TEMPER} (as the pixel prior's default)"
+    )
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--acceleration", type=float, default=8.0)
@@ -201,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.checkpoint is None and a.ldm is None:
+        p.error("pass --checkpoint (an autoencoder run) or --ldm (a latent checkpoint, with --split)")
     if a.particles < 2 or a.steps < 2 or not math.isfinite(a.sigma_y) or a.sigma_y <= 0:
         p.error("need --particles >= 2, --steps >= 2 and a finite --sigma-y > 0")
     result = run(
         a.checkpoint,
         ldm=a.ldm,
+        split=a.split,
+        temper=a.temper,
         particles=a.particles,
         steps=a.steps,
         acceleration=a.acceleration,

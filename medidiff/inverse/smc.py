@@ -139,6 +139,11 @@ its frequencies, and a network's leftover noise grows towards the corner: three 
 fitted gain fall with it."""
 
 
+DECODER_BAND_VAR_MAX = 100.0
+"""Latent priors, ``final_var="evidence"``: a radial band's fitted decoder-error variance may reach this
+multiple of ``decoder_var`` (the mean over all frequencies)."""
+
+
 def radial_bands(shape: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
     """Band index (``0 .. len(RADIAL_BAND_EDGES)``) of every DFT frequency of ``shape``, in the FFT's natural
     (uncentred) layout. A small shape leaves some bands empty."""
@@ -297,6 +302,8 @@ class _SMCRun:
             self.spectrum = opts.data_spectrum.to(device=generator.device, dtype=_F64)
             self.data_var = float(self.spectrum.mean())
         self.final_posterior = opts.final == "posterior"
+        # latent priors: the decoder's error variance per pixel (0: the decoder is taken as exact)
+        self.e2 = float(opts.decoder_var) if opts.decoder_var is not None else 0.0
         self.device = generator.device
         self.dtype = y.real.dtype
         self.shape, self.d, self.m = operator.in_shape, operator.in_size, operator.out_size
@@ -371,11 +378,11 @@ class _SMCRun:
         if isinstance(r2, Tensor):
             return lin.stationary_gram_solve(r, sy2, r2)
         if self.dec_spec is not None:
-            return lin.stationary_gram_solve(r, sy2, r2 * self.dec_spec)
+            return lin.stationary_gram_solve(r, sy2, r2 * self.dec_spec + self.e2)
         if self.spectrum is not None:
             return lin.stationary_gram_solve(r, sy2, self.post_spectrum(r2))
         if self.M_twist is None:
-            return lin.gram_solve(r, sy2, r2 * self.gain)
+            return lin.gram_solve(r, sy2, r2 * self.gain + self.e2)
         if r2 not in self.chol_cache:
             if len(self.chol_cache) > 4:  # a step uses two or three levels
                 self.chol_cache.clear()
@@ -490,7 +497,9 @@ class _SMCRun:
             x = stationary_filter(self.randn(N, *shape), (s0 * s0 + self.spectrum).sqrt())
         else:
             x = (s0 if self.adaptive else math.sqrt(s0 * s0 + float(self.data_var))) * self.randn(N, *shape)  # type: ignore[arg-type]
-        probed = (self.adaptive and self.steps > 1) or (self.final_posterior and self.steps == 1)
+        probed = (self.adaptive and self.steps > 1) or (
+            self.final_posterior and not self.composed and self.steps == 1
+        )
         probe0 = self.rademacher() if probed else None
         Dx = torch.empty_like(x)
         gx = torch.empty_like(x) if o.proposal == "gradient" else None
@@ -687,7 +696,7 @@ class _SMCRun:
             n1, w_img = self.measurement_noise(), self.randn(N, *shape)
         # Hutchinson probes: at every level for the adaptive variance model; at sigma_K for final="posterior".
         need_probe = (self.adaptive and k + 2 <= steps and self.sig[k + 2] > 0.0) or (
-            self.final_posterior and k + 2 == steps
+            self.final_posterior and not self.composed and k + 2 == steps
         )
         probe = self.rademacher() if need_probe else None
         r2_next = _var_model(s_next, self.v)
@@ -845,19 +854,33 @@ class _SMCRun:
     def final_posterior_step(self, c: _Cloud, k: int, W: Tensor) -> _Cloud:
         """``x0 ~ N(D, r^2 I) N(y; A x0, sigma_y^2 I)`` (Matheron), ``r^2`` from the probes at ``sigma_K`` (or the
         band-fitted ``N(F^H diag(gamma) F D, F^H diag(rho) F)`` of ``final_var="evidence"``), reweighted from the
-        twist to that model's evidence ``N(y; A D, sigma_y^2 I + A C A^H)``."""
+        twist to that model's evidence ``N(y; A D, sigma_y^2 I + A C A^H)``.
+
+        A latent prior (``decoder_var``): ``D`` is the decoded ``Dec(D(z_K))`` and ``r^2`` the decoder's error
+        variance (the evidence fit starts from it, with the band limits ``[1e-4, 1] r^2`` of its own scale);
+        the particles become images. The evidence fit there lets a band's variance reach
+        ``DECODER_BAND_VAR_MAX`` times ``decoder_var``."""
         s, lin, y_b = self.sig[k], self.lin, self.y_b
-        self.final_r2 = self.final_r2_network = self.probed_r2(W, c.h, k, s)
+        if self.composed:
+            op = self.operator
+            with torch.no_grad():
+                Dx = torch.cat([op.decode(c.D[ch]) for ch in self.chunks()])  # type: ignore[union-attr]
+            self.final_r2 = self.final_r2_network = self.e2
+            # an autoencoder's error is far from white: a band may carry many times the mean
+            scale2 = DECODER_BAND_VAR_MAX * self.e2
+        else:
+            Dx = c.D
+            self.final_r2 = self.final_r2_network = self.probed_r2(W, c.h, k, s)
+            scale2 = s * s
         cov_spec: Tensor | None = None
-        Dx = c.D
         if self.opts.final_var == "evidence":
             with torch.no_grad():
-                cov_spec, gain_spec, self.final_bands = self.evidence_fit(Dx, W, s, self.final_r2)
+                cov_spec, gain_spec, self.final_bands = self.evidence_fit(Dx, W, scale2, self.final_r2)
                 Dx = stationary_filter(Dx, gain_spec).to(self.dtype)
             self.final_r2 = float(cov_spec.mean())
         r2 = self.final_r2
-        z, n1 = self.randn(self.N, *self.shape), self.measurement_noise()
-        x_new = torch.empty_like(c.x)
+        z, n1 = self.randn(*Dx.shape), self.measurement_noise()
+        x_new = torch.empty_like(Dx)
         log_Z = torch.empty(self.N, dtype=_F64, device=self.device)
         with torch.no_grad():
             for ch in self.chunks():
@@ -867,10 +890,11 @@ class _SMCRun:
                 u = self.final_solve(y_b - lin.forward(x1) - math.sqrt(self.sy2) * n1[ch], r2, cov_spec)
                 x_new[ch] = x1 + self.final_cov(lin.adjoint(u).real.to(self.dtype), r2, cov_spec)
         logw = self.reweight(c.logw, log_Z - c.logg, k, x_new)
-        return _Cloud(x_new, Dx, c.logg, c.h, c.g, logw)
+        # a latent prior keeps its denoised latents in D (PosteriorResult.latents)
+        return _Cloud(x_new, c.D if self.composed else Dx, c.logg, c.h, c.g, logw)
 
     def evidence_fit(
-        self, D: Tensor, W: Tensor, s: float, r2: float
+        self, D: Tensor, W: Tensor, scale2: float, r2: float
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """``final_var="evidence"``: band gains ``gamma`` and variances ``rho`` (radial bands,
         :func:`radial_bands`) of the last step's ``x0 | x_K ~ N(F^H diag(gamma) F D, F^H diag(rho) F)``
@@ -889,17 +913,23 @@ class _SMCRun:
           iterations. The step is exact in one
           iteration for a band the operator measures fully; unlike the EM-type ``rho_b data_b / trace_b``
           it stays fast in a band ``y`` barely measures. Each step moves ``rho_b`` by at most 4x, within
-          ``[1e-4, 1] s^2``.
+          ``[1e-4, 1] scale2`` (``sigma_K^2``, or a latent prior's decoder variance).
         - ``gamma``: the direction of a diagonal Newton step (curvature: the band's mean information per
           frequency, ``trace_b / n_b``, times the power of ``P_b F D``), then the exact minimum of the
           residual's quadratic along it (one more solve per particle), within ``[0, 2]``.
 
-        A band ``y`` does not inform (``s^2 trace_b < 1``: even at the largest variance it would add less
+        A band ``y`` does not inform (``scale2 trace_b < 1``: even at the largest variance it would add less
         than one measured degree of freedom) keeps ``gamma = 1, rho = r2``. Stops when no ``rho_b`` moves by
         1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred ``rho`` and
         ``gamma`` spectra and the band values (None for a band without frequencies on this grid) with the
         iterations taken and whether it converged."""
-        shape, device, dtype, N, chunk_size = self.shape, self.device, self.dtype, self.N, self.chunk_size
+        shape, device, dtype, N, chunk_size = (
+            tuple(D.shape[1:]),
+            self.device,
+            self.dtype,
+            self.N,
+            self.chunk_size,
+        )
         lin_final, y_b, sy2 = self.lin_final, self.y_b, self.sy2
         dims = tuple(range(-len(shape), 0))
         band = radial_bands(shape, device)
@@ -915,14 +945,14 @@ class _SMCRun:
             return torch.fft.ifftn(spectrum, dim=dims, norm="ortho").real.to(dtype)
 
         counts = band_sums(torch.ones(shape, dtype=_F64, device=device))
-        z = self.rademacher()
+        z = self.rademacher(*D.shape)
         Az = torch.cat([lin_final.forward(zc) for zc in z.split(chunk_size or N)])
         Fz = torch.fft.fftn(z.to(_F64), dim=dims, norm="ortho")
         FD = torch.fft.fftn(D.to(_F64), dim=dims, norm="ortho")
         power = band_sums((W.reshape(-1, *pad) * FD.abs() ** 2).sum(0))
         rho = torch.full((n_bands,), r2, dtype=_F64, device=device)
         gamma = torch.ones(n_bands, dtype=_F64, device=device)
-        lo, hi = 1e-4 * s * s, s * s
+        lo, hi = 1e-4 * scale2, scale2
         iters, converged = 0, False
         while iters < FINAL_FIT_ITERS and not converged:
             iters += 1
@@ -940,7 +970,7 @@ class _SMCRun:
                 trace += band_sums((Fz[ch].conj() * g[n_c:]).real.sum(0)) / N
                 fisher += band_sums((g[n_c:].abs() ** 2).sum(0)) / N
             if not bool(torch.isfinite(data).all() and torch.isfinite(trace).all()):
-                raise FloatingPointError(_non_finite_message(self.steps - 1, self.steps, s))
+                raise FloatingPointError(_non_finite_message(self.steps - 1, self.steps, self.sig[-2]))
             informed = hi * trace >= 1.0
             step = (data - trace) / fisher.clamp_min(1e-300)
             new_rho = torch.where(informed, (rho + step).clamp(rho / 4, rho * 4), rho).clamp(lo, hi)
@@ -976,7 +1006,10 @@ class _SMCRun:
         o = self.opts
         weights = normalise(c.logw)
         latents = None
-        if isinstance(self.operator, ComposedOperator):
+        if self.composed and self.final_posterior:  # the last step drew images
+            mean_x, std_x = weighted_moments(c.x, weights)
+            samples, latents = (c.x, c.D) if keep_samples else (None, None)
+        elif isinstance(self.operator, ComposedOperator):
             images, mean_x, std_x = decoded_moments(
                 self.operator, c.x, weights, self.chunks(), keep=keep_samples
             )
@@ -1007,6 +1040,7 @@ class _SMCRun:
                 "decoder_gain": self.gain
                 if self.composed and o.twist_cov in ("isotropic", "spectral")
                 else None,
+                "decoder_var": o.decoder_var,
                 "precondition": o.precondition,
                 "decoder_spectrum_shells": _shell_profile(self.dec_spec)
                 if self.dec_spec is not None

@@ -98,6 +98,12 @@ class SMCOptions:
             ``"isotropic"`` or ``"auto"`` (:func:`resolve_twist_cov`).
         decoder_gain: latent priors, isotropic twist: ``tr(J J^T) / n_pixels`` of the decoder; None
             estimates it.
+        decoder_var: latent priors: the variance per pixel of the autoencoder's own error ``x - Dec(Enc(x))``
+            (e.g. from its held-out PSNR), modelled as white Gaussian noise ``e`` in ``x = Dec(z) + e``. It
+            is added to every twist's covariance (``sigma_y^2 I + A (decoder_var I + r^2 C) A^H``): a
+            measurement finer than the decoder can reproduce otherwise makes every twist far too sharp and
+            the weights collapse. With ``final="posterior"`` the last step draws ``x0 = Dec(z) + e`` given
+            ``y`` (the particles become images). None: the decoder is taken as exact.
         precondition: latent priors with the gradient proposal and ``twist_cov="spectral"``: filter the
             proposal's shift and noise by the linearised decoder's measurement precision, diagonal in the
             latent DFT (one Jacobian-vector and one vector-Jacobian product per particle and step).
@@ -119,6 +125,7 @@ class SMCOptions:
     data_spectrum: Tensor | None = None
     twist_cov: TwistCov = "auto"
     decoder_gain: float | None = None
+    decoder_var: float | None = None
     precondition: bool = False
     ess_threshold: float = 0.5
     temper_ess: float | None = None
@@ -144,7 +151,7 @@ class SMCOptions:
         _number(self.ess_threshold, "ess_threshold", low=0.0, high=1.0)
         if self.temper_ess is not None:
             _number(self.temper_ess, "temper_ess", low=0.0, high=1.0, low_open=True)
-        for name in ("data_var", "decoder_gain"):
+        for name in ("data_var", "decoder_gain", "decoder_var"):
             if getattr(self, name) is not None:
                 _number(getattr(self, name), name, low=0.0, low_open=True)
         if self.data_spectrum is not None and not isinstance(self.data_spectrum, Tensor):
@@ -206,15 +213,21 @@ class SMCOptions:
         does not support a choice (before any compute)."""
         if self.data_spectrum is not None:
             check_data_spectrum(self.data_spectrum, operator, self.proposal, self.data_var)
-        if self.decoder_gain is not None and not isinstance(operator, ComposedOperator):
-            raise ValueError("decoder_gain applies to latent priors (a ComposedOperator) only.")
+        for name in ("decoder_gain", "decoder_var"):
+            if getattr(self, name) is not None and not isinstance(operator, ComposedOperator):
+                raise ValueError(f"{name} applies to latent priors (a ComposedOperator) only.")
         out = dataclasses.replace(
             self,
             proposal=resolve_proposal(self.proposal, operator, self.twist_cov),  # type: ignore[arg-type]
             guidance=resolve_guidance(self.guidance, operator),  # type: ignore[arg-type]
             twist_cov=resolve_twist_cov(self.twist_cov, operator),  # type: ignore[arg-type]
-            final=resolve_final(self.final, operator),  # type: ignore[arg-type]
+            final=resolve_final(self.final, operator, self.decoder_var),  # type: ignore[arg-type]
         )
+        if out.decoder_var is not None and out.twist_cov == "jacobian":
+            raise ValueError(
+                "decoder_var needs twist_cov='spectral' or 'isotropic' (the dense Jacobian twist does not "
+                "model the decoder's error); pass one of them."
+            )
         if out.precondition and not (
             isinstance(operator, ComposedOperator)
             and out.proposal == "gradient"
@@ -277,14 +290,18 @@ def resolve_guidance(guidance: str, operator: LinearOperator | ComposedOperator)
     return guidance
 
 
-def resolve_final(final: str, operator: LinearOperator | ComposedOperator) -> str:
-    """Check the last step's kind: ``"denoise"`` for any prior, ``"posterior"`` for pixel-space priors."""
+def resolve_final(
+    final: str, operator: LinearOperator | ComposedOperator, decoder_var: float | None = None
+) -> str:
+    """Check the last step's kind: ``"denoise"`` for any prior, ``"posterior"`` for pixel-space priors and for
+    latent priors with a decoder error model (``decoder_var``)."""
     if final not in FINALS:
         raise ValueError(f"final must be one of {FINALS}; got {final!r}.")
-    if final == "posterior" and isinstance(operator, ComposedOperator):
+    if final == "posterior" and isinstance(operator, ComposedOperator) and decoder_var is None:
         raise ValueError(
-            "final='posterior' conditions the last step's image x0 on y in pixel space; a latent prior's "
-            "particles are latents: use final='denoise'."
+            "final='posterior' conditions the last step's image x0 on y in pixel space; for a latent prior "
+            "that needs the decoder's error variance (decoder_var, e.g. from the autoencoder's held-out "
+            "PSNR): pass it, or use final='denoise'."
         )
     return final
 

@@ -124,6 +124,85 @@ def test_preconditioned_spectral_latent_smc_is_exact_for_a_stationary_decoder() 
     assert float((iso.ess / n).median()) < 0.25
 
 
+_E = 0.05  # the decoder's error sd in the model x = Dec(z) + e (the decoded images' own sd is about 0.11)
+
+
+def _problem_with_decoder_error(sigma_y: float = 0.05):
+    """``_problem``'s prior, decoder and MRI with ``x = Dec(z) + e``, ``e ~ N(0, _E^2 I)``: the image posterior
+    in closed form, and that of the same model with the decoder taken as exact (``e = 0``)."""
+    g = torch.Generator().manual_seed(0)
+    d = math.prod(_LAT)
+    mu0 = (0.3 * torch.randn(d, generator=g, dtype=torch.float64)).reshape(1, *_LAT)
+    mask = equispaced_mask((_N,) * 3, 4.0, center_fraction=0.25, generator=torch.Generator().manual_seed(1))
+    lin = CartesianMRI(mask, (_N,) * 3)
+    op = ComposedOperator(lin, _blur, _LAT)
+    z_true = mu0 + torch.randn(1, *_LAT, generator=g, dtype=torch.float64)
+    x_true = op.decode(z_true) + _E * torch.randn(1, *(_N,) * 3, generator=g, dtype=torch.float64)
+    clean = lin.forward(x_true)[0]
+    noise = torch.complex(
+        torch.randn(clean.shape, generator=g, dtype=torch.float64),
+        torch.randn(clean.shape, generator=g, dtype=torch.float64),
+    )
+    y = clean + sigma_y * noise
+    L = op.decode(torch.eye(d, dtype=torch.float64).reshape(d, *_LAT)).reshape(d, d).T  # the decoder's matrix
+    A = lin.forward(torch.eye(d, dtype=torch.float64).reshape(d, *(_N,) * 3))  # (d, m) complex
+    R, yr = torch.cat([A.real.T, A.imag.T]), torch.cat([y.real, y.imag])
+    eye = torch.eye(d, dtype=torch.float64)
+    post = GaussianDenoiser(L @ mu0.reshape(-1), L @ L.T + _E**2 * eye).posterior_mean_cov(R, yr, sigma_y)
+    exact_decoder = GaussianDenoiser(L @ mu0.reshape(-1), L @ L.T + 1e-10 * eye).posterior_mean_cov(
+        R, yr, sigma_y
+    )
+    return _IsotropicGaussian(mu0), op, y, sigma_y, post, exact_decoder
+
+
+def test_decoder_error_model_gives_the_exact_image_posterior() -> None:
+    """``decoder_var`` with the last step ``final="posterior"`` (``x0 = Dec(z) + e`` drawn given ``y``), the
+    spectral twist and the preconditioned proposal: every part is exact on this stationary problem, so the
+    image cloud is as good as exact samples. N = 256, 20 steps, 512 voxels, 128 complex measurements.
+    Measured over seeds 3-6: ESS >= 0.99 N at every step, no resampling; W2 to the exact image posterior
+    1.0004-1.0016 x that of 256 exact samples (bound 1.05); the weighted mean's RMS error 0.060-0.065
+    posterior sds (bound 3 / sqrt(ESS) = 0.19). The same run without ``decoder_var`` (the decoder taken as
+    exact: its images cannot hold ``e``) misses: W2 1.100-1.101 x, mean error 0.288-0.289 sds (bound: W2 >=
+    1.05 x, error > 3 / sqrt(ESS))."""
+    den, op, y, sigma_y, (pm, pc), _ = _problem_with_decoder_error()
+    n = 256
+    exact = GaussianDenoiser(pm, pc).sample(n, torch.Generator().manual_seed(20))
+    floor = gaussian_w2(exact.mean(0), torch.cov(exact.T, correction=0), pm, pc)
+
+    def run(**options: object) -> tuple[object, float, float]:
+        res = _run((den, op, y, sigma_y), n, 3, twist_cov="spectral", precondition=True, **options)
+        x = res.samples.reshape(n, -1)
+        m = res.weights @ x
+        xc = x - m
+        w2 = gaussian_w2(m, (res.weights[:, None] * xc).T @ xc, pm, pc) / floor
+        err = float(((m - pm) / pc.diagonal().sqrt()).pow(2).mean().sqrt())
+        return res, w2, err * math.sqrt(float(res.ess[-1]))
+
+    res, w2, err = run(decoder_var=_E**2, final="posterior")
+    assert res.info["decoder_var"] == _E**2 and res.samples.shape == (n, *(_N,) * 3)
+    assert res.latents.shape == (n, *_LAT)  # the denoised latents behind each image
+    assert float((res.ess / n).min()) >= 0.9 and res.n_resamples == 0, res.ess.tolist()
+    assert w2 <= 1.05 and err <= 3.0, (w2, err)
+
+    res0, w2_0, err_0 = run()
+    assert res0.info["decoder_var"] is None
+    assert w2_0 >= 1.05 and err_0 > 3.0, (w2_0, err_0)
+
+
+def test_decoder_var_refusals() -> None:
+    A = MatrixOperator(torch.eye(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="latent priors"):
+        SMCOptions(decoder_var=0.01).resolved(A)
+    with pytest.raises(ValueError, match="decoder_var"):
+        SMCOptions(decoder_var=-1.0)
+    _, op, *_ = _problem()
+    with pytest.raises(ValueError, match="decoder's error variance"):
+        SMCOptions(final="posterior").resolved(op)
+    small = ComposedOperator(MatrixOperator(torch.eye(4, dtype=torch.float64)), lambda z: z, (4,))
+    with pytest.raises(ValueError, match="dense Jacobian"):
+        SMCOptions(decoder_var=0.01, twist_cov="jacobian").resolved(small)
+
+
 def test_spectral_twist_without_preconditioning_keeps_more_particles_than_the_isotropic_one() -> None:
     """Median ESS over steps, N = 128, measured over seeds 3-8: 92-102 (spectral) against 1.0-2.4 (isotropic)."""
     problem = _problem()

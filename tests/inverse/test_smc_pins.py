@@ -6,8 +6,9 @@ for bit (every tensor ``torch.equal``, every info value equal); at 2 threads wit
 old and the new sampler also agreed bit for bit with each other, while both differ from the 1-thread pins
 in the last bits (another BLAS path). So the floats are compared at ``1e-9`` relative; every integer
 (resampling steps, distinct survivors, network calls, backward passes) and every name must match
-exactly, so a changed decision fails however small its numerical effect. The pinned info gained one key by
-hand since: ``kernels: "reference"`` (issue 19's kernel choice, recorded in ``sampler_info``).
+exactly, so a changed decision fails however small its numerical effect. The pinned info gained two keys by
+hand since: ``kernels: "reference"`` (issue 19's kernel choice, recorded in ``sampler_info``) and
+``decoder_var: None`` (issue 15: a latent prior's decoder-error model; None where not given).
 """
 
 from __future__ import annotations
