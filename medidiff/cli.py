@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -119,13 +119,32 @@ def _stage_errors() -> Iterator[None]:
         raise typer.Exit(1) from e
 
 
-# options the sampling commands (reconstruct, denoise) share
+# options the sampling commands (synthesize, reconstruct, denoise, segment) share
+_PrecisionName = Literal["auto", "bf16", "fp16", "fp32"]
+_KernelName = Literal["reference", "compiled", "triton"]  # medidiff.inverse.kernels.KERNELS (a test checks)
 _Precision = Annotated[
-    str, typer.Option(help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+    _PrecisionName,
+    typer.Option(
+        help="Network precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16 (CUDA only). bf16 on a "
+        "device without it runs in fp32, with a warning; requested and used are recorded."
+    ),
 ]
+_KERNELS_HOW = (
+    "reference (eager PyTorch), compiled (torch.compile) or triton (CUDA; elsewhere compiled, with a warning). "
+    "Requested and used are recorded"
+)
 _ChunkSize = Annotated[
     int | None, typer.Option(help="Particles per network call (bounds memory; same result).")
 ]
+
+
+def _default_device(device: str | None) -> str:
+    """The stages' default device: CUDA when present (imports torch)."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _parse_grid(grid: str | None) -> tuple[int, int, int] | None:
@@ -498,7 +517,14 @@ def synthesize(
         tuple[int, int, int] | None,
         typer.Option(help="Volume size in voxels (default: the training patch); 2D models: H W 1."),
     ] = None,
-    precision: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    precision: _Precision = "auto",
+    kernels: Annotated[
+        _KernelName,
+        typer.Option(
+            help=f"The sampler step's arithmetic (only dpmpp_2m has a fused step; the others ignore it): "
+            f"{_KERNELS_HOW} (synthesis.json and the provenance: config.compute)."
+        ),
+    ] = "reference",
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present).")
     ] = None,
@@ -539,6 +565,7 @@ def synthesize(
                 device=device,
                 decode_tile=decode_tile,
                 graph=graph,
+                kernels=kernels,
                 progress=_RichProgress(bar),
             )
         except NonFiniteSampleError as e:
@@ -569,7 +596,8 @@ def synthesize(
     )
     console.print(
         f"[bold]{len(result.outputs)}[/bold] volume(s), {result.sampler} x {result.steps} steps "
-        f"({result.nfe} network evaluations per batch), {result.precision} on {result.device}{tiled}: "
+        f"({result.nfe} network evaluations per batch), {result.precision}, {result.kernels} kernels on "
+        f"{result.device}{tiled}: "
         f"{result.seconds_per_volume:.2f} s per volume, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
         f"({result.peak_memory_kind}). Run record: {result.run_json}"
     )
@@ -647,17 +675,27 @@ def reconstruct(
     precision: _Precision = "auto",
     chunk_size: _ChunkSize = None,
     kernels: Annotated[
-        str,
+        _KernelName,
         typer.Option(
-            help="smc's particle arithmetic: reference, compiled (torch.compile) or triton (CUDA; else "
-            "compiled, with a warning). Recorded in reconstruction.json (sampler_info.kernels)."
+            help=f"smc's particle arithmetic (--method smc): {_KERNELS_HOW} (the one that ran: "
+            "reconstruction.json, sampler_info.kernels)."
         ),
     ] = "reference",
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
+    from medidiff.stages._compute import resolve_compute
     from medidiff.stages.reconstruct import reconstruct_volume
 
     grid_t = _parse_grid(grid)
+    # The fallbacks are decided here, and the stage gets and records what will run (it does not see the
+    # request itself): triton off CUDA runs the compiled kernels, bf16 on a card without it fp32.
+    with _stage_errors():
+        comp = resolve_compute(precision, kernels, _default_device(device))
+    for w in comp.warnings:
+        _say(f"warning: {w}")
+    kernels = comp.kernels  # type: ignore[assignment]
+    if precision == "bf16" and comp.precision.name == "fp32":
+        precision = "fp32"
 
     with _sampling_progress(steps, particles) as cb:
         result = reconstruct_volume(
@@ -760,6 +798,13 @@ def denoise(
         ),
     ] = None,
     precision: _Precision = "auto",
+    kernels: Annotated[
+        _KernelName,
+        typer.Option(
+            help=f"smc's particle arithmetic (ancestral sampling, afdps and dps have none: recorded only): "
+            f"{_KERNELS_HOW} (denoise.json and the provenance: compute)."
+        ),
+    ] = "reference",
     chunk_size: _ChunkSize = None,
     dose: Annotated[
         float | None, typer.Option(help="--noise ct: dose fraction of the full dose, e.g. 0.25 (default).")
@@ -790,6 +835,7 @@ def denoise(
             tiling=tiling,
             grid=grid_t,
             precision=precision,
+            kernels=kernels,
             chunk_size=chunk_size,
             progress=cb,
             notify=_say,
@@ -894,6 +940,20 @@ def segment(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    precision: Annotated[
+        _PrecisionName,
+        typer.Option(
+            help="The segmenter's precision (it runs on the CPU): auto (= fp32 there), fp32 or bf16 (autocast); "
+            "fp16 needs CUDA. Recorded in segment.json and the provenance (compute)."
+        ),
+    ] = "auto",
+    kernels: Annotated[
+        _KernelName,
+        typer.Option(
+            help=f"Recorded only: no kernel covers the segmenter's few DDIM steps (its time is in the network); "
+            f"the same choice as the other sampling commands: {_KERNELS_HOW} (segment.json: compute)."
+        ),
+    ] = "reference",
 ) -> None:
     """Segment a volume, with per-voxel uncertainty and per-structure volumes."""
     from medidiff.stages.segment import segment_volume
@@ -903,7 +963,7 @@ def segment(
         with _stage_errors():
             result = segment_volume(
                 image, out, checkpoint=checkpoint, samples=samples, steps=steps, eta=eta, fuse=fuse, seed=seed,
-                notify=_say,
+                precision=precision, kernels=kernels, notify=_say,
                 progress=lambda done, total: bar("Segmenting", done, total),
             )  # fmt: skip
     finally:

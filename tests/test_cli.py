@@ -194,3 +194,70 @@ def test_denoise_stable_interface_with_the_shipped_prior(tmp_path: Path) -> None
     bad = _run("denoise", str(tmp_path / "nan.nii.gz"), "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "NaN or infinite" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def _no_interpreter() -> dict[str, str]:
+    """The environment of a CPU run without Triton's interpreter (where --kernels triton falls back)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return env | {
+        "MEDIDIFF_HASH_KEY": "cli-test-key-0123456789abcdef",
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def _bad_choices_exit_2(args: list[str], out: Path) -> None:
+    """An unknown --kernels or --precision: exit code 2 with the choices, before anything is written."""
+    env = _no_interpreter()
+    for flag, value in (("--kernels", "fpga"), ("--precision", "fp8")):
+        bad = subprocess.run([*CLI, *args, flag, value, "--out", str(out)], capture_output=True, text=True, env=env,
+                             timeout=300, check=False)  # fmt: skip
+        said = " ".join(bad.stderr.split())
+        assert bad.returncode == 2 and f"Invalid value for '{flag}'" in said and value in said, said
+        assert not out.exists()
+
+
+def test_reconstruct_kernels_fall_back_and_are_recorded(tmp_path: Path) -> None:
+    """--kernels triton on this CPU: a warning before the sampling, and smc runs (and records) the compiled
+    kernels; --precision is recorded as used; unknown values exit with code 2 before any compute."""
+    ref = _mr_reference(tmp_path / "ref.nii.gz")
+    args = ["reconstruct", "--reference", str(ref), "--simulate", "mri", "--particles", "2", "--steps", "2"]
+    out = subprocess.run([*CLI, *args, "--kernels", "triton", "--precision", "fp32", "--out", str(tmp_path / "rec")],
+                         capture_output=True, text=True, env=_no_interpreter(), timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stderr.split())
+    assert "warning: kernels='triton' cannot run on cpu" in text and text.index(
+        "kernels='triton'"
+    ) < text.index("Sampling")
+    rec = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
+    assert rec["sampler_info"]["kernels"] == "compiled" and rec["precision"] == "float32"
+    _bad_choices_exit_2(args, tmp_path / "bad")
+
+
+def test_denoise_kernels_fall_back_and_are_recorded(tmp_path: Path) -> None:
+    """--method smc --kernels triton on this CPU: the compiled kernels, the warning on the console and in
+    denoise.json, requested and used recorded (compute); unknown values exit with code 2 before any compute."""
+    from medidiff.io.nifti_write import write_nifti
+
+    noisy = 300 + 30 * np.random.default_rng(0).standard_normal((16, 16, 16))
+    write_nifti(
+        Volume(noisy.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "MR"), tmp_path / "noisy.nii.gz"
+    )
+    args = ["denoise", str(tmp_path / "noisy.nii.gz"), "--method", "smc", "--particles", "2", "--steps", "2"]
+    out = subprocess.run([*CLI, *args, "--kernels", "triton", "--out", str(tmp_path / "dn")], capture_output=True,
+                         text=True, env=_no_interpreter(), timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "warning: kernels='triton' cannot run on cpu" in " ".join(out.stderr.split())
+    side = json.loads((tmp_path / "dn" / "denoise.json").read_text())
+    assert side["compute"]["kernels"] == {
+        "requested": "triton",
+        "used": "compiled",
+        "covers": "smc's particle arithmetic (medidiff.inverse.kernels)",
+    }
+    assert side["compute"]["precision"] == {"requested": "auto", "used": "float32"}
+    assert side["sampler_info"]["kernels"] == "compiled" and any(
+        "kernels='triton'" in w for w in side["warnings"]
+    )
+    _bad_choices_exit_2(args, tmp_path / "bad")

@@ -10,6 +10,11 @@ Every sampler has the signature ``sample_*(denoiser, x, sigmas, *, generator=Non
   the result for a sample does not depend on the batch it was drawn in (see :func:`per_sample_generators`).
   Stochastic samplers require it; nothing here touches the global random state.
 - ``callback`` (optional) is called after every step with a dict ``i, x, sigma, sigma_next, denoised``.
+- ``kernels`` (optional, default ``"reference"``): the implementation of the step arithmetic
+  (:mod:`medidiff.inverse.kernels`: ``"reference"``, ``"compiled"`` or ``"triton"``). Only
+  :func:`sample_dpmpp_2m` has a fused update (``dpmpp_2m_update``, two lerps in one pass); the other samplers
+  accept the argument for a uniform signature, check it, and run their eager steps (their updates are one
+  or two elementwise operations between network calls, with nothing yet written to fuse them).
 
 A network evaluation (NFE) is one call of ``denoiser`` on the batch; :func:`expected_nfe` gives the count
 per sampler and :class:`CountingDenoiser` measures it.
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "KERNELS",
     "SAMPLERS",
     "CountingDenoiser",
     "Denoiser",
@@ -43,6 +49,9 @@ __all__ = [
 ]
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+KERNELS = ("reference", "compiled", "triton")
+"""The step arithmetic's implementations (:data:`medidiff.inverse.kernels.KERNELS`, repeated here so that
+importing the samplers does not import the inverse package; a test checks that they agree)."""
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -130,8 +139,10 @@ class CountingDenoiser:
         return self.denoiser(x, sigma)
 
 
-def _prepare(x: Tensor, sigmas: Tensor | Sequence[float]) -> list[float]:
+def _prepare(x: Tensor, sigmas: Tensor | Sequence[float], kernels: str = "reference") -> list[float]:
     """Validate inputs up front; return the schedule as Python floats (one device sync, no dtype games)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kernels!r}.")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2:
         raise TypeError("x must be a floating-point tensor of shape (B, ...) (batch first).")
     s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
@@ -202,10 +213,11 @@ def sample_euler(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    kernels: str = "reference",
 ) -> Tensor:
     """Euler steps on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``, with optional
     churn (Karras et al. 2022, Algorithm 2 with a first-order step; ``s_churn = 0`` is deterministic)."""
-    sig = _prepare(x, sigmas)
+    sig = _prepare(x, sigmas, kernels)
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
@@ -232,12 +244,13 @@ def sample_heun(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    kernels: str = "reference",
 ) -> Tensor:
     """Heun's 2nd-order method, Algorithm 1 of Karras et al. 2022 (Algorithm 2 when ``s_churn > 0``).
 
     The last step to ``sigma = 0`` is a plain Euler step, so ``n`` steps cost ``2n - 1`` evaluations.
     """
-    sig = _prepare(x, sigmas)
+    sig = _prepare(x, sigmas, kernels)
     n = len(sig) - 1
     for i in range(n):
         s, s_next = sig[i], sig[i + 1]
@@ -265,6 +278,7 @@ def sample_ddim(
     generator: GeneratorArg = None,
     callback: Callback | None = None,
     eta: float = 0.0,
+    kernels: str = "reference",
 ) -> Tensor:
     """DDIM (Song, Meng & Ermon 2021, eq. 12) in the VE parameterisation.
 
@@ -273,7 +287,7 @@ def sample_ddim(
     :func:`get_ancestral_step`. ``eta = 0`` is deterministic (and equals Euler on the probability-flow
     ODE, Karras et al. 2022 §3); ``eta = 1`` is DDPM ancestral sampling.
     """
-    sig = _prepare(x, sigmas)
+    sig = _prepare(x, sigmas, kernels)
     if eta > 0:
         _require_generator(generator, "DDIM with eta > 0")
     for i in range(len(sig) - 1):
@@ -297,10 +311,11 @@ def sample_euler_ancestral(
     callback: Callback | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    kernels: str = "reference",
 ) -> Tensor:
     """Ancestral sampling: an Euler step down to ``sigma_down`` then fresh noise of size ``sigma_up``
     (Ho et al. 2020 ancestral sampling in VE form, as in k-diffusion's ``sample_euler_ancestral``)."""
-    sig = _prepare(x, sigmas)
+    sig = _prepare(x, sigmas, kernels)
     gen = _require_generator(generator, "ancestral sampling") if eta > 0 else generator
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -321,15 +336,22 @@ def sample_dpmpp_2m(
     *,
     generator: GeneratorArg = None,
     callback: Callback | None = None,
+    kernels: str = "reference",
 ) -> Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 (arXiv 2211.01095), data prediction, VE form.
 
     With ``lambda = -log sigma`` and ``h = lambda' - lambda``: ``x' = (sigma'/sigma) x - expm1(-h) D_eff``,
     where ``D_eff = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}``, ``r = h_{i-1} / h``; the first step and the step to
     ``sigma = 0`` are first order. Deterministic; ``generator`` is accepted for a uniform signature.
+    ``kernels`` picks the implementation of the step (:func:`medidiff.inverse.kernels.dpmpp_2m_update`,
+    whose reference is the two lerps ``D_eff = lerp(D_{i-1}, D_i, 1 + 1/(2r))``, ``x' = lerp(D_eff, x,
+    sigma'/sigma)``: ``exp(-h) = sigma'/sigma``, so ``x'`` is a lerp from ``D_eff`` to ``x``).
     """
+    from medidiff.inverse.kernels import kernel
+
     del generator
-    sig = _prepare(x, sigmas)
+    sig = _prepare(x, sigmas, kernels)
+    update = kernel("dpmpp_2m_update", kernels)
     old_denoised: Tensor | None = None
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
@@ -337,14 +359,11 @@ def sample_dpmpp_2m(
         if s_next == 0.0:
             x = denoised
         else:
-            h = math.log(s) - math.log(s_next)
-            if old_denoised is None:
-                d_eff = denoised
-            else:
-                r = (math.log(sig[i - 1]) - math.log(s)) / h
-                d_eff = torch.lerp(old_denoised, denoised, 1 + 1 / (2 * r))  # one fused op
-            # exp(-h) = sigma'/sigma, so x' = (sigma'/sigma) x - expm1(-h) D_eff is a lerp from D_eff to x
-            x = torch.lerp(d_eff, x, s_next / s)
+            w = 1.0  # unused on the first step (no D_{i-1}: D_eff = D_i)
+            if old_denoised is not None:
+                r = (math.log(sig[i - 1]) - math.log(s)) / (math.log(s) - math.log(s_next))
+                w = 1 + 1 / (2 * r)
+            x = update(x, denoised, old_denoised, w, s_next / s)
         old_denoised = denoised
         _report(callback, i, x, s, s_next, denoised)
     return x

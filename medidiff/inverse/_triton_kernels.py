@@ -153,3 +153,37 @@ def systematic_resample(weights: Tensor, u0: Tensor) -> Tensor:
     block = min(BLOCK, triton.next_power_of_2(max(n, 1)))
     _resample_search_kernel[(triton.cdiv(n, block),)](u, cdf, idx, n, n.bit_length(), BLOCK=block)
     return idx
+
+
+@triton.jit
+def _dpmpp_2m_kernel(x_ptr, d_ptr, old_ptr, out_ptr, V, w, t, HAS_OLD: tl.constexpr, BLOCK: tl.constexpr):
+    """One block of voxels: D_eff = lerp(old, D, w) (D without old), x' = lerp(D_eff, x, t), in float32 by
+    ATen's lerp formula (a + w (b - a) for w < 0.5, else b - (b - a)(1 - w)), rounded once to the states'
+    dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < V
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_OLD:
+        o = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        diff = d - o
+        d = tl.where(w < 0.5, o + w * diff, d - diff * (1.0 - w))
+    diff = x - d
+    out = tl.where(t < 0.5, d + t * diff, x - diff * (1.0 - t))
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def dpmpp_2m_update(
+    x: Tensor, denoised: Tensor, old: Tensor | None, w: float | Tensor, t: float | Tensor
+) -> Tensor:
+    """Triton version of :func:`medidiff.inverse.kernels.dpmpp_2m_update` (same arguments and results; for
+    half-precision states ``D_eff`` is not rounded to their dtype, so ``x'`` is rounded once, not twice)."""
+    x_ = x.contiguous().reshape(-1)
+    d_ = denoised.contiguous().reshape(-1)
+    o_ = d_ if old is None else old.contiguous().reshape(-1)
+    v = x_.numel()
+    out = torch.empty_like(x_)
+    _dpmpp_2m_kernel[(triton.cdiv(v, BLOCK),)](
+        x_, d_, o_, out, v, float(w), float(t), HAS_OLD=old is not None, BLOCK=BLOCK
+    )
+    return out.reshape(x.shape)

@@ -1,11 +1,14 @@
-"""The SMC sampler's elementwise hot loops, one function per kernel, each with its pure-PyTorch reference.
+"""The samplers' elementwise hot loops, one function per kernel, each with its pure-PyTorch reference.
 
-A kernel is chosen by name (``"reference"``, ``"compiled"`` or ``"triton"``; ``SMCOptions.kernels``):
+A kernel is chosen by name (``"reference"``, ``"compiled"`` or ``"triton"``; ``SMCOptions.kernels``, the
+``kernels`` argument of :func:`medidiff.diffusion.samplers.sample_dpmpp_2m`, the stages' ``--kernels``):
 
 - ``"reference"``: eager PyTorch expressions (the definition; the sampler's default);
 - ``"compiled"``: the same function through ``torch.compile`` (one fused loop over the particles and
   voxels instead of one pass per operation; the same operation order, so the same values up to the
-  reassociation of its reductions). Compiled once per shape and dtype and cached;
+  reassociation of its reductions). Compiled once per shape and dtype and cached; float arguments that
+  change every step (:func:`dpmpp_2m_update`'s ``w`` and ``t``) enter the graph as 0-d tensors, since a
+  Python float is a constant of the graph and each new value would compile a new one;
 - ``"triton"``: hand-written Triton kernels (``triton`` is optional: imported only here, on first use).
   They run on CUDA tensors, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how the
   tests check them); anywhere else the compiled path runs instead, with a warning. States are loaded in
@@ -18,7 +21,12 @@ Kernels:
   c z`` and ``log p(x'|x) - log q(x'|x) = (|c z|^2 - |c z + c^2 g|^2) / (2 c^2)`` per particle;
 - :func:`weighted_moments`: the weighted mean and standard deviation over the particle axis;
 - :func:`log_normalise`: log-weights to normalised weights by log-sum-exp, and their ESS ``1 / sum w^2``;
-- :func:`systematic_resample`: normalised weights and one uniform ``u0`` to the resampled indices.
+- :func:`systematic_resample`: normalised weights and one uniform ``u0`` to the resampled indices;
+- :func:`dpmpp_2m_update`: DPM-Solver++(2M)'s step, ``x' = lerp(lerp(D_{i-1}, D_i, w), x, t)``, the
+  synthesis sampler's arithmetic (:func:`~medidiff.diffusion.samplers.sample_dpmpp_2m`).
+
+:func:`resolve_kernels` says before any compute which implementation will run on a device, and the
+warning to show when that is not the one asked for.
 
 Precision: particle states may be float32, bfloat16 or float16; the per-particle increments and every
 weight are float64, the moments accumulate in float64 (:mod:`medidiff.inverse._common`'s rule), and
@@ -39,8 +47,10 @@ from torch import Tensor
 
 __all__ = [
     "KERNELS",
+    "dpmpp_2m_update",
     "kernel",
     "log_normalise",
+    "resolve_kernels",
     "shifted_move",
     "systematic_resample",
     "triton_runs_on",
@@ -57,9 +67,16 @@ def shifted_move(mu: Tensor, g: Tensor, z: Tensor, c2: float) -> tuple[Tensor, T
     ``mu``, ``g``, ``z``: ``(B, ...)`` particle states (the kernel mean, the guidance gradient, standard
     normal draws). Half-precision states are computed in float32 and ``x'`` rounded once to their dtype;
     the increments, float64 ``(B,)``, are those of the float32 move."""
+    return _shifted_move(mu, g, z, c2, math.sqrt(c2))
+
+
+def _shifted_move(mu: Tensor, g: Tensor, z: Tensor, c2: Any, c: Any) -> tuple[Tensor, Tensor]:
+    """:func:`shifted_move` with ``c = sqrt(c2)`` given: Python floats (the reference), or float64 0-d tensors
+    (the compiled path: a new step size is then no new graph; ATen casts either to the states' arithmetic
+    dtype alike, and the increments divide by the float64 ``c2`` either way)."""
     acc = torch.float32 if mu.dtype in _HALF else mu.dtype  # half-precision states: float32 arithmetic
     shift = c2 * g.to(acc)
-    cz = math.sqrt(c2) * z.to(acc)
+    cz = c * z.to(acc)
     x_new = (mu.to(acc) + shift + cz).to(mu.dtype)
     moved = cz + shift
     dims = tuple(range(1, cz.ndim))
@@ -121,6 +138,22 @@ def systematic_grid(weights: Tensor, u0: Tensor) -> tuple[Tensor, Tensor]:
     return u, torch.cumsum(weights.to(torch.float64), 0)
 
 
+def dpmpp_2m_update(
+    x: Tensor, denoised: Tensor, old: Tensor | None, w: float | Tensor, t: float | Tensor
+) -> Tensor:
+    """DPM-Solver++(2M)'s step arithmetic (reference; Lu et al. 2022, Algorithm 2, VE form):
+    ``D_eff = lerp(old, denoised, w)`` (``denoised`` itself when ``old`` is None, the first-order step),
+    then ``x' = lerp(D_eff, x, t)`` with ``t = sigma'/sigma``.
+
+    ``x``, ``denoised``, ``old``: ``(B, ...)`` states of one dtype. ``w``, ``t``: Python floats, or 0-d
+    tensors of the arithmetic's dtype on the states' device (the compiled path passes those). Each lerp
+    computes in float32 for half-precision states and rounds to their dtype, as ATen's ``torch.lerp`` does
+    on them: the same values as the two lerps on the states, bit for bit (tested)."""
+    acc = torch.float32 if x.dtype in _HALF else x.dtype  # ATen's lerp computes half states in float32
+    d_eff = denoised if old is None else torch.lerp(old.to(acc), denoised.to(acc), w).to(x.dtype)
+    return torch.lerp(d_eff.to(acc), x.to(acc), t).to(x.dtype)
+
+
 def _check_log_weights(log_w: Tensor) -> None:
     if log_w.ndim != 1 or log_w.dtype not in (torch.float32, torch.float64):
         raise ValueError(
@@ -130,12 +163,18 @@ def _check_log_weights(log_w: Tensor) -> None:
 
 
 _REFERENCE: dict[str, Callable[..., Any]] = {
+    "dpmpp_2m_update": dpmpp_2m_update,
     "log_normalise": log_normalise,
     "shifted_move": shifted_move,
     "systematic_resample": systematic_resample,
     "weighted_moments": weighted_moments,
 }
 _COMPILED: dict[tuple[str, str], Callable[..., Any]] = {}
+_STEP_SCALARS = {"dpmpp_2m_update": (3, 4)}
+"""Positions of the float arguments that change every step: the compiled path passes them as 0-d tensors."""
+_COMPILE_OPTIONS: dict[str, dict[str, Any]] = {"dpmpp_2m_update": {"emulate_precision_casts": True}}
+"""Inductor options per kernel. ``emulate_precision_casts``: keep the rounding of ``D_eff`` to a half
+precision state, which inductor otherwise drops (a fused loop would then differ from the reference)."""
 
 
 def kernel(name: str, kind: str = "reference") -> Callable[..., Any]:
@@ -152,11 +191,50 @@ def kernel(name: str, kind: str = "reference") -> Callable[..., Any]:
             # then computes garbage. The vector width, an inductor option, enters the key and matches ATen.
             simd = {"AVX512": 512, "AVX2": 256}.get(isa)
             options = {"cpp.simdlen": simd} if simd else {}
-            _COMPILED[(name, isa)] = torch.compile(_REFERENCE[name], dynamic=False, options=options)
+            options.update(_COMPILE_OPTIONS.get(name, {}))
+            if name == "shifted_move":
+                compiled = _shifted_move_compiled(
+                    torch.compile(_shifted_move, dynamic=False, options=options)
+                )
+            else:
+                compiled = torch.compile(_REFERENCE[name], dynamic=False, options=options)
+            if name in _STEP_SCALARS:
+                compiled = _scalars_as_tensors(compiled, _STEP_SCALARS[name])
+            _COMPILED[(name, isa)] = compiled
         return _COMPILED[(name, isa)]
     if kind == "triton":
         return _with_fallback(name)
     raise ValueError(f"kernels must be one of {KERNELS}; got {kind!r}")
+
+
+def _shifted_move_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The compiled :func:`_shifted_move` called as :func:`shifted_move`: ``c2`` and ``sqrt(c2)`` as float64 0-d
+    tensors on the states' device (as Python floats, every step's ``c2`` would compile a new graph, and past
+    dynamo's recompile limit the path would run eagerly)."""
+
+    def run(mu: Tensor, g: Tensor, z: Tensor, c2: float) -> tuple[Tensor, Tensor]:
+        def scalar(v: float) -> Tensor:
+            return torch.tensor(v, dtype=torch.float64, device=mu.device)
+
+        return fn(mu, g, z, scalar(c2), scalar(math.sqrt(c2)))
+
+    return run
+
+
+def _scalars_as_tensors(fn: Callable[..., Any], positions: tuple[int, ...]) -> Callable[..., Any]:
+    """``fn`` with the float arguments at ``positions`` passed as 0-d tensors of the states' arithmetic
+    dtype on their device: the same value as ATen's conversion of a Python scalar, and no new graph (and no
+    silent eager fallback past dynamo's recompile limit) for every new value."""
+
+    def run(*args: Any) -> Any:
+        x = args[0]
+        acc = torch.float32 if x.dtype in _HALF else x.dtype
+        return fn(*(
+            torch.tensor(a, dtype=acc, device=x.device) if i in positions and not isinstance(a, Tensor) else a
+            for i, a in enumerate(args)
+        ))  # fmt: skip
+
+    return run
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -170,6 +248,30 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def resolve_kernels(kind: str, device: str | torch.device) -> tuple[str, str | None]:
+    """The implementation that will run for ``kernels=kind`` on ``device``, and the warning to show when it
+    is not ``kind`` (else None): ``"triton"`` where Triton cannot run (:func:`triton_runs_on`) is the
+    compiled path. For the stages to record and announce before any compute; the kernels themselves fall
+    back the same way (with a ``RuntimeWarning``) when called with ``"triton"`` regardless.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KERNELS`.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}; got {kind!r}.")
+    dev = torch.device(device)
+    if kind == "triton" and not triton_runs_on(dev):
+        return "compiled", _fallback_message(dev)
+    return kind, None
+
+
+def _fallback_message(device: torch.device) -> str:
+    return (
+        f"kernels='triton' cannot run on {device.type} here (Triton needs CUDA, or TRITON_INTERPRET=1 on the "
+        "CPU, and the triton package): using the compiled kernels instead"
+    )
+
+
 def _with_fallback(name: str) -> Callable[..., Any]:
     def run(*args: Any) -> Any:
         device = args[0].device
@@ -179,12 +281,7 @@ def _with_fallback(name: str) -> Callable[..., Any]:
             return getattr(_triton_kernels, name)(*args)
         import warnings
 
-        warnings.warn(
-            f"kernels='triton' cannot run on {device.type} here (Triton needs CUDA, or TRITON_INTERPRET=1 on the "
-            "CPU, and the triton package): using the compiled kernels instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warnings.warn(_fallback_message(device), RuntimeWarning, stacklevel=2)
         return kernel(name, "compiled")(*args)
 
     return run

@@ -89,6 +89,7 @@ class DenoiseSettings(BaseModel):
     seed: int = Field(0, ge=0)
     chunk_size: int | None = Field(None, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    kernels: Literal["reference", "compiled", "triton"] = "reference"
     tiling: Literal["whole", "patches"] = "patches"
     tile_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     grid: tuple[int, int, int] | None = Field(
@@ -144,6 +145,7 @@ def denoise_volume(
     seed: int = 0,
     chunk_size: int | None = None,
     precision: str = "fp32",
+    kernels: str = "reference",
     device: str | torch.device | None = None,
     tiling: str = "patches",
     tile_overlap: float = 0.25,
@@ -183,7 +185,13 @@ def denoise_volume(
         steps: sampler steps.
         seed: seeds the sampler.
         chunk_size: particles per network call (bounds memory; same result).
-        precision: network precision policy (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``).
+        precision: network precision policy (``"fp32"``, ``"bf16"``, ``"fp16"``, ``"auto"``); ``"bf16"`` on
+            a device without it runs in float32, with a warning.
+        kernels: smc's particle arithmetic (:mod:`medidiff.inverse.kernels`): ``"reference"``,
+            ``"compiled"`` or ``"triton"`` (CUDA; elsewhere the compiled kernels, with a warning). Ancestral
+            sampling, afdps and dps have no kernel: the choice is recorded and changes nothing there. What
+            was asked for and what ran, precision and kernels, are the sidecar's and the provenance
+            config's ``compute``.
         device: ``"cpu"``, ``"cuda"``...; default CUDA when available.
         tiling: ``"patches"`` (the prior on overlapping patches of its training size) or ``"whole"``.
         tile_overlap: the patches' overlap fraction.
@@ -208,6 +216,7 @@ def denoise_volume(
     from medidiff.inverse.simple_ops import Identity
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import labelled_inputs, utc_now
+    from medidiff.stages._compute import resolve_compute
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
     from medidiff.stages.reconstruct import (
         _interval_record,
@@ -217,7 +226,6 @@ def denoise_volume(
         _seeds,
         model_ref,
     )
-    from medidiff.train.precision import resolve_precision
 
     if noise == "ct":
         from medidiff.stages.denoise_ct import DEFAULT_PHOTONS, denoise_low_dose_ct
@@ -231,7 +239,7 @@ def denoise_volume(
             image, out_dir, dose=0.25 if dose is None else dose, photons=photons or DEFAULT_PHOTONS, views=views,
             checkpoint=checkpoint, method=method, sigma=sigma, sigma_max=sigma_max,
             n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size, precision=precision,
-            device=device, grid=grid, normalization=normalization, options=options, progress=progress,
+            kernels=kernels, device=device, grid=grid, normalization=normalization, options=options, progress=progress,
             notify=notify, run_id=run_id, input_label=input_label,
         )  # fmt: skip
     if dose is not None or photons is not None or views is not None or sigma_max is not None:
@@ -248,11 +256,13 @@ def denoise_volume(
         seed=seed,
         chunk_size=chunk_size,
         precision=precision,  # type: ignore[arg-type]
+        kernels=kernels,  # type: ignore[arg-type]
         tiling=tiling,  # type: ignore[arg-type]
         tile_overlap=tile_overlap,
         grid=grid,
         options=dict(options or {}),
     )
+    _check_kernels_option(s.options)
     if s.modality == "CT":
         raise ValueError(
             "CT noise is Poisson in the projection domain, not white in the image: use noise='ct' "
@@ -276,7 +286,8 @@ def denoise_volume(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    prec = resolve_precision(s.precision, dev)
+    comp = resolve_compute(s.precision, s.kernels, dev)
+    prec = comp.precision
     src = _read(Path(image), s.modality, "image", s.grid)
     ref = _read(Path(reference), s.modality, "reference", s.grid) if reference is not None else None
     if ref is not None:
@@ -316,7 +327,9 @@ def denoise_volume(
         raise ValueError(
             f"options {sorted(s.options)} are sampler options of method='smc'; ancestral denoising takes none."
         )
-    warnings = list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri)
+    warnings = (
+        list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri) + list(comp.warnings)
+    )
     if input_label is not None:
         warnings = [scrub_paths(w, (image, reference), input_label) for w in warnings]
     if s.noise == "rician":
@@ -348,7 +361,9 @@ def denoise_volume(
     if used == "ancestral":
         res = _ancestral(s, pri, op, y, sy, dev, prec, seeds["sampler"], progress, noise_range[0])  # type: ignore[index]
     else:
-        res = _sample(rs, pri, op, y, sy, s.modality, dev, prec, seeds["sampler"], progress)
+        res = _sample(
+            _with_kernels(rs, comp.kernels), pri, op, y, sy, s.modality, dev, prec, seeds["sampler"], progress
+        )
     if not bool(torch.isfinite(res.mean).all()):
         raise FloatingPointError(
             "the sampler returned non-finite voxels; rerun with precision='fp32' or fewer steps, and report "
@@ -399,6 +414,7 @@ def denoise_volume(
         },
         "prior": _prior_record(pri),
         "modality": s.modality,
+        "compute": comp.record(_kernel_covers(used)),
         **_run_record(
             src,
             shape,
@@ -417,7 +433,8 @@ def denoise_volume(
     }
     _write_records(
         out, files, sidecar,
-        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma, "method_used": used},
+        config={**s.model_dump(mode="json"), "prior": _prior_record(pri), "sigma_used": est.sigma, "method_used": used,
+                "compute": sidecar["compute"]},
         seeds={"seed": s.seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
         started=started, inputs=labelled_inputs({"image": image, "reference": reference}, input_label),
         warnings=warnings,
@@ -490,6 +507,25 @@ def _write_records(
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def _kernel_covers(method: str) -> str | None:
+    """What ``kernels`` implements when denoising by ``method`` (None: nothing, no kernel there yet)."""
+    return "smc's particle arithmetic (medidiff.inverse.kernels)" if method == "smc" else None
+
+
+def _check_kernels_option(options: dict[str, Any]) -> None:
+    if "kernels" in options:
+        raise ValueError(
+            "pass kernels=... (recorded with what ran, and checked against the device), not options['kernels']."
+        )
+
+
+def _with_kernels(rs: ReconstructSettings, kernels: str) -> ReconstructSettings:
+    """The reconstruct settings with smc's ``kernels`` option set (the other methods take none)."""
+    if rs.method != "smc" or kernels == "reference":
+        return rs
+    return rs.model_copy(update={"options": {**rs.options, "kernels": kernels}})
+
+
 def _noise_range(pri: Any) -> tuple[float, float]:
     """The pixel-space prior's noise range in normalised units (a callable's ``sigma_min``/``sigma_max``
     attributes where it has them)."""

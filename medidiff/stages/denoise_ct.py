@@ -202,6 +202,7 @@ def denoise_low_dose_ct(
     seed: int = 0,
     chunk_size: int | None = None,
     precision: str = "fp32",
+    kernels: str = "reference",
     device: str | torch.device | None = None,
     grid: tuple[int, int, int] | None = None,
     normalization: Any = None,
@@ -216,7 +217,8 @@ def denoise_low_dose_ct(
     ``method``: ``"auto"`` (``"ancestral"`` for a pixel-space prior whose noise range holds the FBP's noise
     level, else ``"smc"``), ``"ancestral"``, ``"smc"`` or ``"dps"``. ``sigma``: the low-dose FBP's noise
     level in HU for the ancestral path (default: estimated from the counts, :func:`fbp_noise_level`).
-    ``sigma_max``: the top noise level of ``smc`` / ``dps``.
+    ``sigma_max``: the top noise level of ``smc`` / ``dps``. ``precision`` and ``kernels``: as
+    :func:`~medidiff.stages.denoise.denoise_volume` (recorded, requested and used, as ``compute``).
 
     Returns:
         A :class:`~medidiff.stages.denoise.DenoiseResult` (``sigma`` is the low-dose FBP's noise level in
@@ -230,16 +232,20 @@ def denoise_low_dose_ct(
     from medidiff.io.nifti_write import write_nifti
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import labelled_inputs, utc_now
+    from medidiff.stages._compute import resolve_compute
     from medidiff.stages.denoise import (
         DenoiseResult,
         DenoiseSettings,
         _ancestral,
+        _check_kernels_option,
         _from_ras,
+        _kernel_covers,
         _linear_normalization,
         _noise_range,
         _read,
         _resolve_method,
         _run_record,
+        _with_kernels,
         _write_records,
     )
     from medidiff.stages.reconstruct import (
@@ -251,7 +257,6 @@ def denoise_low_dose_ct(
         _seeds,
         model_ref,
     )
-    from medidiff.train.precision import resolve_precision
     from medidiff.volume import Volume
 
     started = utc_now()
@@ -271,6 +276,7 @@ def denoise_low_dose_ct(
         )
     if sigma_max is not None and method == "ancestral":
         raise ValueError("sigma_max is the top noise level of smc / dps; the ancestral path starts at sigma.")
+    _check_kernels_option(dict(options or {}))
     rs = ReconstructSettings(
         method="smc" if method in ("auto", "ancestral") else method, modality="CT", n_particles=n_particles,
         steps=steps, seed=seed, chunk_size=chunk_size, sigma_max=sigma_max, precision=precision, tiling="whole",
@@ -281,7 +287,8 @@ def denoise_low_dose_ct(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    prec = resolve_precision(rs.precision, dev)
+    comp = resolve_compute(rs.precision, kernels, dev)
+    prec = comp.precision
     src = _read(Path(image), "CT", "image", grid)
     spacing = np.sqrt((src.affine_ras[:3, :3] ** 2).sum(0))
     if abs(spacing[0] / spacing[1] - 1.0) > 0.01:
@@ -314,7 +321,7 @@ def denoise_low_dose_ct(
     op_w, y_w = whitened_problem(scan, op, pixel_mm=pixel_mm, scale=scale, offset=offset)
     counts = scan.counts
     flux = scan.flux
-    warnings = list(src.warnings) + list(pri.warnings)
+    warnings = list(src.warnings) + list(pri.warnings) + list(comp.warnings)
     if pri.spacing_mm is not None and abs(pixel_mm / pri.spacing_mm - 1) > 0.25:
         warnings.append(
             f"the prior was trained at {pri.spacing_mm:g} mm but the image's voxels are {pixel_mm:.3g} mm; the "
@@ -376,7 +383,9 @@ def denoise_low_dose_ct(
         res = _ancestral(ds, pri, Identity(padded), y_img, sy, dev, prec, seeds["sampler"], progress,
                          noise_range[0])  # type: ignore[index]  # fmt: skip
     else:
-        res = _sample(rs, pri, op_w, y_w, 1.0, "CT", dev, prec, seeds["sampler"], progress)
+        res = _sample(
+            _with_kernels(rs, comp.kernels), pri, op_w, y_w, 1.0, "CT", dev, prec, seeds["sampler"], progress
+        )
     if not bool(torch.isfinite(res.mean).all()):
         raise FloatingPointError("the sampler returned non-finite voxels; rerun with precision='fp32'")
     interval = _interval_record(res.weights)
@@ -430,7 +439,7 @@ def denoise_low_dose_ct(
     settings = {
         "noise": "ct", "dose": float(dose), "photons": float(photons), "views": inner.n_angles, "method": method,
         "sigma": sigma, "sigma_max": sigma_max,
-        "n_particles": n_particles, "steps": steps, "seed": seed, "precision": rs.precision,
+        "n_particles": n_particles, "steps": steps, "seed": seed, "precision": rs.precision, "kernels": kernels,
         "grid": list(grid) if grid is not None else None, "options": dict(options or {}),
     }  # fmt: skip
     sidecar = {
@@ -465,6 +474,7 @@ def denoise_low_dose_ct(
         },
         "prior": _prior_record(pri),
         "modality": "CT",
+        "compute": comp.record(_kernel_covers(used)),
         **_run_record(
             src,
             shape,
@@ -483,7 +493,8 @@ def denoise_low_dose_ct(
     }
     _write_records(
         out, files, sidecar,
-        config={**settings, "prior": _prior_record(pri), "sigma_used": sigma_hu, "method_used": used},
+        config={**settings, "prior": _prior_record(pri), "sigma_used": sigma_hu, "method_used": used,
+                "compute": sidecar["compute"]},
         seeds={"seed": seed, **seeds}, precision=prec.label, device=dev, model=model_ref(pri), run_id=run_id,
         started=started, inputs=labelled_inputs({"image": image}, input_label), warnings=warnings,
     )  # fmt: skip

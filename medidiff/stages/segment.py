@@ -36,6 +36,8 @@ __all__ = ["SIDECAR", "SegmentResult", "SegmentSettings", "segment_volume"]
 SIDECAR = "segment.json"
 SPACING_WARN_RATIO = 2.0
 """Warn when the input's voxels are this many times larger or smaller than the segmenter's."""
+DEVICE = "cpu"
+"""Where the segmenter runs (its sliding windows and samples are built on the CPU)."""
 
 
 class SegmentSettings(BaseModel):
@@ -49,6 +51,8 @@ class SegmentSettings(BaseModel):
     fuse: Literal["last", "steps"] | None = None
     seed: int = 0
     sw_batch_size: int = Field(default=4, gt=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
+    kernels: Literal["reference", "compiled", "triton"] = "reference"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ def segment_volume(
     eta: float | None = None,
     fuse: str | None = None,
     seed: int = 0,
+    precision: str = "fp32",
+    kernels: str = "reference",
     threads: int | None = None,
     notify: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -94,6 +100,13 @@ def segment_volume(
         fuse: ``"last"`` (a sample is its last step's prediction) or ``"steps"`` (the mean of its steps');
             default: the checkpoint's.
         seed: seeds the samples (per-sample seeds are derived from it and recorded).
+        precision: the segmenter's precision on the CPU: ``"fp32"`` (default; also ``"auto"`` there) or
+            ``"bf16"`` (autocast); ``"fp16"`` needs CUDA.
+        kernels: accepted and recorded for a uniform interface with the other sampling stages; no kernel of
+            :mod:`medidiff.inverse.kernels` covers the segmenter's DDIM over label maps (a few steps, its
+            time in the network), so it changes nothing here. ``"triton"`` is still checked against the
+            device (the compiled kernels, with a warning, off CUDA). Requested and used, both are recorded
+            (``compute`` in ``segment.json`` and the provenance config).
         threads: torch CPU threads.
         notify: ``notify(message)`` with the plan and warnings, before the compute.
         progress: ``progress(done, total)`` after each whole-volume network pass.
@@ -112,14 +125,19 @@ def segment_volume(
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import ModelRef, ProvenanceTracker, labelled_inputs, utc_now
     from medidiff.seg.inference import predict_probabilities, summarize
+    from medidiff.stages._compute import resolve_compute
     from medidiff.stages._reconstruct_io import write_samples
     from medidiff.stages._seg_io import foreground_box, read_image, to_input_grid, to_model_grid
     from medidiff.volume import LabelVolume, Volume
 
     started = utc_now()
     t0 = time.perf_counter()
-    s = SegmentSettings(samples=samples, steps=steps, eta=eta, fuse=fuse, seed=seed)  # type: ignore[arg-type]
+    s = SegmentSettings(
+        samples=samples, steps=steps, eta=eta, fuse=fuse, seed=seed, precision=precision, kernels=kernels,  # type: ignore[arg-type]
+    )  # fmt: skip
+    comp = resolve_compute(s.precision, s.kernels, DEVICE)
     ck, warnings = _load_segmenter(checkpoint)
+    warnings += comp.warnings
     cfg = ck.config
     vol = read_image(Path(image), "OT")
     if vol.modality not in ("OT", cfg.modality):
@@ -159,16 +177,20 @@ def segment_volume(
     if threads is not None:
         torch.set_num_threads(int(threads))
     from medidiff.seg.nets import build_segmenter, load_segmenter_state
+    from medidiff.train.precision import autocast_context
 
     net = build_segmenter(cfg)
     load_segmenter_state(net, ck.weights("model"))
     net.eval()
     t_net = time.perf_counter()
-    inner = predict_probabilities(
-        net, cfg, torch.from_numpy(np.ascontiguousarray(grid.array[box]))[None, None], seed=s.seed, samples=k,
-        steps=n_steps, eta=eta, fuse=fuse,
-        sw_batch_size=s.sw_batch_size, progress=progress,
-    )  # fmt: skip
+    # bf16 covers the network's convolutions; the DDIM state and the probabilities stay float32 (the sampler
+    # takes the softmax of the logits cast to float32)
+    with autocast_context(comp.precision, DEVICE):
+        inner = predict_probabilities(
+            net, cfg, torch.from_numpy(np.ascontiguousarray(grid.array[box]))[None, None], seed=s.seed, samples=k,
+            steps=n_steps, eta=eta, fuse=fuse,
+            sw_batch_size=s.sw_batch_size, progress=progress,
+        )  # fmt: skip
     net_seconds = time.perf_counter() - t_net
     probs = torch.zeros((inner.shape[0], inner.shape[1], *grid.array.shape), dtype=inner.dtype)
     probs[:, 0] = 1.0  # background outside the head's box
@@ -252,6 +274,8 @@ def segment_volume(
         },
         "normalization": grid.normalization,
         "voxel_ml": voxel_ml,
+        "device": DEVICE,
+        "compute": comp.record(None),
         "seconds": round(seconds, 3),
         "network_seconds": round(net_seconds, 3),
         "threads": torch.get_num_threads(),
@@ -259,8 +283,9 @@ def segment_volume(
     }
     files["sidecar"] = atomic_write_json(out / SIDECAR, sidecar)
     tracker = ProvenanceTracker(
-        "segment", out, config={**s.model_dump(mode="json"), "segmenter": sidecar["segmenter"]},
-        seeds={"seed": s.seed, **{f"sample{i}": v for i, v in enumerate(sidecar["seeds"]["per_sample"])}}, precision="fp32", device="cpu",
+        "segment", out, config={**s.model_dump(mode="json"), "segmenter": sidecar["segmenter"], "compute": sidecar["compute"]},
+        seeds={"seed": s.seed, **{f"sample{i}": v for i, v in enumerate(sidecar["seeds"]["per_sample"])}},
+        precision=comp.precision.label, device=DEVICE,
         model=ModelRef(name=f"segmenter-{cfg.arch}", weights_sha256=ck.weights_sha256, weights_path=str(ck.path)),
         run_id=run_id,
     )  # fmt: skip

@@ -65,6 +65,8 @@ __all__ = [
 DESCRIP = "medidiff synthetic volume - not a real patient"
 RUN_FILE = "synthesis.json"
 RHO = 7.0  # Karras et al. 2022 schedule warping
+KERNEL_COVERS = {"dpmpp_2m": "dpmpp_2m's step arithmetic (medidiff.inverse.kernels.dpmpp_2m_update)"}
+"""What ``kernels`` implements, per sampler (the others have no fused step: the choice changes nothing)."""
 
 Progress = Callable[[str, int, int], None]
 
@@ -106,6 +108,7 @@ class SynthesisResult:
         peak_memory_bytes: peak GPU memory allocated (CUDA) or peak resident memory (CPU).
         peak_memory_kind: ``"cuda_max_memory_allocated"`` or ``"cpu_vmhwm"``.
         warnings: what went wrong but was handled (e.g. a batch redone in float32).
+        kernels: the sampler step's kernels that ran (``"reference"``, ``"compiled"``, ``"triton"``).
     """
 
     out_dir: Path
@@ -130,6 +133,7 @@ class SynthesisResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     warnings: list[str] = field(default_factory=list)
+    kernels: str = "reference"
 
 
 def _check_args(n: int, steps: int, sampler: str, seed: int, batch_size: int) -> None:
@@ -170,6 +174,7 @@ class _Plan:
     denoiser: Any
     device: torch.device
     precision: Any
+    kernels: str
     modality: str
     modality_code: int
     spacing: tuple[float, float, float]
@@ -199,19 +204,21 @@ def _plan(
     device: str | None,
     decode_tile: int | Sequence[int] | None,
     graph: str = "jit",
+    kernels: str = "reference",
 ) -> _Plan:
     from medidiff.checkpoints import prior_or_default
     from medidiff.diffusion.samplers import expected_nfe
     from medidiff.diffusion.schedules import karras_sigmas
     from medidiff.models.config import MODALITY_CODES
+    from medidiff.stages._compute import resolve_compute
     from medidiff.train.checkpoint import load_models
-    from medidiff.train.precision import resolve_precision
 
     _check_args(n, steps, sampler, seed, batch_size)
     if graph not in ("jit", "eager"):
         raise ValueError(f"graph must be 'jit' or 'eager', got {graph!r}")
     dev = _device(device)
-    prec = resolve_precision(precision, dev)
+    comp = resolve_compute(precision, kernels, dev)
+    prec = comp.precision
     ckpt, shipped = prior_or_default(ckpt, modality, use="synthesis")
     models = load_models(resolve_checkpoint_path(ckpt), device=dev, expect_stage="latent")
     cfg, ck = models.config, models.checkpoint
@@ -255,12 +262,13 @@ def _plan(
         "latent_shape": list(latent_shape),
         "spacing_mm": list(spacing),
         "precision_requested": precision,
+        "compute": comp.record(KERNEL_COVERS.get(sampler)),
         "decode_tile": list(tile) if tile is not None else None,
         "decode_halo": decoder_halo(models.autoencoder) if tile is not None else None,
         "schedule": schedule,
         "training_data": str(data_path) if data_path is not None else None,
     }
-    warnings = list(shipped)
+    warnings = list(shipped) + list(comp.warnings)
     trained = (data or {}).get("config", {}).get("modalities", [])
     if not conditioned and len(trained) > 1:
         warnings.append(
@@ -279,6 +287,7 @@ def _plan(
         denoiser=denoiser,
         device=dev,
         precision=prec,
+        kernels=comp.kernels,
         modality=mod,
         modality_code=MODALITY_CODES.get(mod, MODALITY_CODES["OT"]),
         spacing=spacing,
@@ -319,6 +328,7 @@ def _sample_and_decode(
         precision=precision,
         device=plan.device,
         callback=callback,
+        kernels=plan.kernels,
     )
     if _nonfinite_stage(z, None) is not None:
         return z, None
@@ -378,6 +388,7 @@ def synthesize(
     decode_tile: int | Sequence[int] | None = None,
     progress: Progress | None = None,
     graph: str = "jit",
+    kernels: str = "reference",
 ) -> SynthesisResult:
     """Synthesize ``n`` volumes from a latent diffusion checkpoint (see the module docstring).
 
@@ -403,6 +414,12 @@ def synthesize(
         graph: ``"jit"`` (default) runs the latent UNet as a frozen TorchScript graph per batch shape
             (:class:`medidiff.models.inference.FrozenUNet`: same weights, about half the time per call
             on CPU); ``"eager"`` runs the module as it is.
+        kernels: the sampler step's arithmetic (:mod:`medidiff.inverse.kernels`): ``"reference"``,
+            ``"compiled"`` (``torch.compile``) or ``"triton"`` (CUDA; elsewhere the compiled kernels, with a
+            warning). Only ``dpmpp_2m`` has a fused step; with another sampler the choice is recorded and
+            changes nothing. ``precision="bf16"`` on a device without bf16 runs in float32, with a warning.
+            Requested and used, both are recorded (``config.compute`` in the provenance and
+            ``synthesis.json``; ``generation.kernels`` in each sidecar).
 
     Raises:
         CheckpointError: not a latent diffusion checkpoint (an autoencoder, a foreign file...).
@@ -425,6 +442,7 @@ def synthesize(
         device=device,
         decode_tile=decode_tile,
         graph=graph,
+        kernels=kernels,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +492,7 @@ def synthesize(
         peak_memory_bytes=peak,
         peak_memory_kind=memory.kind,
         warnings=list(plan.warnings),
+        kernels=plan.kernels,
     )
 
 
@@ -531,6 +550,7 @@ class _Writer:
                 "index": index,
                 "latent_shape": c["latent_shape"],
                 "precision": precision.label,
+                "kernels": p.kernels,
                 "device": str(p.device),
                 "decode": {
                     "tiled": p.tile is not None,

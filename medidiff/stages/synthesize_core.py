@@ -163,6 +163,7 @@ def sample_latents(
     precision: Any = None,
     device: str | torch.device = "cpu",
     callback: Callable[[dict[str, Any]], None] | None = None,
+    kernels: str = "reference",
 ) -> Tensor:
     """Draw one latent per seed with a sampler over ``sigmas`` (float32 state, network under autocast).
 
@@ -182,6 +183,8 @@ def sample_latents(
         precision: a resolved :class:`~medidiff.train.precision.Precision`; ``None`` is float32.
         device: where the network runs.
         callback: called after every sampler step (see :mod:`medidiff.diffusion.samplers`).
+        kernels: the sampler step's implementation (``"reference"``, ``"compiled"``, ``"triton"``; see
+            :mod:`medidiff.diffusion.samplers`).
 
     Returns:
         ``(B, *latent_shape)`` float32 latents on ``device``.
@@ -211,7 +214,7 @@ def sample_latents(
     sig = torch.as_tensor(sigmas, dtype=torch.float64)
     x = randn_per_sample((B, *latent_shape), gens, device=dev) * math.sqrt(float(sig[0]) ** 2 + 1.0)
     with torch.inference_mode():
-        return SAMPLERS[sampler](D, x, sig, generator=gens, callback=callback).float()
+        return SAMPLERS[sampler](D, x, sig, generator=gens, callback=callback, kernels=kernels).float()
 
 
 # --------------------------------------------------------------------------------- decoding

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Precision", "autocast_context", "make_grad_scaler", "resolve_precision"]
+__all__ = [
+    "Precision",
+    "autocast_context",
+    "make_grad_scaler",
+    "resolve_inference_precision",
+    "resolve_precision",
+]
 
 Requested = Literal["auto", "bf16", "fp16", "fp32"]
 
@@ -82,6 +88,24 @@ def resolve_precision(requested: str, device: str | torch.device) -> Precision:
     if dev.type != "cuda":
         raise ValueError(f"fp16 training needs a CUDA device (got {dev.type}); use 'bf16' or 'fp32'")
     return FP16
+
+
+def resolve_inference_precision(requested: str, device: str | torch.device) -> tuple[Precision, str | None]:
+    """:func:`resolve_precision` for sampling, which falls back where training refuses: ``"bf16"`` on a
+    device that cannot run it (a CUDA card without bf16, a device type autocast does not cover) runs in
+    float32, with the warning to show and record (else None). A sample in float32 is what bf16 would have
+    approximated; a training run would silently change its numerics, so it keeps refusing.
+
+    Raises:
+        ValueError: an unknown name, or ``"fp16"`` off CUDA (as :func:`resolve_precision`).
+    """
+    dev = torch.device(device)
+    if requested == "bf16":
+        try:
+            return resolve_precision(requested, dev), None
+        except ValueError as e:
+            return FP32, f"precision 'bf16' cannot run here ({e}): the network runs in float32 instead"
+    return resolve_precision(requested, dev), None
 
 
 def autocast_context(

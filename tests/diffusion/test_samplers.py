@@ -174,3 +174,36 @@ def test_bad_inputs_raise_clear_errors(gaussian) -> None:
         sample_euler(lambda x, s: x[:, :2], x, karras_sigmas(3, 0.1, 1.0))
     with pytest.raises(ValueError, match="unknown sampler"):
         expected_nfe("plms", 10)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_takes_the_kernels_choice(name: str) -> None:
+    """dpmpp_2m runs its step through the chosen kernel (the compiled one: the same samples within float32
+    round-off); the others have no fused step and give the same bits whatever the choice; an unknown name is
+    refused before any network call."""
+    D = CountingDenoiser(GaussianDenoiser(torch.zeros(64), 0.5 * torch.eye(64)))
+    x = 20.0 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigmas = karras_sigmas(8, 0.01, 20.0)
+
+    def run(kernels: str) -> torch.Tensor:
+        return SAMPLERS[name](D, x, sigmas, generator=per_sample_generators(5, 2), kernels=kernels)
+
+    ref, compiled = run("reference"), run("compiled")
+    if name == "dpmpp_2m":
+        torch.testing.assert_close(compiled, ref, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(compiled, ref)
+    calls = D.nfe
+    with pytest.raises(ValueError, match="kernels must be one of reference, compiled, triton"):
+        run("cuda")
+    assert D.nfe == calls
+
+
+def test_the_samplers_kernel_names_are_the_kernels_modules_and_the_clis() -> None:
+    from typing import get_args
+
+    from medidiff import cli
+    from medidiff.diffusion.samplers import KERNELS
+    from medidiff.inverse import kernels
+
+    assert KERNELS == kernels.KERNELS == get_args(cli._KernelName)

@@ -2,7 +2,8 @@
 moved states within 2 ulps of their dtype, the float64 increments within 1e-5 of the sum of the magnitudes
 of their terms (float32 partial sums over blocks of 1024 voxels), non-finite particles as the reference
 treats them; the resampling indices exactly, over degenerate and random weight vectors; the weights and ESS
-of log-sum-exp within 64 float64 ulps, non-finite log-weights as the reference treats them.
+of log-sum-exp within 64 float64 ulps, non-finite log-weights as the reference treats them; the synthesis
+sampler's step within ``STEP_ULPS`` of the size of its terms, non-finite voxels as the reference.
 
 The interpreter must be chosen before anything imports triton (torch.compile's inductor does, and triton's
 own library functions are decorated then), so these tests run in a process started with
@@ -19,12 +20,14 @@ import pytest
 import torch
 
 from medidiff.inverse.kernels import (
+    dpmpp_2m_update,
     kernel,
     log_normalise,
     shifted_move,
     systematic_resample,
     weighted_moments,
 )
+from tests.inverse._step_cases import STEPS, assert_within_ulps, step_states, terms_scale
 from tests.inverse._weight_cases import (
     NON_FINITE,
     SIZES,
@@ -141,3 +144,49 @@ def test_triton_log_normalise_handles_non_finite_log_weights_as_the_reference(in
 def test_triton_log_normalise_refuses_half_precision_log_weights(interpreted) -> None:
     with pytest.raises(ValueError, match="float32 or float64"):
         kernel("log_normalise", "triton")(torch.zeros(4, dtype=torch.bfloat16))
+
+
+# -- dpmpp_2m_update: the synthesis sampler's step --------------------------------------------------------------
+
+STEP_ULPS = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
+"""|Triton - reference| in ulps of the step's terms (``terms_scale``): float32 computes the same lerps, but
+without the reference's fused multiply-adds (measured up to 6.3); a half-precision state is rounded once
+instead of twice (D_eff is not rounded to the state's dtype; measured up to 1.2)."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_dpmpp_2m_update_matches_the_reference(interpreted, dtype: torch.dtype) -> None:
+    x, d, old = step_states(dtype)
+    for w, t in STEPS:
+        for prev in (old, None):
+            got = kernel("dpmpp_2m_update", "triton")(x, d, prev, w, t)
+            ref = dpmpp_2m_update(x, d, prev, w, t)
+            assert_within_ulps(got, ref, terms_scale(x, d, prev, w, t), STEP_ULPS[dtype], dtype)
+
+
+def test_triton_dpmpp_2m_update_handles_non_finite_voxels_as_the_reference(interpreted) -> None:
+    x, d, old = step_states(torch.float32)
+    d[1, 2, 3, 4] = float("nan")
+    old[2, 0, 0, 0] = float("inf")
+    x[0, 5, 5, 5] = float("-inf")
+    for w, t in STEPS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's numpy on inf - inf
+            got = kernel("dpmpp_2m_update", "triton")(x, d, old, w, t)
+        ref = dpmpp_2m_update(x, d, old, w, t)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(ref)) and torch.equal(got.isnan(), ref.isnan())
+
+
+def test_triton_dpmpp_2m_sampling_matches_the_reference(interpreted) -> None:
+    """The whole sampler with the Triton step: the same samples within float32 round-off."""
+    from medidiff.diffusion.samplers import sample_dpmpp_2m
+    from medidiff.diffusion.schedules import karras_sigmas
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return 0.3 + 0.1 / (0.1 + sigma.reshape(-1, 1, 1, 1) ** 2) * (x - 0.3)  # exact for iid N(0.3, 0.1)
+
+    x = 20 * torch.randn(2, 6, 7, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = karras_sigmas(10, 0.002, 20.0, 7.0)
+    ref = sample_dpmpp_2m(denoiser, x, sigmas)
+    got = sample_dpmpp_2m(denoiser, x, sigmas, kernels="triton")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

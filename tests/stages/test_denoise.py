@@ -275,3 +275,57 @@ def test_a_block_on_request_is_the_same_as_denoising_the_cut_file(gaussian_case,
         denoise_volume(
             d / "noisy.nii.gz", tmp_path / "big", checkpoint=GaussianPixelPrior(M, V), grid=(8, 30, 6)
         )
+
+
+def test_kernels_choice_runs_smcs_arithmetic_and_is_recorded(gaussian_case, monkeypatch) -> None:
+    """kernels="compiled": the same posterior as the reference (float round-off), recorded as asked and as
+    run in denoise.json and the provenance; "triton" on this CPU (no TRITON_INTERPRET) runs the compiled
+    kernels, with a warning before the compute and in the records; ancestral sampling has no kernel (the
+    choice is recorded and covers nothing); a bad name is refused before any network call."""
+    from medidiff.provenance import read_record
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    d = gaussian_case["dir"]
+    kw = {"sigma": SIGMA, "n_particles": 4, "steps": 3, "normalization": IDENTITY, "seed": 2, "method": "smc"}
+    ref = denoise_volume(d / "noisy.nii.gz", d / "ref", checkpoint=GaussianPixelPrior(M, V), **kw)
+    said: list[str] = []
+    tri = denoise_volume(
+        d / "noisy.nii.gz", d / "tri", checkpoint=GaussianPixelPrior(M, V), kernels="triton", notify=said.append, **kw
+    )  # fmt: skip
+    a, b = (nib.load(d / n / "mean.nii.gz").get_fdata() for n in ("ref", "tri"))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    covers = "smc's particle arithmetic (medidiff.inverse.kernels)"
+    assert ref.sidecar["compute"]["kernels"] == {
+        "requested": "reference",
+        "used": "reference",
+        "covers": covers,
+    }
+    compute = tri.sidecar["compute"]
+    assert compute == {
+        "precision": {"requested": "fp32", "used": "float32"},
+        "kernels": {"requested": "triton", "used": "compiled", "covers": covers},
+    }
+    assert (
+        tri.sidecar["sampler_info"]["kernels"] == "compiled"
+        and tri.sidecar["settings"]["kernels"] == "triton"
+    )
+    warning = next(w for w in tri.sidecar["warnings"] if "kernels='triton' cannot run on cpu" in w)
+    assert (
+        f"warning: {warning}" in said and said.index(f"warning: {warning}") > 0
+    )  # after the plan, before compute
+    rec = read_record(record_path(d / "tri" / "mean.nii.gz"))
+    assert rec.config["compute"] == compute and warning in rec.warnings and rec.precision == "float32"
+    anc = denoise_volume(
+        d / "noisy.nii.gz", d / "anc", checkpoint=GaussianPixelPrior(M, V), kernels="compiled", sigma=SIGMA,
+        n_particles=2, steps=2, normalization=IDENTITY,
+    )  # fmt: skip
+    assert anc.sidecar["method"]["used"] == "ancestral"
+    assert anc.sidecar["compute"]["kernels"] == {"requested": "compiled", "used": "compiled", "covers": None}
+    for bad, match in (
+        ({"kernels": "cuda"}, "kernels"),
+        ({"options": {"kernels": "compiled"}}, "not options"),
+    ):
+        prior = GaussianPixelPrior(M, V)
+        with pytest.raises(ValueError, match=match):
+            denoise_volume(d / "noisy.nii.gz", d / "bad", checkpoint=prior, **{**kw, **bad})
+        assert prior.calls == 0 and not (d / "bad").exists()

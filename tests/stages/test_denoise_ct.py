@@ -215,3 +215,38 @@ def test_cli_noise_ct_stable_interface(ct_run: dict) -> None:
     bad = subprocess.run([*cli, str(src), "--dose", "0.25", "--out", str(ct_run["tmp"] / "bad")],
                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert bad.returncode == 2 and "noise='ct'" in " ".join((bad.stdout + bad.stderr).split())
+
+
+def test_ct_kernels_choice_is_run_and_recorded(tmp_path, monkeypatch) -> None:
+    """The low-dose CT path takes the same kernels choice as the image-noise path: smc runs it ("triton" on
+    this CPU: the compiled kernels, with a warning), denoise.json and the provenance record it, asked for and
+    run; options['kernels'] and an unknown name are refused before any compute."""
+    from medidiff.provenance import read_record, record_path
+    from medidiff.stages.denoise import denoise_volume
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    write_nifti(Volume(_phantom().astype(np.float32), AFFINE, "CT"), tmp_path / "ct.nii.gz")
+    kw = {"noise": "ct", "dose": 0.5, "method": "smc", "n_particles": 2, "steps": 2, "seed": 0}
+    said: list[str] = []
+    res = denoise_volume(tmp_path / "ct.nii.gz", tmp_path / "out", kernels="triton", notify=said.append, **kw)
+    compute = res.sidecar["compute"]
+    assert compute["kernels"] == {
+        "requested": "triton",
+        "used": "compiled",
+        "covers": "smc's particle arithmetic (medidiff.inverse.kernels)",
+    }
+    assert compute["precision"] == {"requested": "fp32", "used": "float32"}
+    assert (
+        res.sidecar["sampler_info"]["kernels"] == "compiled"
+        and res.sidecar["settings"]["kernels"] == "triton"
+    )
+    assert any(w.startswith("warning: kernels='triton' cannot run on cpu") for w in said)
+    rec = read_record(record_path(tmp_path / "out" / "mean.nii.gz"))
+    assert rec.config["compute"] == compute and any("kernels='triton'" in w for w in rec.warnings)
+    for bad, message in (
+        ({"kernels": "cuda"}, "kernels must be one of"),
+        ({"options": {"kernels": "compiled"}}, "not options"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            denoise_volume(tmp_path / "ct.nii.gz", tmp_path / "bad", **{**kw, **bad})
+        assert not (tmp_path / "bad").exists()

@@ -295,3 +295,65 @@ def test_no_checkpoint_uses_the_shipped_segmenter_with_a_warning(tmp_path: Path)
     assert any("shipped demo segmenter 'demo-seg-brain'" in w for w in side["warnings"])
     assert side["segmenter"]["arch"] == "diffusion" and [s["name"] for s in side["structures"]] == [
         "csf", "gray_matter", "white_matter"]  # fmt: skip
+
+
+def test_precision_and_kernels_are_run_and_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision="bf16" runs the segmenter under CPU autocast (labels as float32's but for a few voxels on
+    the edges); kernels covers nothing here but is checked ("triton" on this CPU: compiled, with a warning)
+    and recorded, asked for and used, in segment.json and the provenance; bad names are refused first."""
+    from medidiff.provenance import read_record, record_path
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    img, _ = phantom(6)
+    write_nifti(Volume(img, AFFINE, "MR"), tmp_path / "scan.nii.gz")
+    ref = segment_volume(tmp_path / "scan.nii.gz", tmp_path / "fp32", samples=1, steps=1)
+    said: list[str] = []
+    res = segment_volume(
+        tmp_path / "scan.nii.gz", tmp_path / "bf16", samples=1, steps=1, precision="bf16", kernels="triton",
+        notify=said.append,
+    )  # fmt: skip
+    assert ref.sidecar["compute"]["precision"] == {"requested": "fp32", "used": "float32"}
+    compute = res.sidecar["compute"]
+    assert compute == {
+        "precision": {"requested": "bf16", "used": "bf16-mixed"},
+        "kernels": {"requested": "triton", "used": "compiled", "covers": None},
+    }
+    assert res.sidecar["settings"]["precision"] == "bf16" and res.sidecar["device"] == "cpu"
+    warning = next(w for w in res.sidecar["warnings"] if "kernels='triton' cannot run on cpu" in w)
+    assert f"warning: {warning}" in said
+    rec = read_record(record_path(res.files["labels"]))
+    assert rec.config["compute"] == compute and rec.precision == "bf16-mixed" and warning in rec.warnings
+    a, b = (np.asarray(nib.load(r.files["labels"]).dataobj) for r in (ref, res))
+    assert (a == b).mean() > 0.97
+    for bad, match in (({"kernels": "fpga"}, "kernels"), ({"precision": "fp16"}, "CUDA")):
+        with pytest.raises(ValueError, match=match):
+            segment_volume(tmp_path / "scan.nii.gz", tmp_path / "bad", samples=1, steps=1, **bad)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_segment_precision_and_kernels(tmp_path: Path) -> None:
+    """`medidiff segment --precision P --kernels K`: recorded in segment.json; --kernels triton on this CPU
+    warns on the console; an unknown value exits with code 2 before anything is read or written."""
+    import os
+
+    img, _ = phantom(6)
+    write_nifti(Volume(img, AFFINE, "MR"), tmp_path / "scan.nii.gz")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+    cli = [sys.executable, "-m", "medidiff.cli", "segment", str(tmp_path / "scan.nii.gz"), "--samples", "1",
+           "--steps", "1"]  # fmt: skip
+    r = subprocess.run([*cli, "--precision", "fp32", "--kernels", "triton", "--out", str(tmp_path / "seg")],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: kernels='triton' cannot run on cpu" in " ".join((r.stdout + r.stderr).split())
+    side = json.loads((tmp_path / "seg" / "segment.json").read_text())
+    assert side["compute"]["kernels"] == {"requested": "triton", "used": "compiled", "covers": None}
+    assert side["compute"]["precision"] == {"requested": "fp32", "used": "float32"}
+    for flag, value in (("--kernels", "fpga"), ("--precision", "fp8")):
+        b = subprocess.run([*cli, flag, value, "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                           env=env, timeout=300, check=False)  # fmt: skip
+        said = " ".join((b.stdout + b.stderr).split())
+        assert b.returncode == 2 and f"Invalid value for '{flag}'" in said and value in said, said
+        assert not (tmp_path / "bad").exists()

@@ -236,6 +236,70 @@ def test_diverged_weights_fail_clearly(runs: dict[int, Path], tmp_path: Path) ->
     assert not list((tmp_path / "o").glob("*.nii.gz"))
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_compiled_kernels_give_the_reference_synthesis_and_are_recorded(
+    runs: dict[int, Path], tmp_path: Path, dims: int
+) -> None:
+    """kernels="compiled" changes how dpmpp_2m's step runs, not the samples (float32 round-off over the
+    steps); the choice, asked for and used, is in every sidecar, provenance record and synthesis.json."""
+    kw = {"n": 2, "steps": 4, "sampler": "dpmpp_2m", "seed": 3, "batch_size": 2}
+    ref = synthesize(runs[dims], tmp_path / "reference", **kw)
+    comp = synthesize(runs[dims], tmp_path / "compiled", kernels="compiled", **kw)
+    assert (
+        ref.kernels == "reference" and comp.kernels == "compiled" and not comp.warnings[len(ref.warnings) :]
+    )
+    for a, b in zip(ref.outputs, comp.outputs, strict=True):
+        va, vb = _voxels(a), _voxels(b)
+        assert np.abs(va - vb).max() <= 1e-4 * max(1.0, float(np.abs(va).max()))
+    expected = {
+        "precision": {"requested": "auto", "used": "float32"},
+        "kernels": {
+            "requested": "compiled",
+            "used": "compiled",
+            "covers": "dpmpp_2m's step arithmetic (medidiff.inverse.kernels.dpmpp_2m_update)",
+        },
+    }
+    for side, rec in zip(comp.sidecars, comp.records, strict=True):
+        assert json.loads(side.read_text())["generation"]["kernels"] == "compiled"
+        assert read_record(rec).config["compute"] == expected
+    assert json.loads(comp.run_json.read_text())["config"]["compute"] == expected
+    assert json.loads(ref.run_json.read_text())["config"]["compute"]["kernels"]["used"] == "reference"
+
+
+def test_triton_on_this_cpu_runs_the_compiled_step_with_a_warning(
+    runs: dict[int, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU and no TRITON_INTERPRET: the compiled kernels run, the warning is in the result, every sidecar
+    and provenance record, and what was asked for and what ran are both recorded. Another sampler has no
+    fused step: the choice is recorded and covers nothing."""
+    import medidiff.inverse.kernels as kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    asked: list[tuple[str, str]] = []
+    real = kernels.kernel
+    monkeypatch.setattr(
+        kernels, "kernel", lambda name, kind="reference": asked.append((name, kind)) or real(name, kind)
+    )
+    res = synthesize(runs[2], tmp_path / "t", n=1, steps=3, kernels="triton", device="cpu")
+    assert res.kernels == "compiled" and asked == [("dpmpp_2m_update", "compiled")]  # the sampler ran it
+    said = [w for w in res.warnings if "kernels='triton' cannot run on cpu" in w]
+    assert len(said) == 1 and "using the compiled kernels instead" in said[0]
+    meta = json.loads(res.sidecars[0].read_text())
+    assert meta["generation"]["kernels"] == "compiled" and said[0] in meta["warnings"]
+    rec = read_record(res.records[0])
+    assert rec.config["compute"]["kernels"] == {
+        "requested": "triton",
+        "used": "compiled",
+        "covers": "dpmpp_2m's step arithmetic (medidiff.inverse.kernels.dpmpp_2m_update)",
+    }
+    assert said[0] in rec.warnings
+    heun = synthesize(runs[2], tmp_path / "h", n=1, steps=2, sampler="heun", kernels="compiled")
+    assert json.loads(heun.run_json.read_text())["config"]["compute"]["kernels"]["covers"] is None
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        synthesize(runs[2], tmp_path / "bad", n=1, steps=2, kernels="cuda")
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, COLUMNS="200", OMP_NUM_THREADS="1")
@@ -263,6 +327,34 @@ def test_cli_runs_and_exit_codes(runs: dict[int, Path], tmp_path: Path) -> None:
     assert bad.returncode == 2 and "unknown sampler" in " ".join(bad.stderr.split())
     ae = _cli(str(runs[2] / "autoencoder"), "--n", "1", "--out", str(tmp_path / "x"))
     assert ae.returncode == 2 and "latent diffusion model checkpoint is needed" in " ".join(ae.stderr.split())
+
+
+def test_cli_kernels_and_precision(runs: dict[int, Path], tmp_path: Path) -> None:
+    """--kernels triton on this CPU (no TRITON_INTERPRET): the compiled step, a warning on the console and in
+    the records; an unknown --kernels or --precision: exit code 2 before anything is loaded or written."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "COLUMNS": "200",
+        "OMP_NUM_THREADS": "1",
+    }
+    common = [sys.executable, "-m", "medidiff.cli", "synthesize", str(runs[2]), "--n", "1", "--steps", "2"]
+    out = subprocess.run([*common, "--kernels", "triton", "--precision", "fp32", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stderr.split())
+    assert (
+        "warning: kernels='triton' cannot run on cpu" in text and "float32, compiled kernels on cpu" in text
+    )
+    run = json.loads((tmp_path / "s" / "synthesis.json").read_text())
+    assert run["config"]["compute"]["kernels"]["requested"] == "triton"
+    assert run["config"]["compute"]["kernels"]["used"] == "compiled"
+    assert run["config"]["compute"]["precision"] == {"requested": "fp32", "used": "float32"}
+    assert any("kernels='triton'" in w for w in run["warnings"])
+    for flag, value in (("--kernels", "fpga"), ("--precision", "fp8")):
+        bad = subprocess.run([*common, flag, value, "--out", str(tmp_path / "bad")], capture_output=True,
+                             text=True, env=env, timeout=300, check=False)  # fmt: skip
+        said = " ".join(bad.stderr.split())
+        assert bad.returncode == 2 and f"Invalid value for '{flag}'" in said and value in said, said
+        assert not (tmp_path / "bad").exists()
 
 
 def test_cli_help_has_examples() -> None:
