@@ -85,7 +85,6 @@ from medidiff.inverse._common import (
     log_likelihood,
     mvn_logpdf,
     normalise,
-    systematic_resample,
     weighted_moments,
 )
 from medidiff.inverse.kernels import kernel
@@ -645,7 +644,11 @@ class _SMCRun:
 
     def resample(self, c: _Cloud, k: int) -> _Cloud:
         """Systematic resampling; the weights start afresh."""
-        idx = systematic_resample(normalise(c.logw), self.generator)
+        kind = self.opts.kernels
+        weights = kernel("log_normalise", kind)(c.logw)[0]
+        # the uniform is drawn as systematic_resample draws it, so every kernel kind resamples alike
+        u0 = torch.rand(1, generator=self.generator, dtype=_F64, device=self.generator.device)
+        idx = kernel("systematic_resample", kind)(weights, u0)
         # ESS is N right after resampling even when every copy comes from one survivor; the number of
         # distinct survivors is what shows a collapse.
         self.unique_after.append(int(torch.unique(idx).numel()))

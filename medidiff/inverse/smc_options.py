@@ -204,9 +204,26 @@ class SMCOptions:
         )
 
     @classmethod
-    def latent_prior(cls) -> SMCOptions:
-        """Defaults for a trained latent checkpoint: its scale factor gives the latents unit variance."""
-        return cls(data_var=1.0)
+    def latent_prior(cls, decoder_var: float | None = None) -> SMCOptions:
+        """Defaults for a trained latent checkpoint: its scale factor gives the latents unit variance.
+
+        With the autoencoder's error variance ``decoder_var`` (per voxel; :func:`~medidiff.train.quality.
+        decoder_error_var` reads it from the checkpoint) the decoder's error is modelled, ``x = Dec(z) + e``:
+        in every twist, and in the last step, which draws ``x0`` given ``y`` with that Gaussian fitted per
+        radial band (``final_var="evidence"``, as for pixel-space priors). ESS-controlled tempering keeps
+        the cloud from collapsing: at MRI 8x the exact increments differ between particles by hundreds of
+        nats at every step (docs/benchmarks.md, issue 15). Without ``decoder_var`` the decoder is taken as
+        exact and the cloud collapses to one particle on real data; kept for checkpoints that record no
+        autoencoder PSNR."""
+        if decoder_var is None:
+            return cls(data_var=1.0)
+        return cls(
+            data_var=1.0,
+            decoder_var=float(decoder_var),
+            temper_ess=PIXEL_TEMPER_ESS,
+            final="posterior",
+            final_var="evidence",
+        )
 
     def resolved(self, operator: LinearOperator | ComposedOperator) -> SMCOptions:
         """These options with every ``"auto"`` replaced for ``operator``; raises ValueError where the operator

@@ -22,7 +22,10 @@ pixel-space denoiser callable ``D(x, sigma)`` on ``(B, I, J, K)``) or a classica
 the checkpoint as ``prior`` reconstructs the same patch, for side-by-side comparison. ``smc`` defaults:
 
 - a latent checkpoint: the gradient-guided proposal with Tweedie guidance (gradients through the decoder
-  only) and ``data_var=1``;
+  only), ``data_var=1`` and, where the checkpoint records its autoencoder's PSNR, the decoder's error
+  ``x = Dec(z) + e`` modelled (``decoder_var = 10^(-PSNR/10)``; :meth:`SMCOptions.latent_prior`): in the
+  twists, in a last step that draws ``x0`` given ``y`` (``final="posterior"``, ``final_var="evidence"``), with
+  ESS-controlled tempering;
 - a pixel-space checkpoint (``autoencoder.kind: identity``): the same proposal, ``data_var = 1 / c^2``
   (``c`` its scale factor), ESS-controlled tempering (``temper_ess`` = :data:`~medidiff.inverse.smc_options.PIXEL_TEMPER_ESS`), a
   top noise level of ``PIXEL_SIGMA_MAX_SPREADS / c``, and ``final="posterior"``: the last step draws each
@@ -307,8 +310,9 @@ def reconstruct_volume(
             :func:`~medidiff.diffusion.spectrum.measure_spectrum`), laid on the grid as the sampler's
             ``data_spectrum`` (a stationary variance model instead of the isotropic one). Recorded in
             the sidecar.
-        options: sampler options (see :func:`medidiff.inverse.reconstruct`); latent ``smc`` defaults to
-            ``data_var=1`` (scaled latents have unit variance).
+        options: sampler options (see :func:`medidiff.inverse.reconstruct`), laid over the checkpoint's
+            ``smc`` defaults (module docstring; a latent checkpoint's: ``data_var=1``, and its decoder's error
+            modelled where its autoencoder's PSNR is recorded).
         progress: ``progress(step, total, ess)`` after every sampler step.
         notify: ``notify(message)`` with the plan (grid, padding, tiling) and any warning about the
             prior, before the compute starts (the CLI prints them).
@@ -930,7 +934,9 @@ def checkpoint_sampler(
         autocast=autocast,
     )
     if method == "smc":
-        options = SMCOptions.latent_prior()
+        from medidiff.train.quality import decoder_error_var
+
+        options = SMCOptions.latent_prior(decoder_error_var(models.checkpoint)[0])
     return den, forward, {"sigma_min": float(net.sigma_min), "sigma_max": float(net.sigma_max)}, options
 
 

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AE_PSNR_FLOOR_DB", "checkpoint_warnings"]
+__all__ = ["AE_PSNR_FLOOR_DB", "checkpoint_warnings", "decoder_error_var"]
 
 AE_PSNR_FLOOR_DB = 30.0
 """Held-out autoencoder reconstruction PSNR (dB) below which a checkpoint is flagged."""
@@ -49,6 +49,22 @@ def _released_ae_psnr(ck: Any) -> float | None:
     figure = ((ck.info.get("release") or {}).get("evaluation") or {}).get("autoencoder_psnr_db")
     value = figure.get("mean") if isinstance(figure, dict) else None
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def decoder_error_var(ck: Any) -> tuple[float | None, str | None]:
+    """A latent checkpoint's autoencoder error variance per voxel in the normalised scale (data range 1),
+    ``10^(-PSNR / 10)``, with where the PSNR came from: a release's held-out whole-volume figure, else the
+    training-time ``eval_psnr_ema`` (held-out patches). ``(None, None)`` for a pixel-space checkpoint or
+    when neither was recorded. The latent smc models the decoder's error with it (``decoder_var``)."""
+    if ck.config.autoencoder.is_identity:
+        return None, None
+    held_out = _released_ae_psnr(ck)
+    if held_out is not None:
+        return 10.0 ** (-held_out / 10.0), f"the release's held-out autoencoder PSNR, {held_out:.2f} dB"
+    proxy = _ae_psnr(dict(ck.training_state.get("autoencoder_checkpoint") or {}))
+    if proxy is not None:
+        return 10.0 ** (-proxy / 10.0), f"the autoencoder's training-time eval_psnr_ema, {proxy:.2f} dB"
+    return None, None
 
 
 def _ae_checks(

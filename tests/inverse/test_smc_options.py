@@ -57,6 +57,9 @@ def test_presets_and_overrides() -> None:
     )
     assert pixel.temper_ess == PIXEL_TEMPER_ESS and pixel.data_var == pytest.approx(0.25)
     assert SMCOptions.latent_prior() == SMCOptions(data_var=1.0)
+    with_error = SMCOptions.latent_prior(1e-3)
+    assert (with_error.decoder_var, with_error.final, with_error.final_var) == (1e-3, "posterior", "evidence")
+    assert with_error.temper_ess == PIXEL_TEMPER_ESS
     # leaving the posterior last step drops the preset's final_var (only that step has one) ...
     assert pixel.updated({"final": "denoise"}).final_var == "network"
     # ... unless it is named, which then fails as it should

@@ -122,6 +122,14 @@ def test_latent_prior_simulate_paths_write_everything(
     assert float(inside.mean()) == pytest.approx(m["coverage90"], abs=0.01)
     assert len(side["ess"]) == 5 and abs(sum(side["weights"]) - 1.0) < 1e-9
     assert side["prior"]["kind"] == "latent"
+    if method == "smc":  # the decoder's error modelled from the autoencoder's recorded PSNR (issue 15)
+        from medidiff.train.quality import decoder_error_var
+
+        dvar, source = decoder_error_var(load_checkpoint(latent_prior["latent"]))
+        assert dvar is not None and "eval_psnr_ema" in source  # an unreleased run: the training-time proxy
+        info = side["sampler_info"]
+        assert info["decoder_var"] == pytest.approx(dvar) and info["final"] == "posterior"
+        assert info["temper_ess"] == 0.5 and len(info["final_var_bands"]["rho"]) > 0
     norm = side["normalization"]  # the prior's data.json: its MR percentiles, CT's clip-and-scale
     assert norm["percentiles"] == [1.0, 99.0] if simulate == "mri" else norm["method"] == "ct_clip_scale"
     record = read_record(record_path(out / "mean.nii.gz"))

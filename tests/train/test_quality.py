@@ -74,3 +74,26 @@ def test_a_release_held_out_figure_decides_the_autoencoder_floor(latent_prior) -
 
     brain = load_checkpoint(shipped_checkpoints()["demo-brain"].path)
     assert checkpoint_warnings(brain) == []
+
+
+def test_decoder_error_var_reads_the_autoencoder_psnr(latent_prior, pixel_prior) -> None:  # noqa: F811
+    """The latent smc's decoder-error model: ``10^(-PSNR/10)`` from a release's held-out figure, else the
+    training-time proxy; nothing for a pixel-space model or an autoencoder without a recorded PSNR."""
+    import math
+
+    from medidiff.train.quality import decoder_error_var
+
+    lat = load_checkpoint(latent_prior["latent"])
+    proxy = lat.training_state["autoencoder_checkpoint"]["eval_psnr_ema"]
+    var, source = decoder_error_var(lat)
+    assert var == 10.0 ** (-proxy / 10.0) and "eval_psnr_ema" in source
+    info = {**lat.info, "release": {"evaluation": {"autoencoder_psnr_db": {"mean": 30.0}}}}
+    var, source = decoder_error_var(dataclasses.replace(lat, info=info))
+    assert math.isclose(var, 1e-3) and "held-out" in source
+    record = {
+        k: v
+        for k, v in lat.training_state["autoencoder_checkpoint"].items()
+        if k not in ("eval_psnr_ema", "path")
+    }
+    assert decoder_error_var(_with(lat, ae=record)) == (None, None)
+    assert decoder_error_var(load_checkpoint(pixel_prior)) == (None, None)
