@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of issues 3, 4 and 19, for a session whose task is lent a device (about 9 minutes).
+# GPU check of issues 3, 4 and 19, for a session whose task is lent a device (about 10 minutes).
 # Prepare here:   bash benchmarks/fetch_gpu_wheels.sh          (monai + pydantic wheels -> .whl/)
-# Run there:      device run: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 570
+# Run there:      device run: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout_s 600
 # It prints JSON from each step and copies it to $OUT. Not yet run on a device (see the note in
 # docs/benchmarks.md): the first session with a GPU should run it and record what it printed.
 set -uo pipefail
@@ -48,3 +48,9 @@ for r in d["rows"]:
     else:
         print(r["kernel"], r["n"], r["side"], r["dtype"], r["skipped"])
 PY
+
+echo "== channels_last_3d against the default layout (issue 19, item 5): the shipped networks, bf16 autocast =="
+# The shipped checkpoints are tracked files, so they travel with the working tree.
+timeout 60 python3 benchmarks/bench_memory_format.py --device cuda --bf16 --batch 8 --repeats 10 \
+  --json "$OUT/memory_format.json" 2>/dev/null | tail -n +1 >/dev/null
+cat "$OUT/memory_format.json" 2>/dev/null
