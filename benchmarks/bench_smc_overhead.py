@@ -7,9 +7,11 @@ pixel prior, the Tweedie-guided gradient proposal, tempering and the band-fitted
 a warm-up run. Measured per implementation:
 
 - ``seconds``: the wall time of :func:`medidiff.inverse.reconstruct`;
-- ``network_seconds``: the time inside the denoiser's calls (every forward pass; with a latent checkpoint
-  also the decoder's forward passes). Backward passes through the network (the one Hutchinson probe of
-  the last step) are not inside a call, so ``1 - network / seconds`` bounds the overhead from above;
+- ``network_seconds``: the time inside the networks: the denoiser's calls (every forward pass; with a
+  latent checkpoint also the decoder's forward passes) and every ``torch.autograd.grad`` call (the
+  backward passes: guidance pulled back through a decoder, Hutchinson probes, the decoder spectrum's
+  Jacobian-vector products; the few vector products of the sampler's own in there are counted as
+  network too). ``overhead_upper = 1 - network / seconds``;
 - ``null_seconds``: the same run with the network replaced by a free denoiser of the same shapes
   (``D(x, s) = x / (1 + s^2)``, the exact denoiser of a unit Gaussian; pixel-space checkpoints only): the
   sampler's own arithmetic, every twist solve, move, weight, resampling and the last step's fit included.
@@ -112,8 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "runs": {},
     }
+    # backward passes through the networks (the guidance pulled back through a decoder, the probes, the
+    # decoder spectrum's Jacobian-vector products) all go through torch.autograd.grad: time them as network
+    backward = Timed(torch.autograd.grad)
+    torch.autograd.grad = backward  # type: ignore[assignment]
     for kernels in args.kernels:
         once(den, kernels, 2, 2)  # warm-up: compilation, allocator growth, lazy imports
+        backward.seconds, backward.calls = 0.0, 0
         timed = Timed(den)
         decoder = None
         if not pixel:
@@ -122,16 +129,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds, res = once(timed, kernels, args.particles, args.steps)
         if decoder is not None:
             fwd.decoder = decoder.fn
-        network = timed.seconds + (decoder.seconds if decoder is not None else 0.0)
+        forward = timed.seconds + (decoder.seconds if decoder is not None else 0.0)
+        network = forward + backward.seconds
         row: dict[str, Any] = {
             "seconds": round(seconds, 3),
             "network_seconds": round(network, 3),
+            "network_forward_seconds": round(forward, 3),
+            "network_backward_seconds": round(backward.seconds, 3),
             "network_calls": timed.calls,
             "overhead_upper": round(1.0 - network / seconds, 4),
             "resamplings": res.n_resamples,
             "backward_per_particle": res.info["backward_per_particle"],
         }
         if pixel:
+            backward.seconds = 0.0
             once(_free_denoiser, kernels, 2, 2)
             null_seconds, null_res = once(_free_denoiser, kernels, args.particles, args.steps)
             row["null_seconds"] = round(null_seconds, 3)
