@@ -696,6 +696,9 @@ def reconstruct(
     kernels = comp.kernels  # type: ignore[assignment]
     if precision == "bf16" and comp.precision.name == "fp32":
         precision = "fp32"
+    if method != "smc" and kernels != "reference":
+        _say(f"warning: --kernels {kernels} applies to method 'smc' only; {method} runs as it is")
+    covers = "smc's particle arithmetic (medidiff.inverse.kernels)" if method == "smc" else None
 
     with _sampling_progress(steps, particles) as cb:
         result = reconstruct_volume(
@@ -724,9 +727,10 @@ def reconstruct(
             tile_overlap=tile_overlap,
             precision=precision,
             chunk_size=chunk_size,
-            options={"kernels": kernels} if kernels != "reference" else None,
+            options={"kernels": kernels} if kernels != "reference" and method == "smc" else None,
             progress=cb,
             notify=_say,
+            compute=comp.record(covers),
         )
     table = Table(title="Reconstruction")
     table.add_column("metric")

@@ -233,6 +233,18 @@ def test_reconstruct_kernels_fall_back_and_are_recorded(tmp_path: Path) -> None:
     ) < text.index("Sampling")
     rec = json.loads((tmp_path / "rec" / "reconstruction.json").read_text())
     assert rec["sampler_info"]["kernels"] == "compiled" and rec["precision"] == "float32"
+    assert (
+        rec["compute"]["kernels"]["requested"] == "triton" and rec["compute"]["kernels"]["used"] == "compiled"
+    )
+    assert rec["compute"]["precision"]["requested"] == "fp32"
+    # a method without the kernels runs as it is, with a warning (before: "unknown option(s) ['kernels']")
+    tv = subprocess.run([*CLI, "reconstruct", "--reference", str(ref), "--simulate", "mri", "--method", "tv",
+                         "--kernels", "compiled", "--out", str(tmp_path / "tv")],
+                        capture_output=True, text=True, env=_no_interpreter(), timeout=300, check=False)  # fmt: skip
+    assert tv.returncode == 0, tv.stderr
+    assert "applies to method 'smc' only" in " ".join(tv.stderr.split())
+    side = json.loads((tmp_path / "tv" / "reconstruction.json").read_text())
+    assert side["compute"]["kernels"]["covers"] is None
     _bad_choices_exit_2(args, tmp_path / "bad")
 
 

@@ -254,6 +254,7 @@ def reconstruct_volume(
     notify: NotifyCallback | None = None,
     run_id: str | None = None,
     input_label: str | None = None,
+    compute: Mapping[str, Any] | None = None,
 ) -> ReconstructionResult:
     """Reconstruct one volume (the whole volume by default, see the module docstring) and write the results.
 
@@ -320,6 +321,9 @@ def reconstruct_volume(
         input_label: record the input files under this name (with their SHA-256) and never their paths,
             in the sidecar, the provenance and the warnings (the flows pass the keyed name: a file name
             can carry a patient's name).
+        compute: what a caller asked for and what runs (``medidiff.stages._compute.Compute.record``: the
+            CLI resolves ``--precision`` / ``--kernels`` fallbacks before the call), recorded as ``compute``
+            in the sidecar and the provenance config.
 
     Returns:
         A :class:`ReconstructionResult`.
@@ -492,6 +496,7 @@ def reconstruct_volume(
         "seeds": seeds,
         "device": str(dev),
         "precision": prec.label,
+        **({"compute": jsonable(dict(compute))} if compute is not None else {}),
         "seconds": round(seconds, 3),
         "warnings": warnings,
         **jsonable(info),
@@ -503,6 +508,7 @@ def reconstruct_volume(
         "prior": _prior_record(pri),
         "reference": shown("reference"),
         "measurement": shown("measurement"),
+        **({"compute": jsonable(dict(compute))} if compute is not None else {}),
     }
     tracker = ProvenanceTracker(
         "reconstruct",
