@@ -138,15 +138,6 @@ _ChunkSize = Annotated[
 ]
 
 
-def _default_device(device: str | None) -> str:
-    """The stages' default device: CUDA when present (imports torch)."""
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _parse_grid(grid: str | None) -> tuple[int, int, int] | None:
     """``--grid I,J,K`` as three positive integers (exit code 2 with a message otherwise)."""
     if grid is None:
@@ -683,22 +674,13 @@ def reconstruct(
     ] = "reference",
 ) -> None:
     """Reconstruct a scan from undersampled MRI or sparse-view CT with a diffusion prior (ensemble SMC)."""
-    from medidiff.stages._compute import resolve_compute
     from medidiff.stages.reconstruct import reconstruct_volume
 
     grid_t = _parse_grid(grid)
-    # The fallbacks are decided here, and the stage gets and records what will run (it does not see the
-    # request itself): triton off CUDA runs the compiled kernels, bf16 on a card without it fp32.
-    with _stage_errors():
-        comp = resolve_compute(precision, kernels, _default_device(device))
-    for w in comp.warnings:
-        _say(f"warning: {w}")
-    kernels = comp.kernels  # type: ignore[assignment]
-    if precision == "bf16" and comp.precision.name == "fp32":
-        precision = "fp32"
+    # the stage resolves the fallbacks (triton off CUDA, bf16 where unsupported), warns through notify
+    # before any compute and records what was asked for and what ran
     if method != "smc" and kernels != "reference":
         _say(f"warning: --kernels {kernels} applies to method 'smc' only; {method} runs as it is")
-    covers = "smc's particle arithmetic (medidiff.inverse.kernels)" if method == "smc" else None
 
     with _sampling_progress(steps, particles) as cb:
         result = reconstruct_volume(
@@ -727,10 +709,9 @@ def reconstruct(
             tile_overlap=tile_overlap,
             precision=precision,
             chunk_size=chunk_size,
-            options={"kernels": kernels} if kernels != "reference" and method == "smc" else None,
+            kernels=kernels,
             progress=cb,
             notify=_say,
-            compute=comp.record(covers),
         )
     table = Table(title="Reconstruction")
     table.add_column("metric")

@@ -91,15 +91,15 @@ def ess_of(log_w: Tensor) -> float:
     return float(kernels.log_normalise(log_w)[1])
 
 
-def systematic_resample(weights: Tensor, generator: torch.Generator) -> Tensor:
+def systematic_resample(weights: Tensor, generator: torch.Generator, kind: str = "reference") -> Tensor:
     """Indices of a systematic resampling of normalised ``weights`` (one uniform for all particles).
 
     Particle ``i`` is copied ``floor(N w_i)`` or ``ceil(N w_i)`` times, the lowest-variance unbiased
     scheme in common use (Douc, Cappe and Moulines 2005). Draws ``u0`` from ``generator``, then
-    :func:`kernels.systematic_resample`.
+    :func:`kernels.systematic_resample` in the implementation ``kind`` (the same indices in every one).
     """
     u0 = torch.rand(1, generator=generator, dtype=torch.float64, device=generator.device)
-    return kernels.systematic_resample(weights, u0)
+    return kernels.kernel("systematic_resample", kind)(weights, u0)
 
 
 def weighted_moments(x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:

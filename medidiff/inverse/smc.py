@@ -85,6 +85,7 @@ from medidiff.inverse._common import (
     log_likelihood,
     mvn_logpdf,
     normalise,
+    systematic_resample,
     weighted_moments,
 )
 from medidiff.inverse.kernels import kernel
@@ -645,10 +646,7 @@ class _SMCRun:
     def resample(self, c: _Cloud, k: int) -> _Cloud:
         """Systematic resampling; the weights start afresh."""
         kind = self.opts.kernels
-        weights = kernel("log_normalise", kind)(c.logw)[0]
-        # the uniform is drawn as systematic_resample draws it, so every kernel kind resamples alike
-        u0 = torch.rand(1, generator=self.generator, dtype=_F64, device=self.generator.device)
-        idx = kernel("systematic_resample", kind)(weights, u0)
+        idx = systematic_resample(kernel("log_normalise", kind)(c.logw)[0], self.generator, kind)
         # ESS is N right after resampling even when every copy comes from one survivor; the number of
         # distinct survivors is what shows a collapse.
         self.unique_after.append(int(torch.unique(idx).numel()))
@@ -860,9 +858,8 @@ class _SMCRun:
         twist to that model's evidence ``N(y; A D, sigma_y^2 I + A C A^H)``.
 
         A latent prior (``decoder_var``): ``D`` is the decoded ``Dec(D(z_K))`` and ``r^2`` the decoder's error
-        variance (the evidence fit starts from it, with the band limits ``[1e-4, 1] r^2`` of its own scale);
-        the particles become images. The evidence fit there lets a band's variance reach
-        ``DECODER_BAND_VAR_MAX`` times ``decoder_var``."""
+        variance, where the evidence fit starts; a band's fitted variance may reach ``DECODER_BAND_VAR_MAX``
+        times it. The particles become images."""
         s, lin, y_b = self.sig[k], self.lin, self.y_b
         if self.composed:
             op = self.operator
@@ -926,13 +923,8 @@ class _SMCRun:
         1% and no ``gamma_b`` by 0.01 (at most ``FINAL_FIT_ITERS``). Returns the centred ``rho`` and
         ``gamma`` spectra and the band values (None for a band without frequencies on this grid) with the
         iterations taken and whether it converged."""
-        shape, device, dtype, N, chunk_size = (
-            tuple(D.shape[1:]),
-            self.device,
-            self.dtype,
-            self.N,
-            self.chunk_size,
-        )
+        shape = tuple(D.shape[1:])  # the particles' grid, or the decoded images' for a latent prior
+        device, dtype, N, chunk_size = self.device, self.dtype, self.N, self.chunk_size
         lin_final, y_b, sy2 = self.lin_final, self.y_b, self.sy2
         dims = tuple(range(-len(shape), 0))
         band = radial_bands(shape, device)

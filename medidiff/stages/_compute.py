@@ -21,7 +21,10 @@ import torch
 
 from medidiff.train.precision import Precision
 
-__all__ = ["Compute", "resolve_compute"]
+__all__ = ["SMC_KERNELS", "Compute", "resolve_compute"]
+
+SMC_KERNELS = "smc's particle arithmetic (medidiff.inverse.kernels)"
+"""``covers`` of a run whose sampler is smc (reconstruct, denoise)."""
 
 
 @dataclass(frozen=True)

@@ -509,7 +509,9 @@ def _write_records(
 # ------------------------------------------------------------------------------------------ sampling
 def _kernel_covers(method: str) -> str | None:
     """What ``kernels`` implements when denoising by ``method`` (None: nothing, no kernel there yet)."""
-    return "smc's particle arithmetic (medidiff.inverse.kernels)" if method == "smc" else None
+    from medidiff.stages._compute import SMC_KERNELS
+
+    return SMC_KERNELS if method == "smc" else None
 
 
 def _check_kernels_option(options: dict[str, Any]) -> None:

@@ -254,7 +254,7 @@ def reconstruct_volume(
     notify: NotifyCallback | None = None,
     run_id: str | None = None,
     input_label: str | None = None,
-    compute: Mapping[str, Any] | None = None,
+    kernels: str | None = None,
 ) -> ReconstructionResult:
     """Reconstruct one volume (the whole volume by default, see the module docstring) and write the results.
 
@@ -321,9 +321,12 @@ def reconstruct_volume(
         input_label: record the input files under this name (with their SHA-256) and never their paths,
             in the sidecar, the provenance and the warnings (the flows pass the keyed name: a file name
             can carry a patient's name).
-        compute: what a caller asked for and what runs (``medidiff.stages._compute.Compute.record``: the
-            CLI resolves ``--precision`` / ``--kernels`` fallbacks before the call), recorded as ``compute``
-            in the sidecar and the provenance config.
+        kernels: smc's particle arithmetic (:mod:`medidiff.inverse.kernels`): ``"reference"``,
+            ``"compiled"`` or ``"triton"`` (CUDA; elsewhere the compiled kernels, with a warning); None:
+            ``options["kernels"]`` if given, else ``"reference"``. The other methods have no kernel: the
+            choice is recorded and changes nothing. ``precision="bf16"`` on a device without it runs in
+            float32, with a warning. What was asked for and what ran are the sidecar's and the provenance
+            config's ``compute``.
 
     Returns:
         A :class:`ReconstructionResult`.
@@ -334,7 +337,7 @@ def reconstruct_volume(
     """
     from medidiff.privacy import scrub_paths
     from medidiff.provenance import ProvenanceTracker, labelled_inputs, utc_now
-    from medidiff.train.precision import resolve_precision
+    from medidiff.stages._compute import SMC_KERNELS, resolve_compute
 
     started = utc_now()
     t0 = time.perf_counter()
@@ -369,7 +372,10 @@ def reconstruct_volume(
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    prec = resolve_precision(s.precision, dev)
+    comp = resolve_compute(s.precision, kernels or s.options.get("kernels", "reference"), dev)
+    prec = comp.precision
+    if s.method == "smc" and comp.kernels != s.options.get("kernels", "reference"):
+        s = s.model_copy(update={"options": {**s.options, "kernels": comp.kernels}})
     _check_sources(s, reference, measurement, mask, angles)
     pri = _resolve_prior(prior, s, normalization)
     kind: Literal["mri", "ct"]
@@ -402,7 +408,7 @@ def reconstruct_volume(
         extent["tiling_requested"] = requested_tiling
     if notify is not None:
         notify(extent["message"])
-        for w in pri.warnings:
+        for w in [*pri.warnings, *comp.warnings]:
             notify(f"warning: {w}")
     op = build_operator(kind, geom.grid, s, raw, mask_seed=seeds["mask"])
     y, sy, norm_params = _measurement_in_model_units(kind, op, s, raw, ref, geom, mod, pri, seeds["noise"])
@@ -465,6 +471,7 @@ def reconstruct_volume(
 
     warnings = (
         pri.warnings
+        + list(comp.warnings)
         + (ref.warnings if ref is not None else [])
         + (raw.warnings if raw is not None else [])
         + geom.warnings
@@ -496,7 +503,7 @@ def reconstruct_volume(
         "seeds": seeds,
         "device": str(dev),
         "precision": prec.label,
-        **({"compute": jsonable(dict(compute))} if compute is not None else {}),
+        "compute": comp.record(SMC_KERNELS if s.method == "smc" else None),
         "seconds": round(seconds, 3),
         "warnings": warnings,
         **jsonable(info),
@@ -508,7 +515,7 @@ def reconstruct_volume(
         "prior": _prior_record(pri),
         "reference": shown("reference"),
         "measurement": shown("measurement"),
-        **({"compute": jsonable(dict(compute))} if compute is not None else {}),
+        "compute": comp.record(SMC_KERNELS if s.method == "smc" else None),
     }
     tracker = ProvenanceTracker(
         "reconstruct",
