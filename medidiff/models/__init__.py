@@ -23,6 +23,7 @@ from medidiff.models.config import (
     DiscriminatorConfig,
     ModelConfig,
     NoiseScheduleConfig,
+    TimestepSampling,
     TrainConfig,
     load_model_config,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "DiscriminatorConfig",
     "ModelConfig",
     "NoiseScheduleConfig",
+    "TimestepSampling",
     "TrainConfig",
     "build_autoencoder",
     "build_discriminator",

@@ -37,6 +37,7 @@ __all__ = [
     "DiscriminatorConfig",
     "ModelConfig",
     "NoiseScheduleConfig",
+    "TimestepSampling",
     "TrainConfig",
     "load_model_config",
 ]
@@ -217,6 +218,25 @@ class DiscriminatorConfig(_Strict):
         return 3 * 2**self.num_layers_d
 
 
+class TimestepSampling(_Strict):
+    """How the latent stage draws each example's diffusion time ``t``.
+
+    ``"uniform"`` (the default, MONAI's and the LDM papers'): ``t`` uniform over the scheduler's
+    timesteps. On a scaled-linear schedule that spends most of the training at noise levels where the
+    network's output is little more than the data mean (half of the timesteps have ``sigma > 5`` in the
+    network's unit-variance units) and under 7% on the levels a denoiser or the last steps of a sampler
+    use (``sigma`` 0.09-0.4). ``"log_normal"`` draws ``log sigma ~ N(log_sigma_mean, log_sigma_std^2)``
+    (EDM's training distribution, Karras et al. 2022: mean -1.2, SD 1.2) and takes the timestep whose
+    ``sigma_t = sqrt((1 - abar_t) / abar_t)`` is nearest in ``log sigma``; a ``uniform_fraction`` of the
+    examples keep uniform times, so that no level goes untrained.
+    """
+
+    kind: Literal["uniform", "log_normal"] = "uniform"
+    log_sigma_mean: float = Field(-1.2, allow_inf_nan=False)
+    log_sigma_std: float = Field(1.2, gt=0, allow_inf_nan=False)
+    uniform_fraction: float = Field(0.0, ge=0, le=1)
+
+
 class TrainConfig(_Strict):
     """One training stage.
 
@@ -267,6 +287,9 @@ class TrainConfig(_Strict):
     # latent stage
     scale_factor_batches: int = Field(
         8, ge=1, description="batches whose latents give the scale factor 1/std (LDM convention)"
+    )
+    timesteps: TimestepSampling = Field(
+        TimestepSampling(), description="how training draws diffusion times (TimestepSampling)"
     )
     # bookkeeping
     log_every: int = Field(10, ge=1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medidiff.models.config import MODALITY_CODES, ModelConfig, TrainConfig
+from medidiff.models.config import MODALITY_CODES, ModelConfig, TimestepSampling, TrainConfig
 from medidiff.train.ddp import DistInfo, all_reduce_sum
 from medidiff.train.ema import EMA
 from medidiff.train.losses import diffusion_target, kl_loss, psnr, reparameterize, spectral_loss
@@ -269,6 +269,30 @@ def encode_latents(m: StageModules, x: Tensor, generator: torch.Generator) -> Te
     return reparameterize(z_mu.float(), z_sigma.float(), generator)
 
 
+def draw_timesteps(sched: Any, n: int, spec: TimestepSampling, generator: torch.Generator) -> Tensor:
+    """``n`` training timesteps (int64, CPU) drawn as ``spec`` says (:class:`TimestepSampling`).
+
+    ``"uniform"`` is one ``torch.randint`` call (the draws of runs trained before the option existed).
+    ``"log_normal"``: ``log sigma`` from the normal, mapped to the timestep nearest in ``log sigma``
+    (clamped to the schedule's ends); each example keeps a uniform time with probability
+    ``uniform_fraction``.
+    """
+    count = int(sched.num_train_timesteps)
+    if spec.kind == "uniform":
+        return torch.randint(0, count, (n,), generator=generator)
+    abar = sched.alphas_cumprod.detach().to("cpu", torch.float64)
+    log_sigma_t = 0.5 * (torch.log1p(-abar) - torch.log(abar))  # increasing in t
+    log_sigma = spec.log_sigma_mean + spec.log_sigma_std * torch.randn(
+        n, generator=generator, dtype=torch.float64
+    )
+    hi = torch.searchsorted(log_sigma_t, log_sigma).clamp(1, count - 1)
+    lo = hi - 1
+    nearest = torch.where((log_sigma - log_sigma_t[lo]).abs() <= (log_sigma_t[hi] - log_sigma).abs(), lo, hi)
+    uniform = torch.randint(0, count, (n,), generator=generator)
+    keep_uniform = torch.rand(n, generator=generator, dtype=torch.float64) < spec.uniform_fraction
+    return torch.where(keep_uniform, uniform, nearest)
+
+
 def latent_step(m: StageModules, batch: Batch, step: int) -> StepResult:
     """Denoising step on scaled latents: ``x_t = add_noise(s * z, eps, t)``, MSE to the scheduler's target."""
     del step  # the objective does not change over training
@@ -277,7 +301,7 @@ def latent_step(m: StageModules, batch: Batch, step: int) -> StepResult:
         raise RuntimeError("latent_step needs the scheduler and the latent scale factor")
     z = encode_latents(m, batch.image, m.generator) * m.latent_scale_factor
     noise = torch.randn(z.shape, generator=m.generator, dtype=torch.float32).to(m.device)
-    t = torch.randint(0, sched.num_train_timesteps, (z.shape[0],), generator=m.generator).to(m.device)
+    t = draw_timesteps(sched, z.shape[0], m.cfg.latent_training.timesteps, m.generator).to(m.device)
     x_t = sched.add_noise(z, noise, t)  # float32 in, so MONAI keeps its alphas_cumprod in float32
     target = diffusion_target(sched, z, noise, t)
     with autocast_context(m.precision, m.device):
