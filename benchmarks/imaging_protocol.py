@@ -163,7 +163,8 @@ def checkpoint_sha256(ck: Path) -> str:
     The value the train stage recorded in ``checkpoint.json``; :func:`load_checkpoint` recomputes it from
     the file and refuses a mismatch, so it is the hash of the weights on disk. The optimizer file is left
     out: it plays no part in sampling. For an inference-only release (the shipped demo prior) it is the
-    hash of the training checkpoint it was cut from: its sampling weights are the same tensors.
+    hash of the training checkpoint it was cut from: its sampling weights are the same tensors (a release
+    stored in float16: its own hash).
     """
     from medidiff.train.checkpoint import load_checkpoint
 

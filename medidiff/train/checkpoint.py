@@ -386,10 +386,14 @@ class Checkpoint:
         """SHA-256 of the weights file that training wrote: this one's, or a release's source's.
 
         A release (:mod:`medidiff.train.release`) holds its source's EMA tensors bit for bit, so a figure
-        measured with either belongs to both; this is the hash to match such figures against.
+        measured with either belongs to both; this is the hash to match such figures against. A release
+        stored in float16 holds other tensors: its own hash.
         """
-        source = (self.info.get("release") or {}).get("source_weights_sha256")
-        return str(source) if source else self.weights_sha256
+        release = self.info.get("release") or {}
+        source = release.get("source_weights_sha256")
+        if source and release.get("weights_dtype", "as trained") == "as trained":
+            return str(source)
+        return self.weights_sha256
 
     @property
     def inference_only(self) -> bool:

@@ -98,6 +98,7 @@ def release_checkpoint(
     evaluation: Mapping[str, Any] | None = None,
     rebuild: str | None = None,
     final_reason: str | None = None,
+    half: bool = False,
 ) -> Path:
     """Write an inference-only release of the checkpoint ``source`` into the new folder ``dest``.
 
@@ -105,12 +106,16 @@ def release_checkpoint(
         source: a ``ckpt-<step>`` folder or a training run's stage folder (its ``latest``).
         dest: the release folder; must not exist yet.
         evaluation: held-out figures to put in the model card (e.g. a benchmark's JSON summary); a
-            ``weights_sha256`` in it must be the source's (figures of other weights are refused).
+            ``weights_sha256`` in it must be the source's, or the release's own (with ``half`` the weights
+            change: figures measured on an earlier release of the same source, which writes the same bytes);
+            figures of other weights are refused.
         rebuild: the command that rebuilds the source checkpoint, for the model card.
         final_reason: release a checkpoint that stopped before its planned steps as the model's final
             weights, and why (e.g. "the 2-hour training budget ended here"); recorded in the model card
             and the checkpoint, so that downstream stages do not warn about an intermediate checkpoint.
             Refused for a checkpoint that did finish (nothing to declare).
+        half: store floating-point weights in float16 (half the size; loading casts them back to the
+            networks' float32; recorded as the release's ``weights_dtype``).
 
     Returns:
         The released checkpoint folder ``dest/<stage>/ckpt-<step>``.
@@ -129,11 +134,6 @@ def release_checkpoint(
     if ck.inference_only:
         raise CheckpointError(f"{ck.path} is already an inference-only release; release its source instead")
     measured_on = (evaluation or {}).get("weights_sha256")
-    if measured_on is not None and measured_on != ck.weights_sha256:
-        raise ValueError(
-            f"the evaluation figures were measured on weights {measured_on}, not on {ck.path} "
-            f"({ck.weights_sha256}); rerun the evaluation on this checkpoint"
-        )
     planned = int(ck.config.training(ck.stage).steps)
     if final_reason is not None and not final_reason.strip():
         raise ValueError(
@@ -152,11 +152,18 @@ def release_checkpoint(
     folder.mkdir(parents=True)
     try:
         flat = {
-            f"{part}.{key}": t.contiguous()
+            f"{part}.{key}": (t.half() if half and t.is_floating_point() else t).contiguous()
             for part, src in parts.items()
             for key, t in sorted(ck.weights(src).items())
         }
         _save_safetensors(folder / WEIGHTS_FILE, flat, weights_metadata(ck.stage, ck.step))
+        released_sha = sha256_file(folder / WEIGHTS_FILE)
+        if measured_on is not None and measured_on not in (ck.weights_sha256, released_sha):
+            raise ValueError(
+                f"the evaluation figures were measured on weights {measured_on}, not on {ck.path} "
+                f"({ck.weights_sha256}) nor on its release ({released_sha}); rerun the evaluation on this "
+                "checkpoint"
+            )
         state = ck.training_state
         kept_state = {
             k: state[k] for k in ("precision", "world_size", "autoencoder_checkpoint") if k in state
@@ -166,6 +173,7 @@ def release_checkpoint(
             "source_parts": dict(parts),
             "evaluation": dict(evaluation or {}),
             "rebuild": rebuild,
+            "weights_dtype": "float16" if half else "as trained",
             **(
                 {"final_at_step": {"step": ck.step, "planned_steps": planned, "reason": final_reason.strip()}}
                 if final_reason is not None
@@ -180,7 +188,7 @@ def release_checkpoint(
             "stage": ck.stage,
             "step": ck.step,
             "config": ck.config.model_dump(mode="json"),
-            "files": {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+            "files": {WEIGHTS_FILE: released_sha},
             "parts": sorted(parts),
             "optimizers": {},
             "latent_scale_factor": ck.latent_scale_factor,

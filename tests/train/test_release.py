@@ -150,6 +150,41 @@ def test_release_refuses_figures_measured_on_other_weights(latent_run: Path, tmp
     assert "| psnr_db | 30.5 ± 0.5 |" in (folder / "model_card.md").read_text()
 
 
+def test_half_release_is_float16_loads_as_float32_and_takes_figures_of_itself(
+    latent_run: Path, tmp_path: Path
+) -> None:
+    """``half``: float16 tensors on disk, float32 networks that agree with the source to float16 rounding;
+    a second half release of the same source writes the same bytes, so figures measured on the first are
+    accepted for it (and a float32 release, whose weights differ, refuses them)."""
+    src = load_checkpoint(latent_run / "latent")
+    folder = release_checkpoint(src.path, tmp_path / "half", half=True)
+    rel = load_checkpoint(folder)
+    assert rel.info["release"]["weights_dtype"] == "float16"
+    # figures measured on it belong to its own bytes, not to the float32 source's
+    assert rel.trained_weights_sha256 == rel.weights_sha256 != src.weights_sha256
+    ema = rel.weights("ema")
+    assert {t.dtype for t in ema.values() if t.is_floating_point()} == {torch.float16}
+    for k, t in src.weights("ema").items():
+        if t.is_floating_point():
+            torch.testing.assert_close(ema[k].float(), t, rtol=2**-10, atol=2**-24)
+    assert (folder / WEIGHTS_FILE).stat().st_size < 0.6 * (src.path / WEIGHTS_FILE).stat().st_size
+    m_src, m_rel = load_models(src.path), load_models(folder)
+    assert next(m_rel.unet.parameters()).dtype == torch.float32
+    x = torch.randn(1, src.config.autoencoder.latent_channels, 8, 8, 8)
+    t = torch.tensor([10])
+    with torch.no_grad():
+        kw = {"modality": torch.tensor([1]), "spacing": torch.full((1, 3), 2.0)}
+        a, b = m_src.unet(x, t, **kw), m_rel.unet(x, t, **kw)
+    assert not torch.equal(a, b) and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
+    figures = {"weights_sha256": rel.weights_sha256, "psnr_db": 30.0}
+    again = release_checkpoint(src.path, tmp_path / "half2", half=True, evaluation=figures)
+    assert load_checkpoint(again).weights_sha256 == rel.weights_sha256
+    assert read_model_card(again).release["evaluation"]["psnr_db"] == 30.0
+    with pytest.raises(ValueError, match="nor on its release"):
+        release_checkpoint(src.path, tmp_path / "full", evaluation=figures)
+    assert not (tmp_path / "full").exists()
+
+
 def _stopped_run(root: Path) -> Path:
     """A tiny latent run planned for 4 steps and stopped at step 2 (``until_step``)."""
     from medidiff.train.loop import train
