@@ -104,9 +104,16 @@ def noisy(truth: np.ndarray, model: str, sigma: float, seed: int) -> tuple[np.nd
 
 
 def diffusion(
-    y: np.ndarray, affine: np.ndarray, model: str, sigma: float, seed: int, args: argparse.Namespace
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, lower90, upper90, std)`` of the denoise stage on ``y`` (written as a NIfTI, as a user would)."""
+    y: np.ndarray,
+    affine: np.ndarray,
+    model: str,
+    sigma: float,
+    seed: int,
+    args: argparse.Namespace,
+    calibrate: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``(mean, lower90, upper90, std, denoise.json)`` of the denoise stage on ``y`` (written as a NIfTI, as a
+    user would)."""
     import nibabel as nib
 
     from medidiff.io.nifti_write import write_nifti
@@ -118,13 +125,14 @@ def diffusion(
         write_nifti(Volume(y.astype(np.float32), affine, modality="MR"), src)
         denoise_volume(
             src, Path(tmp) / "out", noise=model, sigma=sigma, checkpoint=args.checkpoint, n_particles=args.particles,
-            steps=args.steps, seed=seed, precision="fp32", device="cpu",
+            steps=args.steps, seed=seed, precision="fp32", device="cpu", calibrate=calibrate,
         )  # fmt: skip
+        side = json.loads((Path(tmp) / "out" / "denoise.json").read_text(encoding="utf-8"))
         out = [
             nib.load(Path(tmp) / "out" / f).get_fdata()
             for f in ("mean.nii.gz", "lower90.nii.gz", "upper90.nii.gz", "std.nii.gz")
         ]
-    return out[0], out[1], out[2], out[3]
+    return out[0], out[1], out[2], out[3], side
 
 
 def write_figure(fig: dict[str, Any], path: Path) -> Path:
@@ -163,7 +171,18 @@ def write_figure(fig: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def score(truth: np.ndarray, est: np.ndarray) -> dict[str, float]:
+def interval_scores(truth: np.ndarray, mean: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Conformal scores ``|x - mean| / (upper - mean)``: the multiple of the interval's half-width that
+    reaches the truth (a voxel with no width scores 0 on the truth, +inf off it)."""
+    half = upper - mean
+    err = np.abs(truth - mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(half > 0, err / np.where(half > 0, half, 1.0), np.inf)
+    out[(half <= 0) & (err == 0)] = 0.0
+    return out
+
+
+def metrics_of(truth: np.ndarray, est: np.ndarray) -> dict[str, float]:
     from medidiff.inverse.evaluation import image_metrics
 
     m = image_metrics(truth, est)
@@ -196,9 +215,13 @@ def run_part(
     args: argparse.Namespace,
     tuned: dict[str, dict[str, float]] | None,
     figure: dict[str, Any] | None = None,
+    scores: dict[tuple[str, str, float], list[np.ndarray]] | None = None,
+    sigmas: dict[tuple[str, str, float], list[float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every (volume, model, level, seed, method[, multiple]) of a part: tuning sweeps the grids of the
-    baselines only; reporting runs every method at its tuned multiple."""
+    baselines only; reporting runs every method at its tuned multiple. With ``scores`` and ``sigmas``, the
+    diffusion's conformal scores per (noise model, method used, level) and the noise levels the stage used
+    (in its own normalisation of the noisy volume) are collected there."""
     rows: list[dict[str, Any]] = []
     truths = load_truths(part, args)
     for subject, clean, affine in truths:
@@ -210,11 +233,19 @@ def run_part(
                     base = {"part": part, "subject": subject, "model": model, "level": level, "seed": seed}
                     for method in args.methods:
                         if method == "diffusion":
-                            if part == "tuning":
+                            if part == "tuning" and not args.tuning_diffusion:
                                 continue
                             t0 = time.perf_counter()
-                            mean, lo, hi, std = diffusion(y, affine, model, level, seed, args)
+                            # the tuning part measures the uncalibrated interval (it is what calibration scores)
+                            mean, lo, hi, std, side = diffusion(
+                                y, affine, model, level, seed, args, calibrate=part != "tuning"
+                            )
                             sec = time.perf_counter() - t0
+                            interval, sy = side["interval90"], side["noise"]["sigma_normalised"]
+                            if scores is not None and sigmas is not None:
+                                key = (model, side["method"]["used"], level)
+                                scores.setdefault(key, []).append(interval_scores(truth, mean, hi))
+                                sigmas.setdefault(key, []).append(sy)
                             if (
                                 figure is not None
                                 and not figure
@@ -223,12 +254,20 @@ def run_part(
                             ):
                                 figure.update(affine=affine, noisy=y, truth=truth, mean=mean, std=std)
                             cov = float(((truth >= lo) & (truth <= hi)).mean())
+                            k, k_raw = interval["std_factor"], interval.get("std_factor_uncalibrated")
+                            raw = cov
+                            if k and k_raw and k_raw != k:
+                                half_raw = (hi - mean) * (k_raw / k)
+                                raw = float((np.abs(truth - mean) <= half_raw).mean())
                             rows.append(
                                 {
                                     **base,
                                     "method": method,
-                                    **score(truth, mean),
+                                    **metrics_of(truth, mean),
                                     "coverage90": cov,
+                                    "coverage90_uncalibrated": raw,
+                                    "calibrated": bool(interval.get("calibration", {}).get("applied")),
+                                    "sigma_normalised_by_stage": sy,
                                     "seconds": sec,
                                 }
                             )
@@ -251,14 +290,52 @@ def run_part(
                                         **base,
                                         "method": method,
                                         "multiple": mult,
-                                        **score(truth, est),
+                                        **metrics_of(truth, est),
                                         "seconds": sec,
                                     }
                                 )
                                 print(json.dumps(rows[-1]), file=sys.stderr)
-                        if method == "diffusion" and part == "reporting":
+                        if method == "diffusion" and (part == "reporting" or args.tuning_diffusion):
                             print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
+
+
+def write_calibration(
+    path: Path,
+    scores: dict[tuple[str, str, float], list[np.ndarray]],
+    sigmas: dict[tuple[str, str, float], list[float]],
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> Path:
+    """The split-conformal interval calibration of the prior from the tuning part's scores."""
+    from medidiff.io.atomic import atomic_write_json
+    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores
+    from medidiff.train.checkpoint import load_checkpoint
+
+    coverage: dict[tuple[str, str, float], list[float]] = {}
+    for r in rows:
+        if r["method"] == "diffusion":
+            key = next(k for k in scores if k[0] == r["model"] and k[2] == r["level"])
+            coverage.setdefault(key, []).append(r["coverage90"])
+    cal = DenoiseCalibration(
+        weights_sha256=load_checkpoint(args.checkpoint).weights_sha256,
+        particles=args.particles,
+        steps=args.steps,
+        protocol=(
+            f"benchmarks/bench_denoise.py --part tuning --tuning-diffusion: the tuning MR volumes of "
+            f"{args.split.name}, centred {'x'.join(map(str, args.patch))} blocks, seeds {args.seeds}, levels "
+            f"{args.levels} (normalised units), noise models {args.models}; the stage uncalibrated"
+        ),
+        entries=tuple(
+            entries_from_scores(
+                scores,
+                {k: statistics.fmean(v) for k, v in coverage.items()},
+                {k: statistics.fmean(v) for k, v in sigmas.items()},
+                level=0.9,
+            )
+        ),
+    )
+    return atomic_write_json(path, cal.model_dump(mode="json"))
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -291,6 +368,9 @@ def metric_cells(e: dict[str, Any]) -> str:
     """``PSNR mean +- sd [min, max] | SSIM | coverage | seconds`` of one summary entry."""
     p, s = e["psnr_db"], e["ssim"]
     cov = f"{e['coverage90']['mean']:.3f}" if "coverage90" in e else "-"
+    raw = e.get("coverage90_uncalibrated")
+    if raw is not None and abs(raw["mean"] - e["coverage90"]["mean"]) > 5e-4:
+        cov += f" (uncalibrated {raw['mean']:.3f})"
     return (
         f"{p['mean']:.2f} +- {p['std']:.2f} [{p['min']:.2f}, {p['max']:.2f}] | {s['mean']:.3f} | {cov} "
         f"| {e['seconds']['mean']:.1f}"
@@ -302,7 +382,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for model, level, method in sorted({(r["model"], r["level"], r["method"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["level"], r["method"]) == (model, level, method)]
-        entry = seed_spread(sel, ("psnr_db", "ssim", "coverage90", "seconds"))
+        entry = seed_spread(sel, ("psnr_db", "ssim", "coverage90", "coverage90_uncalibrated", "seconds"))
         out.setdefault(model, {}).setdefault(f"{level:g}", {})[method] = entry
     return out
 
@@ -322,7 +402,10 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--checkpoint", type=Path, default=None, help="the prior (default: the shipped demo-pixel)"
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the prior (default: the shipped prior for denoising MR)",
     )
     p.add_argument("--manifest", type=Path, default=ROOT / "demo_out" / "ingested")
     p.add_argument("--split", type=Path, default=protocol.SPLIT_FILE)
@@ -344,11 +427,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="tuning: sweep the baselines' knobs and write --tuned; reporting: read --tuned and report",
     )
     p.add_argument("--tuned", type=Path, default=ROOT / "bench_out" / "denoise_tuned.json")
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        help="with --part tuning --tuning-diffusion: write the prior's interval calibration "
+        "(medidiff.stages.interval_calibration) from the tuning volumes to this file",
+    )
+    p.add_argument(
+        "--tuning-diffusion",
+        action="store_true",
+        help="run the diffusion on the tuning part too (nothing is tuned for it: to choose between priors "
+        "on the tuning volumes; its rows go to --tuned)",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--figure", type=Path, help="noisy / BM4D / mean / std / error of the first reporting volume (PNG)"
     )
     args = p.parse_args(argv)
+    if args.calibrate and not (args.tuning_diffusion and args.part == "tuning"):
+        p.error(
+            "--calibrate needs --part tuning --tuning-diffusion (it scores the diffusion on the tuning volumes)"
+        )
     import os
 
     import torch
@@ -358,18 +457,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.checkpoint is None:
         from medidiff.checkpoints import default_prior
 
-        args.checkpoint = default_prior("MR", "reconstruction").path
+        args.checkpoint = default_prior("MR", "denoising").path
     t0 = time.perf_counter()
     report_seeds = args.seeds
     tuning: list[dict[str, Any]] = []
     if args.part in ("tuning", "both"):
         args.seeds = args.tuning_seeds
-        tuning = run_part("tuning", args, None) if any(m in GRIDS for m in args.methods) else []
+        scores: dict[tuple[str, str, float], list[np.ndarray]] | None = {} if args.calibrate else None
+        sigmas: dict[tuple[str, str, float], list[float]] = {}
+        tuning = (
+            run_part("tuning", args, None, scores=scores, sigmas=sigmas)
+            if any(m in GRIDS for m in args.methods) or args.tuning_diffusion
+            else []
+        )
+        if args.calibrate:
+            write_calibration(args.calibrate, scores or {}, sigmas, tuning, args)
         tuned = choose(tuning)
         args.tuned.parent.mkdir(parents=True, exist_ok=True)
         args.tuned.write_text(json.dumps({"tuned": tuned, "rows": tuning}, indent=2) + "\n", encoding="utf-8")
         if args.part == "tuning":
             print(json.dumps(tuned, indent=2))
+            if args.tuning_diffusion:
+                print(markdown(summarise([r for r in tuning if r["method"] == "diffusion"])), file=sys.stderr)
             return {"tuned": tuned, "rows": tuning}
     else:
         tuned = json.loads(args.tuned.read_text(encoding="utf-8"))["tuned"]

@@ -423,7 +423,10 @@ def release(
         ),
     ] = None,
     half: Annotated[
-        bool, typer.Option(help="Segmenters: store the weights in float16 (half the size).")
+        bool,
+        typer.Option(
+            help="Store the weights in float16 (half the size; loading casts them back to float32)."
+        ),
     ] = False,
     sampling: Annotated[
         str | None,
@@ -454,10 +457,10 @@ def release(
                 source, dest, evaluation=figures, rebuild=rebuild, half=half, sampling=knobs
             )
         else:
-            if half or sampling is not None:
-                raise ValueError("--half and --sampling are for segmenters only")
+            if sampling is not None:
+                raise ValueError("--sampling is for segmenters only")
             folder = release_checkpoint(
-                source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason
+                source, dest, evaluation=figures, rebuild=rebuild, final_reason=final_reason, half=half
             )
     except (
         CheckpointError,
@@ -798,6 +801,13 @@ def denoise(
         float | None, typer.Option(help="--noise ct: incident photons per ray at full dose (default 1e5).")
     ] = None,
     views: Annotated[int | None, typer.Option(help="--noise ct: view angles over 180 degrees.")] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Widen the 90% interval by the prior's split-conformal calibration (measured on held-out "
+            "volumes) when it covers this noise model and level; --no-calibrate: the particles' own interval."
+        ),
+    ] = True,
 ) -> None:
     """Denoise a volume by posterior sampling under a diffusion prior, with a per-voxel uncertainty."""
     from medidiff.stages.denoise import denoise_volume
@@ -827,8 +837,22 @@ def denoise(
             dose=dose,
             photons=photons,
             views=views,
+            calibrate=calibrate,
         )
     noise_rec = result.sidecar["noise"]
+    cal = result.sidecar.get("interval90", {}).get("calibration")
+    k = result.sidecar.get("interval90", {}).get("std_factor")
+    if cal is not None and k is None:
+        console.print("90% interval: none (the particles' effective sample size is below 2).")
+    elif cal is not None:
+        console.print(
+            f"90% interval: mean -/+ {k:.3g} std, "
+            + (
+                f"calibrated (x{cal['factor']:.3g}, split conformal on held-out volumes)."
+                if cal["applied"]
+                else f"not calibrated ({cal['why']})."
+            )
+        )
     if noise_rec["model"] == "ct":
         console.print(
             f"Low-dose scan: {noise_rec['dose']:g} of {noise_rec['photons_full_dose']:g} photons per ray; the "

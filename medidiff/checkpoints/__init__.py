@@ -40,7 +40,8 @@ class ShippedCheckpoint:
         stage: ``"latent"``, ``"autoencoder"`` or ``"segmenter"``, as in its ``checkpoint.json``.
         modalities: the DICOM modality codes it was trained on.
         spacing_mm: the voxel size it works at.
-        uses: what it is the default for: ``"synthesis"``, ``"reconstruction"`` (priors only).
+        uses: what it is the default for: ``"synthesis"``, ``"reconstruction"``, ``"denoising"`` (priors
+            only; denoising falls back to the reconstruction prior where no prior is shipped for it).
         description: one line for the console.
     """
 
@@ -114,17 +115,36 @@ def _given_or_shipped(
     ]
 
 
-def default_prior(modality: str | None = None, use: str = "reconstruction") -> ShippedCheckpoint:
-    """The shipped diffusion prior for ``use`` (``"synthesis"`` or ``"reconstruction"``) and ``modality``.
+PRIOR_USES = ("synthesis", "reconstruction", "denoising")
 
-    The first entry of ``shipped.json`` that fits (any modality when ``modality`` is ``None``).
+
+def _check_use(use: str) -> None:
+    if use not in PRIOR_USES:
+        raise ValueError(f"use must be one of {', '.join(map(repr, PRIOR_USES))}; got {use!r}")
+
+
+def _fallback_use(modality: str | None, use: str) -> str:
+    """``use``, or ``"reconstruction"`` for ``"denoising"`` when no prior is shipped for denoising."""
+    if use != "denoising":
+        return use
+    try:
+        _shipped_for("prior", modality, use)
+    except LookupError:
+        return "reconstruction"
+    return use
+
+
+def default_prior(modality: str | None = None, use: str = "reconstruction") -> ShippedCheckpoint:
+    """The shipped diffusion prior for ``use`` (one of :data:`PRIOR_USES`) and ``modality``.
+
+    The first entry of ``shipped.json`` that fits (any modality when ``modality`` is ``None``); for
+    ``"denoising"`` without one, the reconstruction prior (denoising is reconstruction with the identity).
 
     Raises:
         LookupError: none is shipped for it; the message says what to pass instead.
     """
-    if use not in ("synthesis", "reconstruction"):
-        raise ValueError(f"use must be 'synthesis' or 'reconstruction', got {use!r}")
-    return _shipped_for("prior", modality, use)
+    _check_use(use)
+    return _shipped_for("prior", modality, _fallback_use(modality, use))
 
 
 def prior_or_default(
@@ -135,9 +155,8 @@ def prior_or_default(
     Raises:
         ValueError: no prior given and none shipped for ``modality`` (the message says what to pass).
     """
-    if use not in ("synthesis", "reconstruction"):
-        raise ValueError(f"use must be 'synthesis' or 'reconstruction', got {use!r}")
-    return _given_or_shipped(prior, "prior", modality, use, "prior")
+    _check_use(use)
+    return _given_or_shipped(prior, "prior", modality, _fallback_use(modality, use), "prior")
 
 
 def segmenter_or_default(checkpoint: Any, modality: str | None = None) -> tuple[Any, list[str]]:

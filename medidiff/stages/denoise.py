@@ -42,7 +42,9 @@ Layout of ``out_dir``::
     mean.nii.gz              posterior mean, in the input's units
     std.nii.gz               per-voxel posterior standard deviation
     lower90.nii.gz           the 90% interval, ``mean -/+ k std`` (``k``: Student's t on the cloud's
-    upper90.nii.gz             effective sample size, ``interval90`` in the JSON)
+    upper90.nii.gz             effective sample size, times the prior's split-conformal calibration factor
+                               where it has one: :mod:`medidiff.stages.interval_calibration`; ``interval90``
+                               in the JSON)
     denoise.json             settings, noise level, prior, metrics (with a reference), ESS trace, weights
     <file>.prov.json         provenance of every file; provenance.prov.json for the run
 
@@ -96,6 +98,9 @@ class DenoiseSettings(BaseModel):
         None, description="denoise only this centred block (voxels along the input's own axes)"
     )
     options: dict[str, Any] = Field(default_factory=dict)
+    calibrate: bool = Field(
+        True, description="widen the 90% interval by the prior's split-conformal calibration, when it has one"
+    )
 
 
 @dataclass
@@ -160,6 +165,7 @@ def denoise_volume(
     photons: float | None = None,
     views: int | None = None,
     sigma_max: float | None = None,
+    calibrate: bool = True,
 ) -> DenoiseResult:
     """Denoise one volume by posterior sampling under a diffusion prior and write the results.
 
@@ -206,6 +212,10 @@ def denoise_volume(
         input_label: record the inputs under this name (with their SHA-256) and never their paths, in the
             provenance and the warnings (the flows pass the keyed name: a file name can carry a patient's
             name).
+        calibrate: widen the 90% interval by the prior's split-conformal factor
+            (:mod:`medidiff.stages.interval_calibration`: ``denoise_calibration.json`` beside its
+            ``data.json``) when it covers this noise model, method and level; the sidecar's
+            ``interval90.calibration`` says whether it was applied, and why not. Not for ``noise="ct"``.
 
     Returns:
         A :class:`DenoiseResult`.
@@ -261,6 +271,7 @@ def denoise_volume(
         tile_overlap=tile_overlap,
         grid=grid,
         options=dict(options or {}),
+        calibrate=calibrate,
     )
     _check_kernels_option(s.options)
     if s.modality == "CT":
@@ -294,7 +305,8 @@ def denoise_volume(
         _check_same_grid(src, ref)
     # on the whole file even for a block: more voxels, and the background a Rician estimate needs
     est = estimate_noise(src.whole, s.noise, s.sigma)
-    pri = _resolve_prior(checkpoint, rs, normalization)  # CheckpointError for anything but a diffusion prior
+    # CheckpointError for anything but a diffusion prior; None: the shipped prior for denoising
+    pri = _resolve_prior(checkpoint, rs, normalization, use="denoising")
     if s.method in ("afdps", "dps"):
         from medidiff.inverse.api import method_options
 
@@ -308,7 +320,7 @@ def denoise_volume(
 
     # -- the measurement in the prior's normalised units, on a grid the networks accept --------------
     observed = rician_bias_corrected(src.raw, est.sigma) if s.noise == "rician" else src.raw
-    scale, offset = _linear_normalization(observed, src.affine_ras, s.modality, pri.normalization)
+    scale, offset = _linear_normalization(observed, src.affine_ras, s.modality, pri.normalization, noisy=True)
     sy = est.sigma * abs(scale)
     shape = tuple(int(v) for v in observed.shape)
     grid = tuple(-(-n // pri.multiple) * pri.multiple for n in shape)
@@ -327,9 +339,18 @@ def denoise_volume(
         raise ValueError(
             f"options {sorted(s.options)} are sampler options of method='smc'; ancestral denoising takes none."
         )
+    cal_factor, cal_record = _calibration(s, pri, used, sy)
     warnings = (
         list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri) + list(comp.warnings)
     )
+    if cal_record.get("weights_sha256") and not cal_record["applied"]:
+        warnings.append(f"the 90% interval is not calibrated: {cal_record['why']}")
+    elif cal_record["applied"] and (cal_record["particles"], cal_record["steps"]) != (s.n_particles, s.steps):
+        warnings.append(
+            f"the 90% interval's calibration was measured at {cal_record['particles']} particles x "
+            f"{cal_record['steps']} steps, this run uses {s.n_particles} x {s.steps}: its coverage may differ "
+            "from the calibrated 90%"
+        )
     if input_label is not None:
         warnings = [scrub_paths(w, (image, reference), input_label) for w in warnings]
     if s.noise == "rician":
@@ -370,12 +391,23 @@ def denoise_volume(
             "the checkpoint if it persists."
         )
     interval = _interval_record(res.weights)
-    k = float(interval["std_factor"] or 0.0)
+    k_raw = float(interval["std_factor"] or 0.0)
+    k = k_raw * cal_factor if cal_factor is not None else k_raw
+    interval = {
+        **interval,
+        "std_factor": k or None,
+        "std_factor_uncalibrated": k_raw or None,
+        "calibration": cal_record,
+    }
+    if cal_factor is not None:
+        interval["kind"] = "predictive (Student-t on the effective sample size) x split-conformal calibration"
     mean_n = res.mean.detach().to(torch.float64).cpu()[inside]
     std_n = res.std.detach().to(torch.float64).cpu()[inside]
     metrics: dict[str, Any] = {}
     if ref is not None:
-        metrics = _metrics(ref.raw * scale + offset, scale * observed + offset, mean_n, std_n, k, res, inside)
+        metrics = _metrics(
+            ref.raw * scale + offset, scale * observed + offset, mean_n, std_n, k, res, inside, k_raw
+        )
     seconds = time.perf_counter() - t0
 
     # -- outputs (the input's grid, orientation and affine) ----------------------------------------
@@ -429,6 +461,7 @@ def denoise_volume(
             prec.label,
             seconds,
             warnings,
+            statistics="of a 3x3x3 median of the noisy input (noise would stretch its percentiles)",
         ),
     }
     _write_records(
@@ -446,6 +479,7 @@ def _run_record(
     src: _Input, shape: tuple[int, ...], padded: tuple[int, ...], scale: float, offset: float,
     metrics: dict[str, Any], interval: dict[str, Any], res: PosteriorResult, seeds: dict[str, Any],
     device: torch.device, precision: str, seconds: float, warnings: list[str],
+    statistics: str = "of the input",
 ) -> dict[str, Any]:  # fmt: skip
     """The part of ``denoise.json`` every noise model shares: grid, normalisation, metrics, the sampler's
     trace, seeds, device and warnings."""
@@ -463,6 +497,7 @@ def _run_record(
             "scale": scale,
             "offset": offset,
             "kind": "linear part of the prior's normalisation",
+            "statistics": statistics,
         },
         "metrics": jsonable(metrics),
         "interval90": interval,
@@ -526,6 +561,21 @@ def _with_kernels(rs: ReconstructSettings, kernels: str) -> ReconstructSettings:
     if rs.method != "smc" or kernels == "reference":
         return rs
     return rs.model_copy(update={"options": {**rs.options, "kernels": kernels}})
+
+
+def _calibration(s: DenoiseSettings, pri: Any, method: str, sy: float) -> tuple[float | None, dict[str, Any]]:
+    """``(factor or None, record)``: the prior's interval calibration for this noise model, method and
+    normalised noise level ``sy`` (:mod:`medidiff.stages.interval_calibration`)."""
+    from medidiff.stages.interval_calibration import load_calibration, resolve_factor
+
+    if not s.calibrate:
+        return None, {"applied": False, "why": "calibrate=False"}
+    if pri.kind != "latent":
+        return None, {"applied": False, "why": "a callable prior has no calibration"}
+    cal = load_calibration(pri.checkpoint.path.parent)
+    return resolve_factor(
+        cal, weights_sha256=pri.checkpoint.weights_sha256, noise=s.noise, method=method, sigma=sy
+    )
 
 
 def _noise_range(pri: Any) -> tuple[float, float]:
@@ -713,13 +763,22 @@ def _from_ras(arr: np.ndarray, start: np.ndarray) -> np.ndarray:
 
 
 def _linear_normalization(
-    arr: np.ndarray, affine: np.ndarray, modality: str, config: Any
+    arr: np.ndarray, affine: np.ndarray, modality: str, config: Any, *, noisy: bool = False
 ) -> tuple[float, float]:
-    """``(scale, offset)`` of the prior's normalisation of ``arr`` (``scale * x + offset``; no clipping)."""
+    """``(scale, offset)`` of the prior's normalisation of ``arr`` (``scale * x + offset``; no clipping).
+
+    ``noisy``: take the normalisation's statistics on a 3x3x3 median of ``arr``. Noise stretches an image's
+    percentiles (at a noise SD of 0.2 of the range, the 1-99% span of a demo brain grows by half), so a
+    percentile normalisation of the noisy image would hand the prior a dimmer, shifted image than it was
+    trained on; the median removes most of the noise and keeps the tissue's range (measured in
+    docs/benchmarks.md, "Denoising")."""
+    from scipy import ndimage
+
     from medidiff.transforms import normalize
     from medidiff.volume import Volume
 
-    _, params = normalize(Volume(arr.astype(np.float32), affine, modality=modality), config)
+    stats = ndimage.median_filter(arr, size=3, mode="nearest") if noisy else arr
+    _, params = normalize(Volume(stats.astype(np.float32), affine, modality=modality), config)
     return float(params["scale"]), float(params["offset"])
 
 
@@ -747,8 +806,10 @@ def _metrics(
     k: float,
     res: Any,
     inside: tuple[slice, ...],
+    k_raw: float | None = None,
 ) -> dict[str, Any]:
-    """PSNR / SSIM of the mean and of the noisy input, and the 90% coverage, in normalised units (float64)."""
+    """PSNR / SSIM of the mean and of the noisy input, and the 90% coverage, in normalised units (float64)
+    (``k_raw``: the uncalibrated factor, whose coverage is recorded too when it differs from ``k``)."""
     from medidiff.inverse.evaluation import image_metrics, interval_coverage
 
     t = torch.from_numpy(truth)
@@ -757,6 +818,10 @@ def _metrics(
     m["coverage90"] = (
         float(((t >= mean - k * std) & (t <= mean + k * std)).double().mean()) if k > 0 else None
     )
+    if k_raw is not None and k_raw > 0 and k_raw != k:
+        m["coverage90_uncalibrated"] = float(
+            ((t >= mean - k_raw * std) & (t <= mean + k_raw * std)).double().mean()
+        )
     if res.samples is not None:
         xs = res.samples.detach().cpu().to(torch.float64)[(slice(None), *inside)]
         m["coverage90_quantile"] = interval_coverage(xs, res.weights.cpu(), t, 0.9)

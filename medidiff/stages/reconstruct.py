@@ -559,7 +559,11 @@ def _check_sources(s: ReconstructSettings, reference: Any, measurement: Any, mas
             raise FileNotFoundError(f"{name} file {p} does not exist.")
 
 
-def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _Prior:
+def _resolve_prior(
+    prior: Any, s: ReconstructSettings, normalization: Any, use: str = "reconstruction"
+) -> _Prior:
+    """The prior to sample (``use``: which shipped prior stands in for ``None``; the denoise stage asks for
+    its own)."""
     if s.method in BASELINES:
         if prior is not None and not isinstance(prior, str | Path):
             prior = None  # a callable prior plays no part in a baseline
@@ -567,7 +571,7 @@ def _resolve_prior(prior: Any, s: ReconstructSettings, normalization: Any) -> _P
             return _Prior("none", normalization=normalization_config(normalization, None)[0])
     from medidiff.checkpoints import prior_or_default
 
-    prior, shipped = prior_or_default(prior, s.modality)
+    prior, shipped = prior_or_default(prior, s.modality, use=use)
     if isinstance(prior, str | Path):
         from medidiff.train.checkpoint import load_checkpoint
 

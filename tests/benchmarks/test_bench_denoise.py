@@ -48,3 +48,20 @@ def test_tuning_picks_the_best_mean_psnr_per_noise_model_and_level() -> None:
     ] + [{"method": "tv", "model": "rician", "level": 0.1, "multiple": 2.0, "psnr_db": 9.0}]
     # gaussian/0.1: means 20.25, 21.5, 21.1 -> 1.0; rician has a single candidate
     assert bench_denoise.choose(rows) == {"tv": {"gaussian/0.1": 1.0, "rician/0.1": 2.0}}
+
+
+def test_interval_scores_reach_the_truth_and_calibrate_it() -> None:
+    """A score is the multiple of the half-width that reaches the truth: scaling the interval by the
+    conformal factor of the scores covers the share asked for, here exactly (scores are distinct)."""
+    from medidiff.stages.interval_calibration import conformal_factor
+
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal(999)
+    half = rng.uniform(0.1, 1.0, 999)
+    truth = mean + 1.4 * half * rng.standard_normal(999)
+    s = bench_denoise.interval_scores(truth, mean, mean + half)
+    np.testing.assert_allclose(s, np.abs(truth - mean) / half)
+    c = conformal_factor(s, 0.9)
+    assert np.mean(np.abs(truth - mean) <= c * half) == pytest.approx(900 / 999)
+    flat = bench_denoise.interval_scores(np.array([1.0, 2.0]), np.array([1.0, 1.0]), np.array([1.0, 1.0]))
+    assert flat[0] == 0.0 and np.isinf(flat[1])
