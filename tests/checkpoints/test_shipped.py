@@ -48,7 +48,8 @@ def test_each_shipped_checkpoint_is_intact_and_matches_its_index_entry(name: str
     assert ck.step == ck.config.training(ck.stage).steps or (final["step"] == ck.step and final["reason"])
     assert not [w for w in checkpoint_warnings(ck) if w.startswith("intermediate")]
     assert float(ck.config.spacing_mm) == entry.spacing_mm
-    assert set(entry.uses) <= {"synthesis", "reconstruction"} and bool(entry.uses) == (entry.role == "prior")
+    assert set(entry.uses) <= {"synthesis", "reconstruction", "denoising"}
+    assert bool(entry.uses) == (entry.role == "prior")
     card = read_model_card(ck.path)
     sha = sha256_file(ck.path / WEIGHTS_FILE)
     assert card.checkpoint_files == {WEIGHTS_FILE: sha} and sha in (ck.path / "model_card.md").read_text()
@@ -89,6 +90,11 @@ def test_default_prior_by_use_and_modality_and_a_clear_refusal() -> None:
         default_prior("PT")
     with pytest.raises(ValueError, match="use must be"):
         default_prior("MR", "segmentation")
+    # denoising: the prior shipped for it, else (CT here) the reconstruction prior
+    for modality in ("MR", "CT"):
+        own = [c for c in SHIPPED.values() if "denoising" in c.uses and modality in c.modalities]
+        want = own[0] if own else default_prior(modality, "reconstruction")
+        assert default_prior(modality, "denoising") == want
     given = Path("my/ckpt")
     assert prior_or_default(given, "MR") == (given, [])
     path, notes = prior_or_default(None, "MR")
