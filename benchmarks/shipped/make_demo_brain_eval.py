@@ -8,18 +8,9 @@ cuts the release; the release refuses the file if its weights_sha256 is not the 
 import json
 from pathlib import Path
 
+from _runs import training_seconds
+
 from medidiff.train.checkpoint import load_checkpoint
-
-
-def _wall(rows: list[dict]) -> float:
-    """Training seconds over every session of the run: ``seconds`` restarts at each resume or extension."""
-    total, last = 0.0, 0.0
-    for r in rows:
-        if r["seconds"] < last:
-            total += last
-        last = r["seconds"]
-    return total + last
-
 
 ae = json.loads(Path("bench_out/brain_ae_e_5600.json").read_text())
 re = json.loads(Path("bench_out/realism/brain_ldm_e_5600.json").read_text())
@@ -46,7 +37,7 @@ out = {
     "diversity_ratio": acc["diversity_ratio"]["value"],
     "memorisation_passed": mem["passed"],
     "realism_passed": re["report"]["passed"],
-    "training": f"autoencoder 5600 steps, 6708 s at 1 thread; latent diffusion {rows[-1]['step']} steps of 2 whole brains, {_wall(rows):.0f} s at 2 threads",
+    "training": f"autoencoder 5600 steps, 6708 s at 1 thread; latent diffusion {rows[-1]['step']} steps of 2 whole brains, {training_seconds(rows):.0f} s at 2 threads",
 }
 Path("benchmarks/shipped/demo-brain.json").write_text(json.dumps(out, indent=2))
 print(json.dumps(out, indent=1))

@@ -10,18 +10,9 @@ other weights).
 import json
 from pathlib import Path
 
+from _runs import training_seconds
+
 from medidiff.train.checkpoint import load_checkpoint
-
-
-def _wall(rows: list[dict]) -> float:
-    """Training seconds over every session of the run: ``seconds`` restarts at each resume or extension."""
-    total, last = 0.0, 0.0
-    for r in rows:
-        if r["seconds"] < last:
-            total += last
-        last = r["seconds"]
-    return total + last
-
 
 release = load_checkpoint("medidiff/checkpoints/demo-pixel-edm/latent")
 runs = [json.loads(Path(f"bench_out/denoise_edm_{m}.json").read_text()) for m in ("gaussian", "rician")]
@@ -48,7 +39,7 @@ for run in runs:
             out[f"{key}_coverage90"] = round(d["coverage90"]["mean"], 3)
             out[f"{key}_coverage90_uncalibrated"] = round(d["coverage90_uncalibrated"]["mean"], 3)
 out["training"] = (
-    f"{rows[-1]['step']} steps of 4 32^3 patches (2000, then a warm restart to 8000), {_wall(rows):.0f} s at 2 threads"
+    f"{rows[-1]['step']} steps of 4 32^3 patches (2000, then a warm restart to 8000), {training_seconds(rows):.0f} s at 2 threads"
 )
 Path("benchmarks/shipped/demo-pixel-edm.json").write_text(json.dumps(out, indent=2) + "\n")
 print(json.dumps(out, indent=1))
