@@ -141,7 +141,7 @@ checkpoints: setup
 		--evaluation benchmarks/shipped/demo-pixel-edm.json --rebuild "make checkpoints"
 	OMP_NUM_THREADS=2 $(PY) benchmarks/bench_denoise.py --part tuning --tuning-diffusion --methods diffusion \
 		--checkpoint medidiff/checkpoints/demo-pixel-edm/latent --train-split $(EDM_RUN)/split.json \
-		--tuning-seeds 100 101 102 --threads 2 --tuned bench_out/denoise_calibration_rows.json \
+		--levels 0.025 0.05 0.1 0.2 --tuning-seeds 100 101 102 --threads 2 --tuned bench_out/denoise_calibration_rows.json \
 		--calibrate medidiff/checkpoints/demo-pixel-edm/latent/denoise_calibration.json
 
 clean:
