@@ -63,6 +63,7 @@ from medidiff.stages._reconstruct_io import build_operator
 from medidiff.train.checkpoint import load_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import imaging_protocol as protocol
 from bench_autoencoder import run_dir_of
 
 TOKENS: dict[str, dict[str, Any]] = {
@@ -338,11 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         grid=tuple(a.grid),
         twists=a.twists,
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n", encoding="utf-8")
+    protocol.emit_json(result, a.json)
     return 0
 
 

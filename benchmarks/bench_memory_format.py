@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import imaging_protocol as protocol
+
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ROOT / "medidiff" / "checkpoints" / "demo-brain" / "latent"
 PIXEL = ROOT / "medidiff" / "checkpoints" / "demo-pixel" / "latent"
@@ -120,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     result = run(a)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n", encoding="utf-8")
+    protocol.emit_json(result, a.json)
     return 0
 
 

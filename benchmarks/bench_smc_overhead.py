@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import imaging_protocol as protocol
 from bench_scaling import _phantom
 
 DEFAULT_CHECKPOINT = "medidiff/checkpoints/demo-pixel/latent"
@@ -176,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.particles < 2 or a.steps < 2:
         p.error("need --particles >= 2 and --steps >= 2")
     result = run(a)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n", encoding="utf-8")
+    protocol.emit_json(result, a.json)
     return 0
 
 

@@ -11,7 +11,8 @@ rules can be tested without a reconstruction:
   part (best mean PSNR) and their refusal when read for another checkpoint or problem;
 - :func:`aggregate` / :func:`summary_markdown`: per setting and method, the mean over volumes per seed,
   then mean, sample std, min and max over seeds; the same for paired differences (smc - TV, ...);
-- :func:`estimate_seconds`: a CPU-time estimate printed before a run.
+- :func:`estimate_seconds`: a CPU-time estimate printed before a run;
+- :func:`emit_json`: a benchmark's result printed as JSON and, when asked, written (atomically) to a file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ SPLIT_FILE = ROOT / "benchmarks" / "imaging_split.json"
 TUNED_FILE = ROOT / "benchmarks" / "imaging_tuned.json"
 PARTS = ("tuning", "reporting")
 MODALITY_OF_KIND = {"mri": "MR", "ct": "CT"}
+
+
+def emit_json(result: Any, path: Path | None) -> None:
+    """Print ``result`` as JSON on stdout; with ``path``, also write it there (atomically, parents made)."""
+    from medidiff.io.atomic import atomic_write_json
+
+    print(json.dumps(result, indent=2))
+    if path is not None:
+        atomic_write_json(path, result)
+
 
 # Tuning grids. TV: multiples of the stage's default weight lambda0 = sigma_y ||A||, half a decade apart
 # from 0.003 to 10 (on the tuning CT volume at 30 views the best weight was ~0.01 lambda0, 3.5 dB above

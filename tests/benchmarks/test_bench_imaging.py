@@ -357,3 +357,12 @@ def test_dps_particles_apply_to_dps_only() -> None:
     assert imaging_runs.particles_of("dps", args) == 4
     assert imaging_runs.particles_of("smc", args) == 16
     assert imaging_runs.particles_of("dps", bench_imaging.parse_args(["--particles", "16"])) == 16
+
+
+def test_emit_json_prints_and_writes_the_same_result(tmp_path, capsys) -> None:
+    result = {"benchmark": "x", "ratio": 1.25, "rows": [{"a": 1}]}
+    protocol.emit_json(result, tmp_path / "deep" / "out.json")
+    assert json.loads(capsys.readouterr().out) == result
+    assert json.loads((tmp_path / "deep" / "out.json").read_text()) == result
+    protocol.emit_json(result, None)  # printing only
+    assert json.loads(capsys.readouterr().out) == result
