@@ -59,6 +59,9 @@ class SegmenterConfig(_Strict):
             as extra inputs: the two designs then differ only by the diffusion).
         time_density: how training draws the diffusion time: ``uniform`` on [0, 1), or ``high`` (density
             ``2t``: more of the budget where few-step sampling spends its calls).
+        map_scale: the diffusion's clean map is ``map_scale (2 onehot - 1)``; below 1 the noisy map gives
+            the answer away later in the reverse process, so more of training segments from the image
+            (Chen 2023's input scaling; 1 for checkpoints trained before it existed).
         modality: DICOM modality code of the images it was trained on.
         spacing_mm: isotropic voxel size it works at (inputs are resampled to it, outputs back).
         patch_size: the training patch and the sliding window at inference.
@@ -76,6 +79,7 @@ class SegmenterConfig(_Strict):
     arch: Literal["diffusion", "dynunet"]
     backbone: Literal["diffusion_unet", "dynunet"] = "diffusion_unet"
     time_density: Literal["uniform", "high"] = "uniform"
+    map_scale: float = Field(default=1.0, gt=0, le=1)
     modality: str = "MR"
     spacing_mm: float = Field(default=2.0, gt=0)
     patch_size: tuple[int, ...] = (32, 32, 32)

@@ -1,6 +1,7 @@
 """Diffusion over label maps: cosine schedule, the training loss and the few-step DDIM sampler.
 
-A label map with C classes is a one-hot map scaled to [-1, 1], ``x_0 = 2 onehot - 1``. The forward
+A label map with C classes is a one-hot map scaled to [-1, 1] and then by ``map_scale`` (b),
+``x_0 = b (2 onehot - 1)``. The forward
 process is ``x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) eps`` with the cosine schedule (Nichol &
 Dhariwal 2021, eq. 17) on continuous ``t`` in [0, 1]. The network predicts the clean map's logits; its
 softmax gives ``x0_hat = 2 p - 1``. Sampling is DDIM (Song et al. 2021, eq. 12) over a few equally spaced
@@ -9,6 +10,12 @@ ancestral (DDPM) noise at every step. The K samples differ by their noise, drawn
 generators so a sample does not depend on how many are drawn beside it. A sample's probabilities are
 its last step's (``fuse="last"``) or the mean of every step's prediction (``fuse="steps"``, the
 step fusion of Diff-UNet, Xing et al. 2023, with equal weights).
+
+``map_scale`` below 1 is the input scaling of Chen (2023, "On the importance of noise scheduling for
+diffusion models", sec. 3): a one-hot map stays legible under far more noise than an image does (at
+``b = 1`` the noisy map's argmax is right for most voxels from ``t`` of about 0.6 down), so training
+spends those times copying it; scaling it by ``b`` shifts every time's signal-to-noise ratio by ``b^2``
+and keeps the network segmenting from the image for longer.
 """
 
 from __future__ import annotations
@@ -67,12 +74,13 @@ def segmentation_loss(
     diffusion: bool,
     generator: torch.Generator | None = None,
     time_density: str = "uniform",
+    map_scale: float = 1.0,
 ) -> Tensor:
     """Dice + cross-entropy of the predicted clean map (MONAI ``DiceCELoss``), at a random time per item.
 
     For the diffusion segmenter, ``t`` per batch item, uniform on ``[0, _T_MAX)`` or (``time_density=
-    "high"``) with density ``2t`` (``t = _T_MAX sqrt(u)``), and the network sees ``x_t``; for the
-    baseline the image alone. Computed in fp32.
+    "high"``) with density ``2t`` (``t = _T_MAX sqrt(u)``), and the network sees ``x_t`` of the map
+    scaled by ``map_scale``; for the baseline the image alone. Computed in fp32.
     """
     from monai.losses import DiceCELoss
 
@@ -81,7 +89,7 @@ def segmentation_loss(
         u = torch.rand(n, generator=generator, device=image.device)
         t = (u.sqrt() if time_density == "high" else u) * _T_MAX
         ab = alpha_bar(t).view(n, *([1] * (image.ndim - 1)))
-        x0 = one_hot_map(label_index, num_classes)
+        x0 = float(map_scale) * one_hot_map(label_index, num_classes)
         eps = torch.randn(x0.shape, generator=generator, device=image.device)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         logits = net(image, x_t, t)
@@ -104,6 +112,7 @@ def sample_label_map(
     generators: Sequence[torch.Generator],
     eta: float = 0.0,
     fuse: str = "last",
+    map_scale: float = 1.0,
 ) -> Tensor:
     """K samples of the clean map's class probabilities ``(K, C, *spatial)`` by DDIM.
 
@@ -116,6 +125,7 @@ def sample_label_map(
             its noise at every step).
         eta: DDIM's eta in [0, 1] (0: deterministic steps; 1: ancestral).
         fuse: ``"last"`` (the last step's prediction) or ``"steps"`` (the mean over the steps).
+        map_scale: the scale b of the clean map ``b (2 onehot - 1)`` the network was trained with.
     """
     if image.ndim < 4 or image.shape[0] != 1 or image.shape[1] != 1:
         raise ValueError(f"image must be (1, 1, *spatial), got {tuple(image.shape)}")
@@ -123,6 +133,8 @@ def sample_label_map(
         raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
     if fuse not in FUSE_MODES:
         raise ValueError(f"fuse must be one of {FUSE_MODES}; got {fuse!r}")
+    if not 0.0 < float(map_scale) <= 1.0:
+        raise ValueError(f"map_scale must lie in (0, 1]; got {map_scale!r}")
     ts = time_grid(steps)
     out = []
     for g in generators:
@@ -134,7 +146,7 @@ def sample_label_map(
             acc += p
             if i + 1 == len(ts):
                 break
-            x0 = 2.0 * p - 1.0
+            x0 = float(map_scale) * (2.0 * p - 1.0)
             ab, ab_next = alpha_bar(t), alpha_bar(ts[i + 1])
             eps = (x - ab.sqrt().float() * x0) / (1 - ab).sqrt().float()
             # DDIM eq. 16: the step's own noise sigma_t; eta = 1 is the ancestral step

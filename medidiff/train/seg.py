@@ -123,6 +123,7 @@ def train_segmenter_loop(
             diffusion=diffusion,
             generator=gen,
             time_density=cfg.time_density,
+            map_scale=cfg.map_scale,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

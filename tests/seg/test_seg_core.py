@@ -86,25 +86,59 @@ def test_sampler_is_seeded_per_sample() -> None:
     assert p1.shape == (3, 3, 16, 16, 16) and torch.equal(p1, p2) and not torch.equal(p1, p3)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_steps_keep_the_forward_marginals(eta: float) -> None:
-    """With a network that knows the clean map (x0 exact), every DDIM step of any eta lands on the forward
-    process's marginal: x_t - sqrt(abar(t)) x0 has variance 1 - abar(t) at every step. 12,288 values per
-    step: the variance's standard error is about 1.3% of it; the tolerance is 6%."""
-    x0 = one_hot_map(torch.zeros(1, 1, 16, 16, 16, dtype=torch.long), 3)
+@pytest.mark.parametrize(("eta", "map_scale"), [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.0, 0.3), (1.0, 0.1)])
+def test_ddim_steps_keep_the_forward_marginals(eta: float, map_scale: float) -> None:
+    """With a network that knows the clean map, every DDIM step of any eta lands on the forward process's
+    marginal: with the clean map ``x0 = b (2 onehot - 1)`` (b = ``map_scale``), x_t - sqrt(abar(t)) x0
+    has mean 0 and variance 1 - abar(t) at every step. 12,288 values per step: the variance's standard
+    error is about 1.3% of it (tolerance 6%), the mean's about 0.009 sqrt(1 - abar) (tolerance 0.05, over
+    5 of them). A sampler that forgot b would leave sqrt(abar) (1 - b) (2 onehot - 1) in the residual: a
+    variance off by up to 800% at the last step."""
+    x0 = map_scale * one_hot_map(torch.zeros(1, 1, 16, 16, 16, dtype=torch.long), 3)
     seen: list[tuple[float, torch.Tensor]] = []
 
     def fn(image: torch.Tensor, x_t: torch.Tensor | None, t: float | None) -> torch.Tensor:
         seen.append((float(t), x_t.clone()))
-        return 50.0 * x0  # softmax: the clean map, to float precision
+        return 50.0 * x0 / map_scale  # softmax: the clean one-hot map, to float precision
 
     image = torch.zeros(1, 1, 16, 16, 16)
-    out = sample_label_map(fn, image, 3, steps=5, generators=[torch.Generator().manual_seed(0)], eta=eta)
-    assert torch.allclose(out[0], (x0 + 1) / 2, atol=1e-6)
+    out = sample_label_map(
+        fn, image, 3, steps=5, generators=[torch.Generator().manual_seed(0)], eta=eta, map_scale=map_scale
+    )
+    assert torch.allclose(out[0], (x0 / map_scale + 1) / 2, atol=1e-6)
     for t, x in seen:
         ab = float(alpha_bar(torch.tensor(t, dtype=torch.float64)))
-        var = float((x - ab**0.5 * x0).double().var())
-        assert abs(var / (1 - ab) - 1) < 0.06, (eta, t, var, 1 - ab)
+        resid = (x - ab**0.5 * x0).double()
+        assert abs(float(resid.var()) / (1 - ab) - 1) < 0.06, (eta, t, float(resid.var()), 1 - ab)
+        assert abs(float(resid.mean())) < 0.05 * (1 - ab) ** 0.5, (eta, t, float(resid.mean()))
+
+
+@pytest.mark.parametrize("map_scale", [1.0, 0.3])
+def test_training_noises_the_scaled_map(map_scale: float) -> None:
+    """The training loss shows the network x_t = sqrt(abar) b (2 onehot - 1) + sqrt(1 - abar) eps: its
+    residual after the scaled clean map is standard normal (8,192 x 3 values per item: the variance's
+    standard error is 0.9%, tolerance 5%; the mean's 0.006, tolerance 0.03). An unscaled map would leave
+    sqrt(abar) (1 - b) in it; the test keeps the items where that would show (abar > 0.1)."""
+    idx = (torch.rand(6, 1, 16, 16, 32, generator=torch.Generator().manual_seed(0)) * 3).long()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def net(image: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append((x_t.clone(), t.clone()))
+        return torch.zeros_like(x_t, requires_grad=True)
+
+    loss = segmentation_loss(net, torch.zeros(6, 1, 16, 16, 32), idx, 3, diffusion=True,
+                             generator=torch.Generator().manual_seed(3), map_scale=map_scale)  # fmt: skip
+    assert torch.isfinite(loss)
+    (x_t, t), x0 = seen[0], map_scale * one_hot_map(idx, 3)
+    ab = alpha_bar(t)
+    kept = 0
+    for i in range(6):
+        if float(ab[i]) <= 0.1:
+            continue
+        resid = (x_t[i] - float(ab[i]) ** 0.5 * x0[i]) / float(1 - ab[i]) ** 0.5
+        assert abs(float(resid.var()) - 1) < 0.05 and abs(float(resid.mean())) < 0.03, (i, float(t[i]))
+        kept += 1
+    assert kept >= 3  # the seed gives enough informative times to test
 
 
 def test_eta_and_step_fusion() -> None:
@@ -135,7 +169,11 @@ def test_eta_and_step_fusion() -> None:
                                  fuse="steps")  # fmt: skip
     assert len(preds) == 3 and torch.allclose(fused[0], torch.stack(preds).mean(0)[0], atol=1e-6)
     assert torch.equal(preds[-1], a0)  # fusion changes what is returned, not the path
-    for kw, msg in (({"eta": 1.5}, "eta must lie"), ({"fuse": "mean"}, "fuse must be one of")):
+    for kw, msg in (
+        ({"eta": 1.5}, "eta must lie"),
+        ({"fuse": "mean"}, "fuse must be one of"),
+        ({"map_scale": 0.0}, "map_scale must lie"),
+    ):
         with pytest.raises(ValueError, match=msg):
             draw(**kw)
     cfg_steps = cfg.model_copy(update={"fuse": "steps", "sample_eta": 1.0})
@@ -196,6 +234,10 @@ def test_config_refuses_bad_tables_and_shapes() -> None:
         _cfg(patch_size=(15, 16, 16))
     with pytest.raises(ValueError, match="at least 3 levels"):
         _cfg(arch="dynunet", channels=(8, 16))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="map_scale"):
+            _cfg(map_scale=bad)
+    assert _cfg().map_scale == 1.0  # checkpoints saved before map_scale existed keep their meaning
 
 
 def test_refuses_nan_images() -> None:
