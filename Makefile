@@ -105,6 +105,9 @@ bench-imaging: setup
 # about 0.45 s per step: 1 h in all), stored in float16; then its 90% interval is calibrated on the tuning
 # volumes (split conformal, written beside the release: it belongs to the released weights' hash). The
 # denoise stage's default prior (docs/benchmarks.md, "Denoising").
+# demo-pixel's low-dose CT interval calibration (the denoise stage's CT prior): the CT benchmark's tuning of the
+# diffusion's noise-level multiple per dose, then split conformal at the tuned multiples (3 scans per dose of
+# the tuning subject; 1 thread, about 25 min), written beside the release.
 # Each line resumes an interrupted run and skips a finished one.
 BRAIN_RUN ?= runs/brain_ldm_e
 SEG_RUN   ?= runs/seg_brain_diffusion
@@ -126,6 +129,9 @@ checkpoints: setup
 	$(VENV)/bin/medidiff release $(BRAIN_RUN)/latent medidiff/checkpoints/demo-brain \
 		--evaluation benchmarks/shipped/demo-brain.json --rebuild "make checkpoints" \
 		--final-reason "the 2-hour training budget on 2 CPU cores ended here (1600 steps, then trained on with the learning-rate schedule of a 6000-step run)"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_denoise_ct.py --part tuning --methods diffusion --threads 1 \
+		--checkpoint medidiff/checkpoints/demo-pixel/latent --tuned bench_out/denoise_ct_tuned_diffusion.json \
+		--calibrate medidiff/checkpoints/demo-pixel/latent/denoise_calibration.json
 	test -f $(SEG_RUN)/segmenter/ckpt-00001671/checkpoint.json || OMP_NUM_THREADS=1 $(VENV)/bin/medidiff train-seg \
 		configs/seg_brain.yaml $(SEG_RUN) --max-steps 1671 --budget-s 100000
 	rm -rf medidiff/checkpoints/demo-seg-brain

@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 import imaging_protocol as protocol
-from bench_denoise import GRIDS, baseline, metric_cells, seed_spread
+from bench_denoise import GRIDS, baseline, interval_scores, metric_cells, seed_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = (48, 48, 16)
@@ -94,9 +94,10 @@ def load_blocks(part: str, args: argparse.Namespace) -> list[tuple[str, np.ndarr
 
 
 def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: float, level_hu: float, smc: bool,
-              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+              args: argparse.Namespace, *, calibrate: bool = True) -> dict[str, Any]:  # fmt: skip
     """The stage on ``hu``: ancestral from the FBP at ``knob x level_hu``, or (``smc``) the SMC with
-    ``sigma_max = knob``."""
+    ``sigma_max = knob``. ``scores``: the conformal scores of the ``EVAL`` voxels (what calibration takes
+    from an uncalibrated run)."""
     import nibabel as nib
 
     from medidiff.io.nifti_write import write_nifti
@@ -109,17 +110,22 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: 
         t0 = time.perf_counter()
         res = denoise_volume(
             src, Path(tmp) / "out", noise="ct", dose=dose, photons=args.photons, checkpoint=args.checkpoint,
-            n_particles=args.particles, steps=args.steps, seed=seed, device="cpu",
+            n_particles=args.particles, steps=args.steps, seed=seed, device="cpu", calibrate=calibrate,
             **({"method": "smc", "sigma_max": knob} if smc else {"sigma": knob * level_hu}),
         )  # fmt: skip
         sec = time.perf_counter() - t0
-        mean, lo, hi = (nib.load(res.files[k]).get_fdata() for k in ("mean", "lower90", "upper90"))
+        mean, hi = (nib.load(res.files[k]).get_fdata() for k in ("mean", "upper90"))
     from medidiff.inverse.evaluation import window_metrics
 
     t = hu[EVAL]
-    cov = float(((t >= lo[EVAL]) & (t <= hi[EVAL])).mean())
-    return {**_score(window_metrics(t, mean[EVAL])), "coverage90": cov, "seconds": sec, "noise_hu": res.sigma,
-            "method_used": res.sidecar["method"]["used"]}  # fmt: skip
+    scores = interval_scores(t, mean[EVAL], hi[EVAL])
+    interval = res.sidecar["interval90"]
+    k, k_raw = interval["std_factor"] or 0.0, interval["std_factor_uncalibrated"] or 0.0
+    return {**_score(window_metrics(t, mean[EVAL])), "coverage90": float((scores <= 1.0).mean()),
+            "coverage90_uncalibrated": float((scores * (k / k_raw if k_raw else 1.0) <= 1.0).mean()),
+            "calibrated": bool(interval["calibration"]["applied"]), "seconds": sec, "noise_hu": res.sigma,
+            "sigma_normalised_by_stage": res.sidecar["noise"]["sigma_normalised"],
+            "method_used": res.sidecar["method"]["used"], "scores": scores}  # fmt: skip
 
 
 def run_part(
@@ -127,8 +133,11 @@ def run_part(
     args: argparse.Namespace,
     tuned: dict[str, Any] | None,
     done: set[tuple[Any, ...]] = frozenset(),
+    scores: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every (volume, dose, seed, method[, knob]) of a part; ``done``: (method, dose, knob) already tuned."""
+    """Every (volume, dose, seed, method[, knob]) of a part: every knob of the grids without ``tuned``, else
+    the tuned one; ``done``: (method, dose, knob) already run; ``scores`` (a list) collects the diffusion's
+    conformal scores per run."""
     import torch
 
     from medidiff.inverse.baselines import spectral_norm, tv_least_squares
@@ -167,14 +176,21 @@ def run_part(
                     elif method in ("diffusion", "diffusion_smc"):
                         smc = method == "diffusion_smc"
                         knobs = SMC_SIGMA_MAX if smc else DIFFUSION_MULTIPLES
-                        grid = knobs if part == "tuning" else (tuned[method][key],)  # type: ignore[index]
+                        grid = knobs if tuned is None else (tuned[method][key],)
                         for v in [v for v in grid if (method, dose, v) not in done]:
-                            r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args)
-                            rows.append({**base, "method": method, "multiple": v, **r})
+                            # the tuning part measures the uncalibrated interval (it is what calibration scores)
+                            r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args,
+                                          calibrate=part != "tuning")  # fmt: skip
+                            if scores is not None:
+                                scores.append({**base, "method": method, "multiple": v, "used": r["method_used"],
+                                               "sigma": r["sigma_normalised_by_stage"], "scores": r["scores"],
+                                               "coverage90": r["coverage90"]})  # fmt: skip
+                            rows.append({**base, "method": method, "multiple": v,
+                                         **{k: x for k, x in r.items() if k != "scores"}})  # fmt: skip
                     elif method == "pwls_tv":
                         op_w, y_w = whitened_problem(sim.scan, sim.op, pixel_mm=2.0, scale=1e-3, offset=0.0)
                         norm = spectral_norm(op_w, torch.float32, torch.device("cpu"))
-                        grid = PWLS_MULTIPLES if part == "tuning" else (tuned["pwls_tv"][key],)  # type: ignore[index]
+                        grid = PWLS_MULTIPLES if tuned is None else (tuned["pwls_tv"][key],)
                         for mult in grid:
                             t0 = time.perf_counter()
                             x = tv_least_squares(
@@ -185,7 +201,7 @@ def run_part(
                             rows.append({**base, "method": method, "multiple": mult,
                                          **_score(window_metrics(hu[EVAL], est[EVAL])), "seconds": sec})  # fmt: skip
                     else:
-                        grid = GRIDS_CT[method] if part == "tuning" else (tuned[method][key],)  # type: ignore[index]
+                        grid = GRIDS_CT[method] if tuned is None else (tuned[method][key],)
                         for mult in [v for v in grid if (method, dose, v) not in done]:
                             t0 = time.perf_counter()
                             est = baseline(method, fbp_hu / 1000.0, sigma, mult) * 1000.0
@@ -195,6 +211,60 @@ def run_part(
                     if rows:
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def write_calibration(
+    path: Path, scores: list[dict[str, Any]], tuned: dict[str, Any], args: argparse.Namespace
+) -> Path:
+    """The ``ct`` entries of the prior's split-conformal interval calibration, per dose, from the uncalibrated
+    runs at the tuned multiple on the tuning part (every tuning seed and ``--calibration-seeds``); merged
+    into ``path`` when it holds another noise model's entries for the same weights and sampling."""
+    from medidiff.io.atomic import atomic_write_json
+    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores, load_calibration
+    from medidiff.train.checkpoint import load_checkpoint
+
+    sha = load_checkpoint(args.checkpoint).weights_sha256
+    arrays: dict[tuple[str, str, float], list[np.ndarray]] = {}
+    sigmas: dict[tuple[str, str, float], list[float]] = {}
+    covs: dict[tuple[str, str, float], list[float]] = {}
+    for r in scores:
+        if r["method"] != "diffusion" or r["multiple"] != tuned["diffusion"][f"{r['dose']:g}"]:
+            continue
+        key = ("ct", r["used"], float(r["dose"]))
+        arrays.setdefault(key, []).append(r["scores"])
+        sigmas.setdefault(key, []).append(r["sigma"])
+        covs.setdefault(key, []).append(r["coverage90"])
+    entries = entries_from_scores(
+        arrays,
+        {k: statistics.fmean(v) for k, v in covs.items()},
+        {k: statistics.fmean(v) for k, v in sigmas.items()},
+        level=0.9,
+    )
+    seeds = sorted({r["seed"] for r in scores})
+    protocol_ct = (
+        f"benchmarks/bench_denoise_ct.py --part tuning --calibrate: the tuning CT volumes of {args.split.name}, "
+        f"centred {'x'.join(map(str, BLOCK))} blocks scored on the centred 32x32x16, doses {args.doses} at the "
+        f"tuned multiples {tuned['diffusion']}, scan and sampler seeds {seeds}; the stage uncalibrated"
+    )
+    old = load_calibration(path.parent) if path.name == "denoise_calibration.json" else None
+    if old is None and path.is_file():
+        old = DenoiseCalibration.model_validate_json(path.read_text(encoding="utf-8"))
+    kept: tuple[Any, ...] = ()
+    protocol_all = protocol_ct
+    if old is not None:
+        if (old.weights_sha256, old.particles, old.steps) != (sha, args.particles, args.steps):
+            raise SystemExit(
+                f"{path} calibrates weights {old.weights_sha256[:12]} at {old.particles} x {old.steps}; this run "
+                f"is {sha[:12]} at {args.particles} x {args.steps}. Write to another file."
+            )
+        kept = tuple(e for e in old.entries if e.noise != "ct")
+        if kept:
+            protocol_all = f"{old.protocol} | {protocol_ct}"
+    cal = DenoiseCalibration(weights_sha256=sha, particles=args.particles, steps=args.steps,
+                             protocol=protocol_all, entries=(*kept, *entries))  # fmt: skip
+    atomic_write_json(path, cal.model_dump(mode="json"))
+    print(f"calibration ({len(entries)} CT levels) -> {path}", file=sys.stderr)
+    return path
 
 
 def _score(m: dict[str, Any]) -> dict[str, float]:
@@ -220,7 +290,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         {(r["dose"], r["method"]) for r in rows}, key=lambda k: (-k[0], METHODS.index(k[1]))
     ):
         sel = [r for r in rows if (r["dose"], r["method"]) == (dose, method)]
-        entry = seed_spread(sel, ("psnr_db", "ssim", "coverage90", "seconds", "fbp_noise_hu"))
+        entry = seed_spread(
+            sel, ("psnr_db", "ssim", "coverage90", "coverage90_uncalibrated", "seconds", "fbp_noise_hu")
+        )
         out.setdefault(f"{dose:g}", {})[method] = entry
     return out
 
@@ -258,8 +330,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--add-to", type=Path, help="a tuning JSON of an earlier run: choose over its rows and these"
     )
+    p.add_argument(
+        "--calibrate",
+        type=Path,
+        help="with --part tuning and the diffusion: write the prior's CT interval calibration "
+        "(medidiff.stages.interval_calibration) from the tuning volumes to this file",
+    )
+    p.add_argument(
+        "--calibration-seeds", type=int, nargs="+", default=[101, 102],
+        help="scan and sampler seeds calibrated on besides --tuning-seeds (at the tuned multiple only)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.calibrate and (args.part != "tuning" or "diffusion" not in args.methods):
+        p.error("--calibrate needs --part tuning with the diffusion among --methods")
     import os
 
     import torch
@@ -278,8 +362,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # rows of an earlier tuning run (--add-to): reused, only the new grid values are run
         old = json.loads(args.add_to.read_text())["tuning"]["rows"] if args.add_to is not None else []
         done = {(r["method"], r["dose"], r.get("multiple")) for r in old}
-        rows = old + run_part("tuning", args, None, done)
+        scores: list[dict[str, Any]] | None = [] if args.calibrate else None
+        rows = old + run_part("tuning", args, None, done, scores=scores)
         tuned = choose(rows)
+        if args.calibrate and scores is not None:
+            more = argparse.Namespace(**{**vars(args), "methods": ["diffusion"],
+                                         "tuning_seeds": args.calibration_seeds})  # fmt: skip
+            calibration_rows = run_part("tuning", more, tuned, scores=scores)
+            write_calibration(args.calibrate, scores, tuned, args)
+            out["calibration"] = {"rows": calibration_rows}
         args.tuned.parent.mkdir(parents=True, exist_ok=True)
         args.tuned.write_text(json.dumps(tuned, indent=1) + "\n")
         out["tuning"] = {"rows": rows, "tuned": tuned}

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._per_volume import run_per_volume, scrubbed_error
 from flows._retry import retry_on_io
-from medidiff.stages.denoise import denoise_volume
+from medidiff.stages.denoise import DEFAULT_PARTICLES, DEFAULT_STEPS, denoise_volume
 
 
 @task(
@@ -59,8 +59,8 @@ def main() -> None:
     p.add_argument("--noise", choices=["gaussian", "rician", "ct"], default="gaussian")
     p.add_argument("--dose", type=float, default=None, help="--noise ct: dose fraction (default 0.25)")
     p.add_argument("--sigma", type=float, default=None)
-    p.add_argument("--particles", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--particles", type=int, default=DEFAULT_PARTICLES)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     a = p.parse_args()
     settings = {
         "checkpoint": a.checkpoint,

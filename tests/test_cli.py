@@ -196,6 +196,33 @@ def test_denoise_stable_interface_with_the_shipped_prior(tmp_path: Path) -> None
     assert not (tmp_path / "bad").exists()
 
 
+def test_denoise_defaults_are_the_calibrated_configuration() -> None:
+    """`medidiff denoise`, the flow and both stage paths default to the particles x steps at which the
+    shipped priors' intervals were calibrated, so a default run is not warned that its coverage may differ."""
+    import inspect
+
+    import flows.denoise
+    from medidiff.checkpoints import default_prior
+    from medidiff.cli import denoise
+    from medidiff.stages.denoise import DEFAULT_PARTICLES, DEFAULT_STEPS, DenoiseSettings, denoise_volume
+    from medidiff.stages.denoise_ct import denoise_low_dose_ct
+    from medidiff.stages.interval_calibration import load_calibration
+
+    want = (DEFAULT_PARTICLES, DEFAULT_STEPS)
+    cli = inspect.signature(denoise).parameters
+    assert (cli["particles"].default, cli["steps"].default) == want
+    for fn in (denoise_volume, denoise_low_dose_ct):
+        sig = inspect.signature(fn).parameters
+        assert (sig["n_particles"].default, sig["steps"].default) == want, fn.__name__
+    fields = DenoiseSettings.model_fields
+    assert (fields["n_particles"].default, fields["steps"].default) == want
+    assert "default=DEFAULT_PARTICLES" in inspect.getsource(flows.denoise.main)
+    # the shipped priors `medidiff denoise` takes: the denoising prior for MR, the CT path the reconstruction one
+    for modality, use in (("MR", "denoising"), ("CT", "reconstruction")):
+        cal = load_calibration(default_prior(modality, use).path)  # the stage folder (latent/)
+        assert cal is not None and (cal.particles, cal.steps) == want, modality
+
+
 def _no_interpreter() -> dict[str, str]:
     """The environment of a CPU run without Triton's interpreter (where --kernels triton falls back)."""
     import os

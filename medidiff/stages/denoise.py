@@ -70,7 +70,13 @@ from medidiff import __version__
 from medidiff.inverse import PosteriorResult
 from medidiff.stages.reconstruct import NotifyCallback, ProgressCallback, ReconstructSettings
 
-__all__ = ["DenoiseResult", "DenoiseSettings", "denoise_volume"]
+__all__ = ["DEFAULT_PARTICLES", "DEFAULT_STEPS", "DenoiseResult", "DenoiseSettings", "denoise_volume"]
+
+DEFAULT_PARTICLES = 8
+DEFAULT_STEPS = 40
+"""The denoise stage's default particles x steps (CLI and flows alike): the configuration the denoising
+benchmarks measured and the shipped priors' interval calibrations were made at (docs/benchmarks.md,
+"Denoising"); other values work, and the stage warns that the calibrated coverage was measured at 8 x 40."""
 
 SIDECAR = "denoise.json"
 SPACING_TOLERANCE = 0.25
@@ -86,8 +92,8 @@ class DenoiseSettings(BaseModel):
     sigma: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="in the input's units")
     method: Literal["auto", "ancestral", "smc", "afdps", "dps"] = "auto"
     modality: str = "MR"
-    n_particles: int = Field(16, ge=2)
-    steps: int = Field(40, ge=1)
+    n_particles: int = Field(DEFAULT_PARTICLES, ge=2)
+    steps: int = Field(DEFAULT_STEPS, ge=1)
     seed: int = Field(0, ge=0)
     chunk_size: int | None = Field(None, ge=1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "fp32"
@@ -145,8 +151,8 @@ def denoise_volume(
     reference: str | Path | None = None,
     method: str = "auto",
     modality: str = "MR",
-    n_particles: int = 16,
-    steps: int = 40,
+    n_particles: int = DEFAULT_PARTICLES,
+    steps: int = DEFAULT_STEPS,
     seed: int = 0,
     chunk_size: int | None = None,
     precision: str = "fp32",
@@ -215,7 +221,8 @@ def denoise_volume(
         calibrate: widen the 90% interval by the prior's split-conformal factor
             (:mod:`medidiff.stages.interval_calibration`: ``denoise_calibration.json`` beside its
             ``data.json``) when it covers this noise model, method and level; the sidecar's
-            ``interval90.calibration`` says whether it was applied, and why not. Not for ``noise="ct"``.
+            ``interval90.calibration`` says whether it was applied, and why not (for ``noise="ct"``: the
+            calibration's ``ct`` entries, keyed by the low-dose FBP's noise level).
 
     Returns:
         A :class:`DenoiseResult`.
@@ -250,7 +257,7 @@ def denoise_volume(
             checkpoint=checkpoint, method=method, sigma=sigma, sigma_max=sigma_max,
             n_particles=n_particles, steps=steps, seed=seed, chunk_size=chunk_size, precision=precision,
             kernels=kernels, device=device, grid=grid, normalization=normalization, options=options, progress=progress,
-            notify=notify, run_id=run_id, input_label=input_label,
+            notify=notify, run_id=run_id, input_label=input_label, calibrate=calibrate,
         )  # fmt: skip
     if dose is not None or photons is not None or views is not None or sigma_max is not None:
         raise ValueError("dose, photons, views and sigma_max are low-dose CT settings: pass noise='ct'.")
@@ -339,18 +346,11 @@ def denoise_volume(
         raise ValueError(
             f"options {sorted(s.options)} are sampler options of method='smc'; ancestral denoising takes none."
         )
-    cal_factor, cal_record = _calibration(s, pri, used, sy)
+    cal_factor, cal_record = _calibration(s.calibrate, s.noise, pri, used, sy)
     warnings = (
         list(src.warnings) + list(pri.warnings) + _spacing_warnings(src.affine_ras, pri) + list(comp.warnings)
     )
-    if cal_record.get("weights_sha256") and not cal_record["applied"]:
-        warnings.append(f"the 90% interval is not calibrated: {cal_record['why']}")
-    elif cal_record["applied"] and (cal_record["particles"], cal_record["steps"]) != (s.n_particles, s.steps):
-        warnings.append(
-            f"the 90% interval's calibration was measured at {cal_record['particles']} particles x "
-            f"{cal_record['steps']} steps, this run uses {s.n_particles} x {s.steps}: its coverage may differ "
-            "from the calibrated 90%"
-        )
+    warnings += _calibration_warnings(cal_record, s.n_particles, s.steps)
     if input_label is not None:
         warnings = [scrub_paths(w, (image, reference), input_label) for w in warnings]
     if s.noise == "rician":
@@ -563,19 +563,35 @@ def _with_kernels(rs: ReconstructSettings, kernels: str) -> ReconstructSettings:
     return rs.model_copy(update={"options": {**rs.options, "kernels": kernels}})
 
 
-def _calibration(s: DenoiseSettings, pri: Any, method: str, sy: float) -> tuple[float | None, dict[str, Any]]:
+def _calibration(
+    calibrate: bool, noise: str, pri: Any, method: str, sy: float
+) -> tuple[float | None, dict[str, Any]]:
     """``(factor or None, record)``: the prior's interval calibration for this noise model, method and
     normalised noise level ``sy`` (:mod:`medidiff.stages.interval_calibration`)."""
     from medidiff.stages.interval_calibration import load_calibration, resolve_factor
 
-    if not s.calibrate:
+    if not calibrate:
         return None, {"applied": False, "why": "calibrate=False"}
     if pri.kind != "latent":
         return None, {"applied": False, "why": "a callable prior has no calibration"}
     cal = load_calibration(pri.checkpoint.path.parent)
     return resolve_factor(
-        cal, weights_sha256=pri.checkpoint.weights_sha256, noise=s.noise, method=method, sigma=sy
+        cal, weights_sha256=pri.checkpoint.weights_sha256, noise=noise, method=method, sigma=sy
     )
+
+
+def _calibration_warnings(record: dict[str, Any], particles: int, steps: int) -> list[str]:
+    """What the user should know about the interval's calibration: a calibrated prior that could not be
+    applied here (and why), or one measured at other particles x steps than this run's."""
+    if record.get("weights_sha256") and not record["applied"]:
+        return [f"the 90% interval is not calibrated: {record['why']}"]
+    if record["applied"] and (record["particles"], record["steps"]) != (particles, steps):
+        return [
+            f"the 90% interval's calibration was measured at {record['particles']} particles x "
+            f"{record['steps']} steps, this run uses {particles} x {steps}: its coverage may differ "
+            "from the calibrated 90%"
+        ]
+    return []
 
 
 def _noise_range(pri: Any) -> tuple[float, float]:

@@ -17,7 +17,9 @@ prior, nothing is applied and the sidecar says why. The file lives beside the ch
     <run or shipped folder>/latent/denoise_calibration.json
 
 ``benchmarks/bench_denoise.py --part tuning --tuning-diffusion --calibrate FILE`` writes it from the tuning
-volumes.
+volumes (Gaussian and Rician noise); ``benchmarks/bench_denoise_ct.py --part tuning --calibrate FILE`` its
+``ct`` entries (low-dose CT, keyed by the low-dose FBP's noise level in the prior's units, which falls with
+the dose), merged into the same file.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class CalibrationEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    noise: Literal["gaussian", "rician"]
+    noise: Literal["gaussian", "rician", "ct"]
     method: str = Field(description="the denoise stage's sampling method ('ancestral', 'smc'...)")
     sigma_normalised: float = Field(gt=0, allow_inf_nan=False)
     factor: float = Field(gt=0, allow_inf_nan=False, description="multiplies the Student-t factor k")

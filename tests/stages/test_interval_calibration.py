@@ -157,3 +157,45 @@ def test_the_stage_widens_only_the_interval_and_records_it(pixel_prior, tmp_path
     assert any("measured at 8 particles x 40 steps, this run uses 4 x 3" in w for w in on.sidecar["warnings"])
     assert json.loads((tmp_path / "on" / "denoise.json").read_text())["interval90"]["calibration"]["applied"]
     assert math.isclose(other.sidecar["interval90"]["std_factor"], i_off["std_factor"])
+
+
+def test_low_dose_ct_takes_its_own_entries(pixel_prior, tmp_path: Path) -> None:  # noqa: F811
+    """The CT path looks up the calibration's ``ct`` entries at the low-dose FBP's noise level: the same
+    mean and spread with and without it, the half-width times the factor, the uncalibrated coverage kept;
+    Gaussian entries alone do not apply to CT, and the sidecar says why."""
+    from tests.stages.test_denoise_ct import _phantom as ct_phantom
+
+    write_nifti(
+        Volume(ct_phantom().astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "CT"), tmp_path / "ct.nii.gz"
+    )
+    stage_dir = Path(pixel_prior).parent
+    sha = load_checkpoint(pixel_prior).weights_sha256
+    common = {"noise": "ct", "dose": 0.05, "checkpoint": pixel_prior, "n_particles": 4, "steps": 3, "seed": 2}
+    try:
+        (stage_dir / CALIBRATION_FILE).write_text(
+            _cal(sha, [(1e-4, 2.5), (10.0, 2.5)], noise="ct").model_dump_json()
+        )
+        on = denoise_volume(tmp_path / "ct.nii.gz", tmp_path / "on", **common)
+        off = denoise_volume(tmp_path / "ct.nii.gz", tmp_path / "off", calibrate=False, **common)
+        (stage_dir / CALIBRATION_FILE).write_text(_cal(sha, [(1e-4, 2.5), (10.0, 2.5)]).model_dump_json())
+        mr_only = denoise_volume(tmp_path / "ct.nii.gz", tmp_path / "mr_only", **common)
+    finally:
+        (stage_dir / CALIBRATION_FILE).unlink(missing_ok=True)
+    assert on.sidecar["method"]["used"] == "ancestral" and on.sidecar["settings"]["calibrate"] is True
+
+    def load(res, name: str) -> np.ndarray:
+        return nib.load(res.out_dir / name).get_fdata()
+
+    np.testing.assert_array_equal(load(on, "mean.nii.gz"), load(off, "mean.nii.gz"))
+    np.testing.assert_array_equal(load(on, "std.nii.gz"), load(off, "std.nii.gz"))
+    i_on, i_off = on.sidecar["interval90"], off.sidecar["interval90"]
+    assert i_on["calibration"]["applied"] and i_on["std_factor"] == pytest.approx(2.5 * i_off["std_factor"])
+    half_on = load(on, "upper90.nii.gz") - load(on, "mean.nii.gz")
+    half_off = load(off, "upper90.nii.gz") - load(off, "mean.nii.gz")
+    np.testing.assert_allclose(half_on, 2.5 * half_off, rtol=1e-4, atol=1e-2)
+    assert on.metrics["coverage90_uncalibrated"] == pytest.approx(off.metrics["coverage90"])
+    assert on.metrics["coverage90"] > off.metrics["coverage90"]  # the particles alone under-cover CT
+    assert "coverage90_uncalibrated" not in off.metrics
+    rec = mr_only.sidecar["interval90"]["calibration"]
+    assert not rec["applied"] and "not calibrated for ct noise" in rec["why"]
+    assert any("90% interval is not calibrated" in w for w in mr_only.sidecar["warnings"])
