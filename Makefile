@@ -96,10 +96,10 @@ bench-imaging: setup
 # at 1 thread) and the latent diffusion model on its whole-brain latents (configs/model_brain_ldm_e.yaml: 1600
 # steps, then trained on with the learning-rate schedule of a 6000-step run and stopped at 5000, where the
 # 2-hour budget ran out; 2 h at 2 threads).
-# demo-seg-brain: the diffusion segmenter of configs/seg_brain.yaml; its benchmark run stopped at its 1500 s
-# budget after 1671 steps (1 thread), so the rebuild trains exactly that many steps (same seed: the same
-# weights on the same kind of CPU); stored in float16 (--half), with the inference defaults chosen on the
-# tuning volumes (DDIM eta 1, step fusion: docs/benchmarks.md, Segmentation).
+# demo-seg-brain: the diffusion segmenter of configs/seg_brain_b003.yaml (its label map scaled by 0.03), 2150
+# steps at 1 thread (23 min): the steps the wall-clock budget gave its sibling diffusion runs beside the DynUNet
+# baselines (same seed: the same weights on the same kind of CPU); stored in float16 (--half), with the
+# inference defaults chosen on the tuning volumes (DDIM eta 1, step fusion: docs/benchmarks.md, Segmentation).
 # demo-pixel-edm: the demo pixel prior's network and data with EDM's distribution of training noise levels
 # (configs/model_pixel_edm.yaml), 2000 steps, then trained on to 8000 (a warm restart of the schedule; 2 threads,
 # about 0.45 s per step: 1 h in all), stored in float16; then its 90% interval is calibrated on the tuning
@@ -110,7 +110,7 @@ bench-imaging: setup
 # the tuning subject; 1 thread, about 25 min), written beside the release.
 # Each line resumes an interrupted run and skips a finished one.
 BRAIN_RUN ?= runs/brain_ldm_e
-SEG_RUN   ?= runs/seg_brain_diffusion
+SEG_RUN   ?= runs/seg_b003
 EDM_RUN   ?= runs/pixel_edm
 
 checkpoints: setup
@@ -132,8 +132,8 @@ checkpoints: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_denoise_ct.py --part tuning --methods diffusion --threads 1 \
 		--checkpoint medidiff/checkpoints/demo-pixel/latent --tuned bench_out/denoise_ct_tuned_diffusion.json \
 		--calibrate medidiff/checkpoints/demo-pixel/latent/denoise_calibration.json
-	test -f $(SEG_RUN)/segmenter/ckpt-00001671/checkpoint.json || OMP_NUM_THREADS=1 $(VENV)/bin/medidiff train-seg \
-		configs/seg_brain.yaml $(SEG_RUN) --max-steps 1671 --budget-s 100000
+	test -f $(SEG_RUN)/segmenter/ckpt-00002150/checkpoint.json || OMP_NUM_THREADS=1 $(VENV)/bin/medidiff train-seg \
+		configs/seg_brain_b003.yaml $(SEG_RUN) --max-steps 2150 --budget-s 100000
 	rm -rf medidiff/checkpoints/demo-seg-brain
 	$(VENV)/bin/medidiff release $(SEG_RUN)/segmenter medidiff/checkpoints/demo-seg-brain --half \
 		--evaluation benchmarks/shipped/demo-seg-brain.json --rebuild "make checkpoints" \

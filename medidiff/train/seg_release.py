@@ -49,7 +49,7 @@ def _card(info: dict[str, Any], sha: str) -> str:
         f"patch / window {cfg['patch_size']}, overlap {cfg['overlap']}"
         + (
             f"; {cfg['samples']} samples x {cfg['sample_steps']} DDIM steps, eta {cfg.get('sample_eta', 0.0):g}, "
-            f"fusion {cfg.get('fuse', 'last')}"
+            f"fusion {cfg.get('fuse', 'last')}, label map scaled by {cfg.get('map_scale', 1.0):g}"
             if cfg["arch"] == "diffusion"
             else ""
         ),
