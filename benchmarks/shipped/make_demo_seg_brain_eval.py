@@ -27,8 +27,10 @@ out = {
     "eta": rep["eta"],
     "fuse": rep["fuse"],
     "training": f"{model['steps_trained']} steps, seed {model['train_seed']}, 1 thread",
-    "dice": {**{s: round(summ[f"dice.{s}"]["mean"], 3) for s in structures},
-             "mean": round(summ["dice.mean"]["mean"], 3)},  # fmt: skip
+    "dice": {
+        **{s: round(summ[f"dice.{s}"]["mean"], 3) for s in structures},
+        "mean": round(summ["dice.mean"]["mean"], 3),
+    },
     "hd95_mm": {s: round(summ[f"hd95_mm.{s}"]["mean"], 2) for s in structures},
     "calibration_error": round(summ["calibration_error"]["mean"], 4),
     "error_auroc_in_head": round(summ["error_auroc_in_mask"]["mean"], 3),

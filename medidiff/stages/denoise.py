@@ -236,7 +236,6 @@ def denoise_volume(
     from medidiff.stages._compute import resolve_compute
     from medidiff.stages.noise import estimate_noise, rician_bias_corrected
     from medidiff.stages.reconstruct import (
-        _interval_record,
         _prior_record,
         _resolve_prior,
         _sample,
@@ -390,17 +389,7 @@ def denoise_volume(
             "the sampler returned non-finite voxels; rerun with precision='fp32' or fewer steps, and report "
             "the checkpoint if it persists."
         )
-    interval = _interval_record(res.weights)
-    k_raw = float(interval["std_factor"] or 0.0)
-    k = k_raw * cal_factor if cal_factor is not None else k_raw
-    interval = {
-        **interval,
-        "std_factor": k or None,
-        "std_factor_uncalibrated": k_raw or None,
-        "calibration": cal_record,
-    }
-    if cal_factor is not None:
-        interval["kind"] = "predictive (Student-t on the effective sample size) x split-conformal calibration"
+    interval, k, k_raw = _calibrated_interval(res.weights, cal_factor, cal_record)
     mean_n = res.mean.detach().to(torch.float64).cpu()[inside]
     std_n = res.std.detach().to(torch.float64).cpu()[inside]
     metrics: dict[str, Any] = {}
@@ -578,6 +567,27 @@ def _calibration(
     return resolve_factor(
         cal, weights_sha256=pri.checkpoint.weights_sha256, noise=noise, method=method, sigma=sy
     )
+
+
+def _calibrated_interval(
+    weights: Tensor, factor: float | None, record: dict[str, Any]
+) -> tuple[dict[str, Any], float, float]:
+    """``(interval90 record, k, k_raw)``: the particles' Student-t factor ``k_raw`` on their effective sample
+    size (0 when it is below 2), times the calibration ``factor`` where one applies."""
+    from medidiff.stages.reconstruct import _interval_record
+
+    interval = _interval_record(weights)
+    k_raw = float(interval["std_factor"] or 0.0)
+    k = k_raw * factor if factor is not None else k_raw
+    interval = {
+        **interval,
+        "std_factor": k or None,
+        "std_factor_uncalibrated": k_raw or None,
+        "calibration": record,
+    }
+    if factor is not None:
+        interval["kind"] = "predictive (Student-t on the effective sample size) x split-conformal calibration"
+    return interval, k, k_raw
 
 
 def _calibration_warnings(record: dict[str, Any], particles: int, steps: int) -> list[str]:

@@ -243,6 +243,7 @@ def denoise_low_dose_ct(
         DenoiseResult,
         DenoiseSettings,
         _ancestral,
+        _calibrated_interval,
         _calibration,
         _calibration_warnings,
         _check_kernels_option,
@@ -258,7 +259,6 @@ def denoise_low_dose_ct(
     )
     from medidiff.stages.reconstruct import (
         ReconstructSettings,
-        _interval_record,
         _prior_record,
         _resolve_prior,
         _sample,
@@ -398,17 +398,7 @@ def denoise_low_dose_ct(
         )
     if not bool(torch.isfinite(res.mean).all()):
         raise FloatingPointError("the sampler returned non-finite voxels; rerun with precision='fp32'")
-    interval = _interval_record(res.weights)
-    k_raw = float(interval["std_factor"] or 0.0)
-    k = k_raw * cal_factor if cal_factor is not None else k_raw
-    interval = {
-        **interval,
-        "std_factor": k or None,
-        "std_factor_uncalibrated": k_raw or None,
-        "calibration": cal_record,
-    }
-    if cal_factor is not None:
-        interval["kind"] = "predictive (Student-t on the effective sample size) x split-conformal calibration"
+    interval, k, k_raw = _calibrated_interval(res.weights, cal_factor, cal_record)
     mean_hu = ((res.mean.detach().cpu().to(torch.float64) - offset) / scale).numpy()[inside]
     std_hu = (res.std.detach().cpu().to(torch.float64) / abs(scale)).numpy()[inside]
     fbp_in = fbp_hu[inside]
