@@ -99,7 +99,7 @@ bench-imaging: setup
 # demo-seg-brain: the diffusion segmenter of configs/seg_brain_b003.yaml (its label map scaled by 0.03), 2150
 # steps at 1 thread (23 min): the steps the wall-clock budget gave its sibling diffusion runs beside the DynUNet
 # baselines (same seed: the same weights on the same kind of CPU); stored in float16 (--half), with the
-# inference defaults chosen on the tuning volumes (DDIM eta 1, step fusion: docs/benchmarks.md, Segmentation).
+# inference defaults chosen on the tuning volumes (DDIM eta 1, step fusion, 2 steps: docs/benchmarks.md, Segmentation).
 # demo-pixel-edm: the demo pixel prior's network and data with EDM's distribution of training noise levels
 # (configs/model_pixel_edm.yaml), 2000 steps, then trained on to 8000 (a warm restart of the schedule; 2 threads,
 # about 0.45 s per step: 1 h in all), stored in float16; then its 90% interval is calibrated on the tuning
@@ -137,7 +137,7 @@ checkpoints: setup
 	rm -rf medidiff/checkpoints/demo-seg-brain
 	$(VENV)/bin/medidiff release $(SEG_RUN)/segmenter medidiff/checkpoints/demo-seg-brain --half \
 		--evaluation benchmarks/shipped/demo-seg-brain.json --rebuild "make checkpoints" \
-		--sampling '{"sample_eta": 1.0, "fuse": "steps"}'
+		--sampling '{"sample_eta": 1.0, "fuse": "steps", "sample_steps": 2}'
 	test -f $(EDM_RUN)/latent/ckpt-00002000/checkpoint.json || OMP_NUM_THREADS=2 $(VENV)/bin/medidiff train \
 		configs/model_pixel_edm.yaml configs/data_demo.yaml $(EDM_RUN) --stage latent
 	test -f $(EDM_RUN)/latent/ckpt-00008000/checkpoint.json || OMP_NUM_THREADS=2 $(VENV)/bin/medidiff train \

@@ -1,7 +1,9 @@
 """Write benchmarks/shipped/demo-seg-brain.json from the segmentation benchmark's reporting run.
 
 Run from the repository root after the commands of docs/benchmarks.md, "Segmentation" (the scaled label
-map): bench_out/segment_b003.json, the reporting run of runs/seg_b003 (the source of the float16 release).
+map): ``make_demo_seg_brain_eval.py bench_out/segment_b003_2steps.json bench_out/segment_b003.json``, the
+reporting run of runs/seg_b003 (the source of the float16 release) at its shipped defaults, and a run of
+the same command with the DynUNet baseline's rows (when the first has none).
 ``make checkpoints`` then cuts the release with these figures (a segmenter's release records them under
 its source's weights hash, which it checks).
 """
@@ -10,9 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-src = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/segment_b003.json")
+src = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_out/segment_b003_2steps.json")
 run = json.loads(src.read_text())
 rep = run["reporting"]
+if "dynunet" not in rep:
+    baseline = json.loads(
+        Path(sys.argv[2] if len(sys.argv) > 2 else "bench_out/segment_b003.json").read_text()
+    )
+    rep = {**rep, "dynunet": baseline["reporting"]["dynunet"]}
 (diff_key,) = [k for k in run["models"] if k.startswith("diffusion:")]
 model = run["models"][diff_key]
 summ, base = rep["diffusion"]["summary"], rep["dynunet"]["summary"]
