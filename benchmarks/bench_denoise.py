@@ -308,8 +308,7 @@ def write_calibration(
     args: argparse.Namespace,
 ) -> Path:
     """The split-conformal interval calibration of the prior from the tuning part's scores."""
-    from medidiff.io.atomic import atomic_write_json
-    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores
+    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores, save_calibration
     from medidiff.train.checkpoint import load_checkpoint
 
     coverage: dict[tuple[str, str, float], list[float]] = {}
@@ -335,7 +334,7 @@ def write_calibration(
             )
         ),
     )
-    return atomic_write_json(path, cal.model_dump(mode="json"))
+    return save_calibration(path, cal)
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

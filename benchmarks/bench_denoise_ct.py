@@ -217,10 +217,9 @@ def write_calibration(
     path: Path, scores: list[dict[str, Any]], tuned: dict[str, Any], args: argparse.Namespace
 ) -> Path:
     """The ``ct`` entries of the prior's split-conformal interval calibration, per dose, from the uncalibrated
-    runs at the tuned multiple on the tuning part (every tuning seed and ``--calibration-seeds``); merged
-    into ``path`` when it holds another noise model's entries for the same weights and sampling."""
-    from medidiff.io.atomic import atomic_write_json
-    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores, load_calibration
+    runs at the tuned multiple on the tuning part (every tuning seed and ``--calibration-seeds``), saved
+    beside another noise model's entries ``path`` holds for the same weights and sampling."""
+    from medidiff.stages.interval_calibration import DenoiseCalibration, entries_from_scores, save_calibration
     from medidiff.train.checkpoint import load_checkpoint
 
     sha = load_checkpoint(args.checkpoint).weights_sha256
@@ -246,23 +245,12 @@ def write_calibration(
         f"centred {'x'.join(map(str, BLOCK))} blocks scored on the centred 32x32x16, doses {args.doses} at the "
         f"tuned multiples {tuned['diffusion']}, scan and sampler seeds {seeds}; the stage uncalibrated"
     )
-    old = load_calibration(path.parent) if path.name == "denoise_calibration.json" else None
-    if old is None and path.is_file():
-        old = DenoiseCalibration.model_validate_json(path.read_text(encoding="utf-8"))
-    kept: tuple[Any, ...] = ()
-    protocol_all = protocol_ct
-    if old is not None:
-        if (old.weights_sha256, old.particles, old.steps) != (sha, args.particles, args.steps):
-            raise SystemExit(
-                f"{path} calibrates weights {old.weights_sha256[:12]} at {old.particles} x {old.steps}; this run "
-                f"is {sha[:12]} at {args.particles} x {args.steps}. Write to another file."
-            )
-        kept = tuple(e for e in old.entries if e.noise != "ct")
-        if kept:
-            protocol_all = f"{old.protocol} | {protocol_ct}"
     cal = DenoiseCalibration(weights_sha256=sha, particles=args.particles, steps=args.steps,
-                             protocol=protocol_all, entries=(*kept, *entries))  # fmt: skip
-    atomic_write_json(path, cal.model_dump(mode="json"))
+                             protocol=protocol_ct, entries=tuple(entries))  # fmt: skip
+    try:
+        save_calibration(path, cal)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print(f"calibration ({len(entries)} CT levels) -> {path}", file=sys.stderr)
     return path
 

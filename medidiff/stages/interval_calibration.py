@@ -40,6 +40,7 @@ __all__ = [
     "entries_from_scores",
     "load_calibration",
     "resolve_factor",
+    "save_calibration",
 ]
 
 CALIBRATION_FILE = "denoise_calibration.json"
@@ -110,6 +111,39 @@ def load_calibration(stage_dir: Path) -> DenoiseCalibration | None:
         return DenoiseCalibration.model_validate_json(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path} is not a valid denoise calibration ({e}); remove or rebuild it.") from e
+
+
+def save_calibration(path: Path, cal: DenoiseCalibration) -> Path:
+    """Write ``cal`` to ``path`` atomically, keeping the entries of other noise models an existing file holds
+    for the same weights, level and particles x steps (the MR and CT calibrations of one prior are made by
+    different benchmarks); their protocols are joined.
+
+    Raises:
+        ValueError: the existing file belongs to other weights or sampling, or does not validate.
+    """
+    from medidiff.io.atomic import atomic_write_json
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = DenoiseCalibration.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path} is not a valid denoise calibration ({e}); remove it first.") from e
+        mine, theirs = (cal.weights_sha256, cal.level, cal.particles, cal.steps), (
+            old.weights_sha256, old.level, old.particles, old.steps)  # fmt: skip
+        if mine != theirs:
+            raise ValueError(
+                f"{path} calibrates weights {old.weights_sha256[:12]} at {old.particles} x {old.steps} (level "
+                f"{old.level:g}); this one is {cal.weights_sha256[:12]} at {cal.particles} x {cal.steps} (level "
+                f"{cal.level:g}). Write to another file, or remove it."
+            )
+        noises = {e.noise for e in cal.entries}
+        kept = tuple(e for e in old.entries if e.noise not in noises)
+        if kept:
+            cal = cal.model_copy(
+                update={"entries": (*kept, *cal.entries), "protocol": f"{old.protocol} | {cal.protocol}"}
+            )
+    return atomic_write_json(path, cal.model_dump(mode="json"))
 
 
 def resolve_factor(

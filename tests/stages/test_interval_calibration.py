@@ -22,6 +22,7 @@ from medidiff.stages.interval_calibration import (
     entries_from_scores,
     load_calibration,
     resolve_factor,
+    save_calibration,
 )
 from medidiff.train.checkpoint import load_checkpoint
 from medidiff.volume import Volume
@@ -107,6 +108,22 @@ def test_entries_and_a_broken_file(tmp_path: Path) -> None:
     (tmp_path / CALIBRATION_FILE).write_text('{"format": "medidiff-denoise-calibration", "entries": []}')
     with pytest.raises(ValueError, match="not a valid denoise calibration"):
         load_calibration(tmp_path)
+
+
+def test_saving_keeps_the_other_noise_models_of_the_same_weights(tmp_path: Path) -> None:
+    """The MR and CT calibrations of one prior come from different benchmarks: saving one keeps the other's
+    entries (same weights and sampling), replaces its own, and refuses a file of other weights."""
+    path = tmp_path / CALIBRATION_FILE
+    save_calibration(path, _cal("abc", [(0.05, 1.2), (0.2, 1.6)]))
+    save_calibration(path, _cal("abc", [(0.03, 3.0)], noise="ct"))
+    save_calibration(path, _cal("abc", [(0.1, 1.4)]))  # a new MR calibration replaces the old MR entries
+    cal = load_calibration(tmp_path)
+    assert cal is not None
+    assert sorted((e.noise, e.sigma_normalised, e.factor) for e in cal.entries) == [
+        ("ct", 0.03, 3.0), ("gaussian", 0.1, 1.4)]  # fmt: skip
+    with pytest.raises(ValueError, match="Write to another file"):
+        save_calibration(path, _cal("other", [(0.1, 1.4)]))
+    assert load_calibration(tmp_path) == cal  # untouched
 
 
 def test_the_stage_widens_only_the_interval_and_records_it(pixel_prior, tmp_path: Path) -> None:  # noqa: F811
