@@ -106,8 +106,9 @@ bench-imaging: setup
 # volumes (split conformal, written beside the release: it belongs to the released weights' hash). The
 # denoise stage's default prior (docs/benchmarks.md, "Denoising").
 # demo-pixel's low-dose CT interval calibration (the denoise stage's CT prior): the CT benchmark's tuning of the
-# diffusion's noise-level multiple per dose, then split conformal at the tuned multiples (3 scans per dose of
-# the tuning subject; 1 thread, about 25 min), written beside the release.
+# diffusion's noise-level multiple per dose, then split conformal at the tuned multiples (one scan per dose of
+# the tuning subject and of 9 CT phantoms drawn afresh by the demo cohort's generator, cohort seed 1, in no
+# split; 1 thread, about 40 min), written beside the release.
 # Each line resumes an interrupted run and skips a finished one.
 BRAIN_RUN ?= runs/brain_ldm_e
 SEG_RUN   ?= runs/seg_b003
@@ -131,6 +132,7 @@ checkpoints: setup
 		--final-reason "the 2-hour training budget on 2 CPU cores ended here (1600 steps, then trained on with the learning-rate schedule of a 6000-step run)"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_denoise_ct.py --part tuning --methods diffusion --threads 1 \
 		--checkpoint medidiff/checkpoints/demo-pixel/latent --tuned bench_out/denoise_ct_tuned_diffusion.json \
+		--calibration-seeds 100 --calibration-phantoms 9 --calibration-phantom-seed 1 \
 		--calibrate medidiff/checkpoints/demo-pixel/latent/denoise_calibration.json
 	test -f $(SEG_RUN)/segmenter/ckpt-00002150/checkpoint.json || OMP_NUM_THREADS=1 $(VENV)/bin/medidiff train-seg \
 		configs/seg_brain_b003.yaml $(SEG_RUN) --max-steps 2150 --budget-s 100000

@@ -31,6 +31,15 @@ Procedure:
    both clipped to [-160, 240] HU, ``data_range`` = 400): PSNR and SSIM; the diffusion's 90% coverage;
    seconds per volume (1 thread). Mean over volumes within a seed, then mean / SD / min / max over seeds.
 
+5. Calibration (``--part tuning --calibrate FILE``): the diffusion's uncalibrated runs at each dose's tuned
+   multiple on the tuning volumes (``--tuning-seeds`` and ``--calibration-seeds``), and, with
+   ``--calibration-phantoms N``, on N CT phantoms drawn afresh by the demo cohort's own generator (cohort
+   seed ``--calibration-phantom-seed``, not the cohort's: none is a training, tuning or reporting volume),
+   pooled per dose into the prior's split-conformal interval calibration
+   (``medidiff.stages.interval_calibration``). The tuning and calibration parts score the uncalibrated
+   interval; the reporting part applies the calibration as the stage does. ``--save-maps DIR`` keeps each
+   diffusion run's truth, mean, std and upper bound.
+
     python benchmarks/bench_denoise_ct.py --json bench_out/denoise_ct.json [--doses 0.5 0.25 0.1] \\
         [--seeds 0 1 2] [--particles 8] [--steps 40] [--part tuning|reporting|both]
 """
@@ -68,6 +77,9 @@ GRIDS_CT = {
 PWLS_MULTIPLES = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 PWLS_ITERS = 300
 METHODS = ("diffusion", "fbp", "bm4d", "bm3d", "nlm", "tv", "pwls_tv", "diffusion_smc")
+# the parts whose diffusion runs apply the prior's interval calibration: the tuning part and the calibration
+# phantoms measure the uncalibrated interval (what calibration scores; a calibrated score would calibrate twice)
+CALIBRATED_PARTS = frozenset({"reporting"})
 DEFAULT_METHODS = METHODS[:-1]
 
 
@@ -80,17 +92,48 @@ def load_blocks(part: str, args: argparse.Namespace) -> list[tuple[str, np.ndarr
 
     ck = load_checkpoint(args.checkpoint)
     norm, _ = normalization_config(None, ck.path.parent / "data.json")
+    if part == "calibration":
+        files = [(f"phantom-s{args.calibration_phantom_seed}-{f.name.removesuffix('.nii.gz')}", f)
+                 for f in phantom_files(args.calibration_cohort)]  # fmt: skip
+    else:
+        files = [(str(v["subject"]), Path(v["file"])) for v in _split_volumes(part, args)]
+    out = []
+    for subject, f in files:
+        ref = load_reference(f, modality="CT", spacing_mm=float(ck.config.spacing_mm), grid=BLOCK,
+                             normalization=norm)  # fmt: skip
+        hu = denormalize(Volume(np.asarray(ref.array, np.float64), ref.affine, "CT"), ref.params).array
+        out.append((subject, np.asarray(hu, np.float64), ref.affine))
+    return out
+
+
+def _split_volumes(part: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     split = protocol.load_split(args.split)
     volumes = protocol.usable_volumes(args.manifest)
     train = protocol.training_subjects(args.train_split) if args.train_split.is_file() else set()
     protocol.check_split(split, volumes, train)
-    out = []
-    for v in protocol.part_volumes(split, part, volumes, args.manifest, "CT", args.volumes):
-        ref = load_reference(Path(v["file"]), modality="CT", spacing_mm=float(ck.config.spacing_mm),
-                             grid=BLOCK, normalization=norm)  # fmt: skip
-        hu = denormalize(Volume(np.asarray(ref.array, np.float64), ref.affine, "CT"), ref.params).array
-        out.append((str(v["subject"]), np.asarray(hu, np.float64), ref.affine))
-    return out
+    return protocol.part_volumes(split, part, volumes, args.manifest, "CT", args.volumes)
+
+
+def make_calibration_phantoms(dst: Path, n: int, seed: int, cohort_seed: int) -> list[Path]:
+    """``n`` CT phantoms drawn afresh by the demo cohort's own generator (``make_demo_cohort`` with cohort
+    seed ``seed``, the cohort's protocols in turn), written under ``dst``: volumes exchangeable with the demo
+    cohort's CT subjects that are none of them (the prior's training subjects included), for calibration.
+    Their first series' stored voxels (``truth/ct-NNN.nii.gz``, HU) are returned."""
+    from medidiff.demo.cohort import make_demo_cohort
+
+    if seed == cohort_seed:
+        raise SystemExit(
+            f"--calibration-phantom-seed {seed} is the demo cohort's own seed: its phantoms would be the "
+            "cohort's subjects (the prior's training data and the reporting volumes among them); pick another"
+        )
+    make_demo_cohort(dst, seed=seed, n_mr=0, n_ct=n, include_broken=False)
+    return phantom_files(dst)
+
+
+def phantom_files(root: Path) -> list[Path]:
+    """The first series of every CT phantom of a demo cohort folder (``ct-008``'s second series left out:
+    one volume per phantom)."""
+    return sorted(f for f in (Path(root) / "truth").glob("ct-*.nii.gz") if "-s" not in f.name)
 
 
 def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: float, level_hu: float, smc: bool,
@@ -114,7 +157,13 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: 
             **({"method": "smc", "sigma_max": knob} if smc else {"sigma": knob * level_hu}),
         )  # fmt: skip
         sec = time.perf_counter() - t0
-        mean, hi = (nib.load(res.files[k]).get_fdata() for k in ("mean", "upper90"))
+        mean, hi, std = (nib.load(res.files[k]).get_fdata() for k in ("mean", "upper90", "std"))
+    # the maps behind the row, to study other interval scores without rerunning
+    if args.save_maps is not None:
+        args.save_maps.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.save_maps / f"{args.map_tag}.npz", truth=hu.astype(np.float32),
+                            mean=mean.astype(np.float32), std=std.astype(np.float32),
+                            upper90=hi.astype(np.float32))  # fmt: skip
     from medidiff.inverse.evaluation import window_metrics
 
     t = hu[EVAL]
@@ -178,9 +227,9 @@ def run_part(
                         knobs = SMC_SIGMA_MAX if smc else DIFFUSION_MULTIPLES
                         grid = knobs if tuned is None else (tuned[method][key],)
                         for v in [v for v in grid if (method, dose, v) not in done]:
-                            # the tuning part measures the uncalibrated interval (it is what calibration scores)
+                            args.map_tag = f"{part}_{subject}_{method}_dose{dose:g}_seed{seed}_x{v:g}"
                             r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args,
-                                          calibrate=part != "tuning")  # fmt: skip
+                                          calibrate=part in CALIBRATED_PARTS)  # fmt: skip
                             if scores is not None:
                                 scores.append({**base, "method": method, "multiple": v, "used": r["method_used"],
                                                "sigma": r["sigma_normalised_by_stage"], "scores": r["scores"],
@@ -211,6 +260,13 @@ def run_part(
                     if rows:
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def seeds_to_add(calibration_seeds: list[int], scores: list[dict[str, Any]]) -> list[int]:
+    """The ``--calibration-seeds`` the tuning grid just run has not scored already (its tuned multiple's
+    runs are calibration draws too): a scan counted twice would weigh its subject twice."""
+    scored = {r["seed"] for r in scores}
+    return [s for s in calibration_seeds if s not in scored]
 
 
 def write_calibration(
@@ -244,6 +300,12 @@ def write_calibration(
         f"benchmarks/bench_denoise_ct.py --part tuning --calibrate: the tuning CT volumes of {args.split.name}, "
         f"centred {'x'.join(map(str, BLOCK))} blocks scored on the centred 32x32x16, doses {args.doses} at the "
         f"tuned multiples {tuned['diffusion']}, scan and sampler seeds {seeds}; the stage uncalibrated"
+        + (
+            f"; and {args.calibration_phantoms} CT phantoms drawn afresh by the demo cohort's generator (cohort seed "
+            f"{args.calibration_phantom_seed}, in no split), one scan per dose and seed {args.tuning_seeds}"
+            if args.calibration_phantoms
+            else ""
+        )
     )
     cal = DenoiseCalibration(weights_sha256=sha, particles=args.particles, steps=args.steps,
                              protocol=protocol_ct, entries=tuple(entries))  # fmt: skip
@@ -328,10 +390,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--calibration-seeds", type=int, nargs="+", default=[101, 102],
         help="scan and sampler seeds calibrated on besides --tuning-seeds (at the tuned multiple only)",
     )  # fmt: skip
+    p.add_argument(
+        "--calibration-phantoms", type=int, default=0,
+        help="with --calibrate: also calibrate on this many CT phantoms drawn afresh by the demo cohort's "
+        "generator (not in any split; one scan per dose at each --tuning-seeds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration-phantom-seed", type=int, default=1,
+        help="the cohort seed those phantoms are drawn with (not the demo cohort's, --cohort-seed)",
+    )  # fmt: skip
+    p.add_argument("--cohort-seed", type=int, default=0, help="the demo cohort's seed (make demo: 0)")
+    p.add_argument(
+        "--save-maps", type=Path, default=None,
+        help="save each diffusion run's truth block, mean, std and upper 90%% bound here (one .npz per run)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.calibrate and (args.part != "tuning" or "diffusion" not in args.methods):
         p.error("--calibrate needs --part tuning with the diffusion among --methods")
+    if args.calibration_phantoms and not args.calibrate:
+        p.error("--calibration-phantoms needs --calibrate")
+    if args.calibration_phantoms < 0:
+        p.error(f"--calibration-phantoms must be >= 0, got {args.calibration_phantoms}")
     import os
 
     import torch
@@ -355,8 +435,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tuned = choose(rows)
         if args.calibrate and scores is not None:
             more = argparse.Namespace(**{**vars(args), "methods": ["diffusion"],
-                                         "tuning_seeds": args.calibration_seeds})  # fmt: skip
+                                         "tuning_seeds": seeds_to_add(args.calibration_seeds, scores)})  # fmt: skip
             calibration_rows = run_part("tuning", more, tuned, scores=scores)
+            if args.calibration_phantoms:
+                with tempfile.TemporaryDirectory() as tmp:
+                    make_calibration_phantoms(Path(tmp) / "phantoms", args.calibration_phantoms,
+                                              args.calibration_phantom_seed, args.cohort_seed)  # fmt: skip
+                    phantoms = argparse.Namespace(**{**vars(more), "tuning_seeds": args.tuning_seeds,
+                                                     "calibration_cohort": Path(tmp) / "phantoms"})  # fmt: skip
+                    calibration_rows += run_part("calibration", phantoms, tuned, scores=scores)
             write_calibration(args.calibrate, scores, tuned, args)
             out["calibration"] = {"rows": calibration_rows}
         args.tuned.parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def test_ct_calibration_takes_the_tuned_multiple_per_dose_and_keeps_other_entrie
     ckpt = default_prior("CT", "reconstruction").path
     sha = load_checkpoint(ckpt).weights_sha256
     args = argparse.Namespace(checkpoint=ckpt, particles=8, steps=40, doses=[0.5, 0.1],
-                              split=Path("imaging_split.json"))  # fmt: skip
+                              split=Path("imaging_split.json"), calibration_phantoms=0)  # fmt: skip
     tuned = {"diffusion": {"0.5": 1.1, "0.1": 0.9}}
 
     def run(dose: float, mult: float, seed: int, scale: float, sigma: float) -> dict:
@@ -91,3 +91,105 @@ def test_ct_calibration_takes_the_tuned_multiple_per_dose_and_keeps_other_entrie
     path.write_text(path.read_text().replace(sha, "f" * 64))
     with pytest.raises(SystemExit, match="Write to another file"):
         bench_denoise_ct.write_calibration(path, scores, tuned, args)
+
+
+def test_calibration_phantoms_are_fresh_draws_that_load_as_ct_blocks(tmp_path: Path) -> None:
+    """The CT calibration's extra volumes: the demo cohort's own generator at another cohort seed (so none
+    is a cohort subject: not the prior's training data, not a reporting volume), one volume per phantom,
+    read into the benchmark's HU blocks like the split's volumes; the cohort's own seed is refused."""
+    import argparse
+    import json
+
+    import numpy as np
+
+    from medidiff.checkpoints import default_prior
+    from medidiff.demo.ct import draw_ct_params
+
+    with pytest.raises(SystemExit, match="demo cohort's own seed"):
+        bench_denoise_ct.make_calibration_phantoms(tmp_path / "same", 1, seed=0, cohort_seed=0)
+    files = bench_denoise_ct.make_calibration_phantoms(tmp_path / "p", 2, seed=1, cohort_seed=0)
+    assert [f.name for f in files] == ["ct-001.nii.gz", "ct-002.nii.gz"]
+    for i, f in enumerate(files):
+        drawn = json.loads(f.with_name(f"ct-{i + 1:03d}.json").read_text())
+        cohorts = draw_ct_params(np.random.default_rng([0, 2, i])).to_json()
+        assert json.dumps(drawn["parameters"], sort_keys=True) != json.dumps(cohorts, sort_keys=True)
+        assert json.dumps(drawn["parameters"], sort_keys=True) == json.dumps(
+            draw_ct_params(np.random.default_rng([1, 2, i])).to_json(), sort_keys=True
+        )
+    args = argparse.Namespace(checkpoint=default_prior("CT", "reconstruction").path,
+                              calibration_cohort=tmp_path / "p", calibration_phantom_seed=1)  # fmt: skip
+    # the phantoms' runs score the uncalibrated interval, as the tuning part's do (else they calibrate twice)
+    assert (
+        "calibration" not in bench_denoise_ct.CALIBRATED_PARTS
+        and "tuning" not in bench_denoise_ct.CALIBRATED_PARTS
+    )
+    blocks = bench_denoise_ct.load_blocks("calibration", args)
+    assert [b[0] for b in blocks] == ["phantom-s1-ct-001", "phantom-s1-ct-002"]
+    for _, hu, affine in blocks:
+        assert hu.shape == bench_denoise_ct.BLOCK and affine.shape == (4, 4)
+        # the centred block lies in the body: soft tissue in HU (not the prior's HU / 1000), with structure
+        assert hu.min() > -1100 and hu.max() < 3000 and 0 < np.median(hu) < 200 and hu.std() > 5
+
+
+def test_calibration_seeds_already_scored_by_the_tuning_grid_are_not_run_twice() -> None:
+    """A seed the tuning grid scored (its tuned multiple's run is a calibration draw) is not drawn again:
+    rebuilding from scratch and adding to an earlier tuning give the same draws."""
+    grid = [{"seed": 100, "multiple": m} for m in (0.9, 1.1)]
+    assert bench_denoise_ct.seeds_to_add([100], grid) == []
+    assert bench_denoise_ct.seeds_to_add([100, 101], grid) == [101]
+    assert bench_denoise_ct.seeds_to_add([100], []) == [100]  # --add-to: the grid ran nothing
+
+
+def test_ct_calibration_spread_pools_and_leaves_one_volume_out(tmp_path: Path) -> None:
+    """The per-volume spread of the CT calibration from saved maps: a volume's own coverage and factor,
+    the factor of the others' pooled scores and the coverage it gives the volume left out, by hand."""
+    import ct_calibration_spread as spread_mod
+    import numpy as np
+
+    from medidiff.stages.interval_calibration import conformal_factor
+
+    shape = bench_denoise_ct.BLOCK
+    rng = np.random.default_rng(0)
+
+    def save(name: str, scale: float) -> np.ndarray:
+        err = scale * rng.standard_normal(shape)
+        np.savez_compressed(tmp_path / f"{name}_diffusion_dose0.5_seed100_x1.1.npz", truth=err.astype(np.float32),
+                            mean=np.zeros(shape, np.float32), std=np.ones(shape, np.float32),
+                            upper90=np.ones(shape, np.float32))  # fmt: skip
+        return np.abs(err.astype(np.float32)[bench_denoise_ct.EVAL]).astype(np.float64).ravel()
+
+    a, b, c = (
+        save("tuning_sub-a", 1.0),
+        save("calibration_phantom-b", 2.0),
+        save("calibration_phantom-c", 3.0),
+    )
+    rep = save("reporting_sub-r", 0.5)
+    (tmp_path / "notes.npz").write_bytes(b"")  # not a run's maps: skipped by name
+    runs = spread_mod.read_scores(tmp_path)
+    assert sorted(r["part"] for r in runs) == ["calibration", "calibration", "reporting", "tuning"]
+    out = spread_mod.spread(runs)["0.5"]
+    assert out["pooled_factor"] == conformal_factor(np.concatenate([a, b, c]))
+    vol_a = out["volumes"]["sub-a"]
+    assert vol_a["coverage_uncalibrated"] == (a <= 1.0).mean() and vol_a["own_factor"] == conformal_factor(a)
+    assert vol_a["loo_coverage"] == (a <= conformal_factor(np.concatenate([b, c]))).mean()
+    # the narrowest volume is over-covered by the others' factor, the widest under-covered
+    assert out["volumes"]["sub-a"]["loo_coverage"] > 0.95 > 0.8 > out["volumes"]["phantom-c"]["loo_coverage"]
+    assert out["reporting_coverage"] == {"sub-r": (rep <= 1.0).mean()}
+
+
+def test_reference_noise_phantoms_differ_by_the_stored_noise_alone(tmp_path: Path) -> None:
+    """ct_reference_noise's two versions of a cohort phantom: the same anatomy on the same block, the
+    stored one carrying the phantom's drawn noise (zero-mean; resampling to 2 mm can only shrink its SD)."""
+    import ct_reference_noise
+    import numpy as np
+
+    from medidiff.checkpoints import default_prior
+    from medidiff.demo.ct import draw_ct_params
+
+    ckpt = default_prior("CT", "reconstruction").path
+    stored, affine = ct_reference_noise.phantom_block(0, 2, True, tmp_path, ckpt)
+    clean, affine_clean = ct_reference_noise.phantom_block(0, 2, False, tmp_path, ckpt)
+    np.testing.assert_array_equal(affine, affine_clean)
+    sigma = draw_ct_params(np.random.default_rng([0, 2, 2])).noise_sigma
+    noise = stored - clean
+    assert abs(noise.mean()) < 0.05 * sigma and 0.3 * sigma < noise.std() <= 1.05 * sigma
