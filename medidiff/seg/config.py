@@ -62,6 +62,10 @@ class SegmenterConfig(_Strict):
         map_scale: the diffusion's clean map is ``map_scale (2 onehot - 1)``; below 1 the noisy map gives
             the answer away later in the reverse process, so more of training segments from the image
             (Chen 2023's input scaling; 1 for checkpoints trained before it existed).
+        self_condition: the diffusion network also sees its own previous estimate of the clean map (zeros
+            at the first step; in training, half the items get a first pass's estimate, without gradient):
+            the self-conditioning of Chen et al. (2023, "Analog bits", sec. 3.3), which makes every step
+            after the first a refinement of the whole map so far.
         modality: DICOM modality code of the images it was trained on.
         spacing_mm: isotropic voxel size it works at (inputs are resampled to it, outputs back).
         patch_size: the training patch and the sliding window at inference.
@@ -80,6 +84,7 @@ class SegmenterConfig(_Strict):
     backbone: Literal["diffusion_unet", "dynunet"] = "diffusion_unet"
     time_density: Literal["uniform", "high"] = "uniform"
     map_scale: float = Field(default=1.0, gt=0, le=1)
+    self_condition: bool = False
     modality: str = "MR"
     spacing_mm: float = Field(default=2.0, gt=0)
     patch_size: tuple[int, ...] = (32, 32, 32)
@@ -105,6 +110,10 @@ class SegmenterConfig(_Strict):
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of {f} along every axis "
                 f"({len(self.channels)} levels halve it {len(self.channels) - 1} times)"
+            )
+        if self.self_condition and self.arch != "diffusion":
+            raise ValueError(
+                "self_condition is a diffusion segmenter's option; the dynunet baseline has no steps"
             )
         if (self.arch == "dynunet" or self.backbone == "dynunet") and len(self.channels) < 3:
             raise ValueError(f"DynUNet needs at least 3 levels of channels, got {self.channels}")

@@ -11,6 +11,11 @@ generators so a sample does not depend on how many are drawn beside it. A sample
 its last step's (``fuse="last"``) or the mean of every step's prediction (``fuse="steps"``, the
 step fusion of Diff-UNet, Xing et al. 2023, with equal weights).
 
+With ``self_condition`` (Chen et al. 2023, "Analog bits", sec. 3.3) the network's map input is
+``[x_t, x0_prev]``: the previous step's estimate of the clean map (zeros at the first step), so each step
+after the first refines the whole map so far. Training feeds half the items a first pass's estimate
+(computed without gradient) and the other half zeros, so the network learns both.
+
 ``map_scale`` below 1 is the input scaling of Chen (2023, "On the importance of noise scheduling for
 diffusion models", sec. 3): a one-hot map stays legible under far more noise than an image does (at
 ``b = 1`` the noisy map's argmax is right for most voxels from ``t`` of about 0.6 down), so training
@@ -75,12 +80,14 @@ def segmentation_loss(
     generator: torch.Generator | None = None,
     time_density: str = "uniform",
     map_scale: float = 1.0,
+    self_condition: bool = False,
 ) -> Tensor:
     """Dice + cross-entropy of the predicted clean map (MONAI ``DiceCELoss``), at a random time per item.
 
     For the diffusion segmenter, ``t`` per batch item, uniform on ``[0, _T_MAX)`` or (``time_density=
     "high"``) with density ``2t`` (``t = _T_MAX sqrt(u)``), and the network sees ``x_t`` of the map
-    scaled by ``map_scale``; for the baseline the image alone. Computed in fp32.
+    scaled by ``map_scale`` (with ``self_condition``, beside the estimate of a first pass without gradient
+    for a random half of the items, zeros for the rest); for the baseline the image alone. Computed in fp32.
     """
     from monai.losses import DiceCELoss
 
@@ -92,6 +99,14 @@ def segmentation_loss(
         x0 = float(map_scale) * one_hot_map(label_index, num_classes)
         eps = torch.randn(x0.shape, generator=generator, device=image.device)
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        if self_condition:
+            keep = torch.rand(n, generator=generator, device=image.device) < 0.5
+            prev = torch.zeros_like(x_t)
+            if bool(keep.any()):
+                with torch.no_grad():
+                    first = net(image[keep], torch.cat([x_t[keep], prev[keep]], dim=1), t[keep])
+                prev[keep] = float(map_scale) * (2.0 * torch.softmax(first.float(), dim=1) - 1.0)
+            x_t = torch.cat([x_t, prev], dim=1)
         logits = net(image, x_t, t)
     else:
         logits = net(image)
@@ -113,6 +128,7 @@ def sample_label_map(
     eta: float = 0.0,
     fuse: str = "last",
     map_scale: float = 1.0,
+    self_condition: bool = False,
 ) -> Tensor:
     """K samples of the clean map's class probabilities ``(K, C, *spatial)`` by DDIM.
 
@@ -126,6 +142,7 @@ def sample_label_map(
         eta: DDIM's eta in [0, 1] (0: deterministic steps; 1: ancestral).
         fuse: ``"last"`` (the last step's prediction) or ``"steps"`` (the mean over the steps).
         map_scale: the scale b of the clean map ``b (2 onehot - 1)`` the network was trained with.
+        self_condition: the network takes ``[x_t, x0_prev]`` (the previous step's estimate; zeros first).
     """
     if image.ndim < 4 or image.shape[0] != 1 or image.shape[1] != 1:
         raise ValueError(f"image must be (1, 1, *spatial), got {tuple(image.shape)}")
@@ -141,12 +158,14 @@ def sample_label_map(
         x = torch.randn((1, num_classes, *image.shape[2:]), generator=g, device=image.device)
         p = x  # overwritten on the first step
         acc = torch.zeros_like(x)
+        x0 = torch.zeros_like(x)  # the self-conditioning input before any estimate
         for i, t in enumerate(ts):
-            p = torch.softmax(logits_fn(image, x, float(t)).float(), dim=1)
+            inputs = torch.cat([x, x0], dim=1) if self_condition else x
+            p = torch.softmax(logits_fn(image, inputs, float(t)).float(), dim=1)
             acc += p
+            x0 = float(map_scale) * (2.0 * p - 1.0)
             if i + 1 == len(ts):
                 break
-            x0 = float(map_scale) * (2.0 * p - 1.0)
             ab, ab_next = alpha_bar(t), alpha_bar(ts[i + 1])
             eps = (x - ab.sqrt().float() * x0) / (1 - ab).sqrt().float()
             # DDIM eq. 16: the step's own noise sigma_t; eta = 1 is the ancestral step

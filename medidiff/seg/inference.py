@@ -92,6 +92,7 @@ def predict_probabilities(
     return sample_label_map(
         fn, image, cfg.num_classes, steps=n_steps, generators=gens,
         eta=cfg.sample_eta if eta is None else float(eta), fuse=cfg.fuse if fuse is None else fuse, map_scale=cfg.map_scale,
+        self_condition=cfg.self_condition,
     )  # fmt: skip
 
 

@@ -8,6 +8,8 @@
 - :class:`DynUNetSegmenter`: MONAI ``DynUNet`` (the nnU-Net architecture) on the image alone.
 
 Both return logits ``(N, C, *spatial)``; ``forward(image, x_t=None, t=None)`` so a caller can drive either.
+With ``self_condition`` a diffusion network's ``x_t`` holds ``2C`` channels: the noisy map, then the previous
+estimate of the clean map (:mod:`medidiff.seg.diffusion` assembles it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class DiffusionSegmenter(nn.Module):
         self.timesteps = cfg.timesteps
         self.unet = DiffusionModelUNet(
             spatial_dims=cfg.spatial_dims,
-            in_channels=1 + cfg.num_classes,
+            in_channels=1 + cfg.num_classes * (2 if cfg.self_condition else 1),
             out_channels=cfg.num_classes,
             channels=tuple(cfg.channels),
             attention_levels=(False,) * len(cfg.channels),
@@ -74,7 +76,7 @@ class DiffusionDynUNetSegmenter(nn.Module):
 
     def __init__(self, cfg: SegmenterConfig) -> None:
         super().__init__()
-        self.net = _dynunet(cfg, 2 + cfg.num_classes)
+        self.net = _dynunet(cfg, 2 + cfg.num_classes * (2 if cfg.self_condition else 1))
 
     def forward(self, image: Tensor, x_t: Tensor | None = None, t: Tensor | None = None) -> Tensor:
         if x_t is None or t is None:

@@ -124,6 +124,7 @@ def train_segmenter_loop(
             generator=gen,
             time_density=cfg.time_density,
             map_scale=cfg.map_scale,
+            self_condition=cfg.self_condition,
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

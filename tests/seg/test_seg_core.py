@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -283,3 +285,58 @@ def test_segmentation_metrics_against_known_overlaps() -> None:
     assert m["error_auroc"] == pytest.approx(1.0)
     # confident and wrong on 72 of 1728 voxels: ECE over two classes = 72/1728 each
     assert m["calibration_error"] == pytest.approx(72 / 1728, rel=1e-4)
+
+
+def test_self_conditioning_feeds_the_previous_estimate_in_sampling() -> None:
+    """With self_condition each step sees [x_t, x0_prev]: zeros at the first step, then the scaled estimate
+    of the step before (b (2 p - 1) of its softmax); without it, x_t alone."""
+    b, seen = 0.3, []
+    weights = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1, 1)
+
+    def raw(image: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        return image * weights + 0.1 * x_in[:, :3]  # depends on the map: each step's estimate differs
+
+    def logits(image: torch.Tensor, x_in: torch.Tensor, t: float) -> torch.Tensor:
+        seen.append(x_in.clone())
+        return raw(image, x_in)
+
+    image = torch.rand(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    sample_label_map(logits, image, 3, steps=3, generators=[torch.Generator().manual_seed(1)], eta=1.0,
+                     map_scale=b, self_condition=True)  # fmt: skip
+    assert [s.shape[1] for s in seen] == [6, 6, 6]
+    assert torch.equal(seen[0][:, 3:], torch.zeros_like(seen[0][:, 3:]))
+    for before, now in itertools.pairwise(seen):
+        p = torch.softmax(raw(image, before).float(), dim=1)
+        torch.testing.assert_close(now[:, 3:], b * (2 * p - 1))
+    seen.clear()
+    sample_label_map(logits, image, 3, steps=2, generators=[torch.Generator().manual_seed(1)], map_scale=b)
+    assert [s.shape[1] for s in seen] == [3, 3]
+
+
+def test_self_conditioning_in_training_gives_half_the_items_a_first_pass() -> None:
+    """Training with self_condition calls the network twice: a first pass without gradient on a random
+    subset, whose scaled estimate those items then see beside x_t; the other items see zeros. The
+    network's input has 2C map channels and its weights get gradients from the second pass."""
+    cfg = _cfg(self_condition=True)
+    net = _trained_like(cfg).train()
+    calls: list[tuple[torch.Tensor, bool]] = []
+    hook = net.register_forward_hook(
+        lambda m, inp, out: calls.append((inp[1].detach().clone(), torch.is_grad_enabled()))
+    )
+    idx = (torch.rand(8, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 3).long()
+    image = torch.rand(8, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = segmentation_loss(net, image, idx, 3, diffusion=True, generator=torch.Generator().manual_seed(2),
+                             map_scale=0.5, self_condition=True)  # fmt: skip
+    hook.remove()
+    loss.backward()
+    (first, first_grad), (second, second_grad) = calls
+    assert not first_grad and second_grad and first.shape[1] == 6 and second.shape[1] == 6
+    assert 0 < first.shape[0] < 8  # a random part of the batch (this seed: neither none nor all)
+    assert torch.equal(first[:, 3:], torch.zeros_like(first[:, 3:]))
+    prev = second[:, 3:]
+    fed = prev.flatten(1).abs().amax(1) > 0
+    assert int(fed.sum()) == first.shape[0] and float(prev.abs().max()) <= 0.5 + 1e-6
+    torch.testing.assert_close(second[fed, :3], first[:, :3])  # the same x_t in both passes
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="self_condition"):
+        _cfg(arch="dynunet", channels=(8, 16, 32), self_condition=True)
