@@ -39,6 +39,10 @@ Procedure:
    (``medidiff.stages.interval_calibration``). The tuning and calibration parts score the uncalibrated
    interval; the reporting part applies the calibration as the stage does. ``--save-maps DIR`` keeps each
    diffusion run's truth, mean, std and upper bound.
+6. ``--reference noise-free`` (reporting only): every method still denoises the scan of the stored volume,
+   but is scored against the same phantom without the noise the cohort stored in it (its analytic anatomy;
+   ``benchmarks/ct_reference_noise.py``), which no low-dose scan can resolve. Knobs stay those tuned against
+   the stored volume.
 
     python benchmarks/bench_denoise_ct.py --json bench_out/denoise_ct.json [--doses 0.5 0.25 0.1] \\
         [--seeds 0 1 2] [--particles 8] [--steps 40] [--part tuning|reporting|both]
@@ -136,8 +140,33 @@ def phantom_files(root: Path) -> list[Path]:
     return sorted(f for f in (Path(root) / "truth").glob("ct-*.nii.gz") if "-s" not in f.name)
 
 
+def noise_free_reference(
+    hu: np.ndarray, args: argparse.Namespace, cache: dict[int, np.ndarray]
+) -> np.ndarray:
+    """The block of the cohort phantom whose stored block ``hu`` is, rebuilt without its stored noise (the
+    phantom's analytic anatomy alone; ``benchmarks/ct_reference_noise.py``). The phantom is found by
+    rebuilding the demo cohort's (``--cohort-seed``, its first ``--cohort-ct`` phantoms) and matching."""
+    import ct_reference_noise
+
+    for i in range(args.cohort_ct):
+        if i not in cache:
+            with tempfile.TemporaryDirectory() as tmp:
+                cache[i] = ct_reference_noise.phantom_block(
+                    args.cohort_seed, i, True, Path(tmp), args.checkpoint
+                )[0]
+        if cache[i].shape == hu.shape and float(np.abs(cache[i] - hu).max()) < 1e-3:
+            with tempfile.TemporaryDirectory() as tmp:
+                return ct_reference_noise.phantom_block(
+                    args.cohort_seed, i, False, Path(tmp), args.checkpoint
+                )[0]
+    raise SystemExit(
+        f"no phantom of the demo cohort (seed {args.cohort_seed}, {args.cohort_ct} CT) matches this block; "
+        "--reference noise-free needs the cohort make demo writes"
+    )
+
+
 def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: float, level_hu: float, smc: bool,
-              args: argparse.Namespace, *, calibrate: bool = True) -> dict[str, Any]:  # fmt: skip
+              args: argparse.Namespace, *, calibrate: bool = True, ref: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """The stage on ``hu``: ancestral from the FBP at ``knob x level_hu``, or (``smc``) the SMC with
     ``sigma_max = knob``. ``scores``: the conformal scores of the ``EVAL`` voxels (what calibration takes
     from an uncalibrated run)."""
@@ -166,7 +195,7 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: 
                             upper90=hi.astype(np.float32))  # fmt: skip
     from medidiff.inverse.evaluation import window_metrics
 
-    t = hu[EVAL]
+    t = (hu if ref is None else ref)[EVAL]
     scores = interval_scores(t, mean[EVAL], hi[EVAL])
     interval = res.sidecar["interval90"]
     k, k_raw = interval["std_factor"] or 0.0, interval["std_factor_uncalibrated"] or 0.0
@@ -195,7 +224,10 @@ def run_part(
     from medidiff.stages.reconstruct import _seeds
 
     rows: list[dict[str, Any]] = []
+    noise_free: dict[int, np.ndarray] = {}
     for subject, hu, affine in load_blocks(part, args):
+        # what the metrics compare with: the stored volume that is scanned, or its noise-free anatomy
+        ref = noise_free_reference(hu, args, noise_free) if args.reference == "noise-free" else hu
         for dose in args.doses:
             for seed in args.seeds if part == "reporting" else args.tuning_seeds:
                 sim = scan_volume(hu, hu.shape, pixel_mm=2.0, dose=dose, photons=args.photons, views=None,
@@ -218,7 +250,7 @@ def run_part(
                             {
                                 **base,
                                 "method": method,
-                                **_score(window_metrics(hu[EVAL], fbp_hu[EVAL])),
+                                **_score(window_metrics(ref[EVAL], fbp_hu[EVAL])),
                                 "seconds": 0.0,
                             }
                         )
@@ -229,7 +261,7 @@ def run_part(
                         for v in [v for v in grid if (method, dose, v) not in done]:
                             args.map_tag = f"{part}_{subject}_{method}_dose{dose:g}_seed{seed}_x{v:g}"
                             r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args,
-                                          calibrate=part in CALIBRATED_PARTS)  # fmt: skip
+                                          calibrate=part in CALIBRATED_PARTS, ref=ref)  # fmt: skip
                             if scores is not None:
                                 scores.append({**base, "method": method, "multiple": v, "used": r["method_used"],
                                                "sigma": r["sigma_normalised_by_stage"], "scores": r["scores"],
@@ -248,7 +280,7 @@ def run_part(
                             sec = time.perf_counter() - t0
                             est = x[0].double().numpy() * 1000.0
                             rows.append({**base, "method": method, "multiple": mult,
-                                         **_score(window_metrics(hu[EVAL], est[EVAL])), "seconds": sec})  # fmt: skip
+                                         **_score(window_metrics(ref[EVAL], est[EVAL])), "seconds": sec})  # fmt: skip
                     else:
                         grid = GRIDS_CT[method] if tuned is None else (tuned[method][key],)
                         for mult in [v for v in grid if (method, dose, v) not in done]:
@@ -256,7 +288,7 @@ def run_part(
                             est = baseline(method, fbp_hu / 1000.0, sigma, mult) * 1000.0
                             sec = time.perf_counter() - t0
                             rows.append({**base, "method": method, "multiple": mult,
-                                         **_score(window_metrics(hu[EVAL], est[EVAL])), "seconds": sec})  # fmt: skip
+                                         **_score(window_metrics(ref[EVAL], est[EVAL])), "seconds": sec})  # fmt: skip
                     if rows:
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
@@ -400,6 +432,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="the cohort seed those phantoms are drawn with (not the demo cohort's, --cohort-seed)",
     )  # fmt: skip
     p.add_argument("--cohort-seed", type=int, default=0, help="the demo cohort's seed (make demo: 0)")
+    p.add_argument("--cohort-ct", type=int, default=10, help="the demo cohort's CT phantoms (make demo: 10)")
+    p.add_argument(
+        "--reference", choices=["stored", "noise-free"], default="stored",
+        help="score against the stored volume (what is scanned; the default) or its anatomy without the "
+        "phantom's stored noise (reporting only: the knobs stay tuned against the stored volume)",
+    )  # fmt: skip
     p.add_argument(
         "--save-maps", type=Path, default=None,
         help="save each diffusion run's truth block, mean, std and upper 90%% bound here (one .npz per run)",
@@ -410,6 +448,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--calibrate needs --part tuning with the diffusion among --methods")
     if args.calibration_phantoms and not args.calibrate:
         p.error("--calibration-phantoms needs --calibrate")
+    if args.reference == "noise-free" and args.part != "reporting":
+        p.error(
+            "--reference noise-free is for --part reporting (tuning and calibration use the stored volume)"
+        )
     if args.calibration_phantoms < 0:
         p.error(f"--calibration-phantoms must be >= 0, got {args.calibration_phantoms}")
     import os

@@ -193,3 +193,24 @@ def test_reference_noise_phantoms_differ_by_the_stored_noise_alone(tmp_path: Pat
     sigma = draw_ct_params(np.random.default_rng([0, 2, 2])).noise_sigma
     noise = stored - clean
     assert abs(noise.mean()) < 0.05 * sigma and 0.3 * sigma < noise.std() <= 1.05 * sigma
+
+
+def test_noise_free_reference_finds_the_cohort_phantom_a_block_came_from(tmp_path: Path) -> None:
+    """--reference noise-free: the stored block is matched to the cohort phantom it was read from, and that
+    phantom's block without its stored noise is returned; a block of no cohort phantom is refused."""
+    import argparse
+
+    import ct_reference_noise
+    import numpy as np
+
+    from medidiff.checkpoints import default_prior
+
+    ckpt = default_prior("CT", "reconstruction").path
+    stored = ct_reference_noise.phantom_block(0, 1, True, tmp_path / "a", ckpt)[0]
+    clean = ct_reference_noise.phantom_block(0, 1, False, tmp_path / "b", ckpt)[0]
+    args = argparse.Namespace(cohort_seed=0, cohort_ct=3, checkpoint=ckpt)
+    cache: dict[int, np.ndarray] = {}
+    np.testing.assert_array_equal(bench_denoise_ct.noise_free_reference(stored, args, cache), clean)
+    assert sorted(cache) == [0, 1]  # searched in order, stopped at the match
+    with pytest.raises(SystemExit, match="matches this block"):
+        bench_denoise_ct.noise_free_reference(stored + 1.0, args, cache)
