@@ -166,10 +166,12 @@ def noise_free_reference(
 
 
 def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: float, level_hu: float, smc: bool,
-              args: argparse.Namespace, *, calibrate: bool = True, ref: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+              args: argparse.Namespace, *, calibrate: bool = True, ref: np.ndarray | None = None,
+              save_to: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """The stage on ``hu``: ancestral from the FBP at ``knob x level_hu``, or (``smc``) the SMC with
-    ``sigma_max = knob``. ``scores``: the conformal scores of the ``EVAL`` voxels (what calibration takes
-    from an uncalibrated run)."""
+    ``sigma_max = knob``, scored against ``ref`` (default ``hu``). ``scores``: the conformal scores of the
+    ``EVAL`` voxels (what calibration takes from an uncalibrated run). ``save_to``: an ``.npz`` for the
+    run's truth block, mean, std and upper bound."""
     import nibabel as nib
 
     from medidiff.io.nifti_write import write_nifti
@@ -188,9 +190,9 @@ def diffusion(hu: np.ndarray, affine: np.ndarray, dose: float, seed: int, knob: 
         sec = time.perf_counter() - t0
         mean, hi, std = (nib.load(res.files[k]).get_fdata() for k in ("mean", "upper90", "std"))
     # the maps behind the row, to study other interval scores without rerunning
-    if args.save_maps is not None:
-        args.save_maps.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(args.save_maps / f"{args.map_tag}.npz", truth=hu.astype(np.float32),
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(save_to, truth=hu.astype(np.float32),
                             mean=mean.astype(np.float32), std=std.astype(np.float32),
                             upper90=hi.astype(np.float32))  # fmt: skip
     from medidiff.inverse.evaluation import window_metrics
@@ -259,9 +261,10 @@ def run_part(
                         knobs = SMC_SIGMA_MAX if smc else DIFFUSION_MULTIPLES
                         grid = knobs if tuned is None else (tuned[method][key],)
                         for v in [v for v in grid if (method, dose, v) not in done]:
-                            args.map_tag = f"{part}_{subject}_{method}_dose{dose:g}_seed{seed}_x{v:g}"
+                            tag = f"{part}_{subject}_{method}_dose{dose:g}_seed{seed}_x{v:g}.npz"
                             r = diffusion(hu, affine, dose, seed, v, sigma * 1000.0, smc, args,
-                                          calibrate=part in CALIBRATED_PARTS, ref=ref)  # fmt: skip
+                                          calibrate=part in CALIBRATED_PARTS, ref=ref,
+                                          save_to=None if args.save_maps is None else args.save_maps / tag)  # fmt: skip
                             if scores is not None:
                                 scores.append({**base, "method": method, "multiple": v, "used": r["method_used"],
                                                "sigma": r["sigma_normalised_by_stage"], "scores": r["scores"],
