@@ -10,7 +10,10 @@ block, mean, std, upper 90% bound) and, per dose, over the calibration draws (th
   them), and the coverage it gives the volume left out; mean and SD over volumes;
 - with ``reporting_*`` files (calibrated runs) present, their coverage as written.
 
-Scores are the benchmark's (``|truth - mean| / (upper - mean)`` on the centred 32 x 32 x 16).
+Scores are the benchmark's (``|truth - mean| / (upper - mean)`` on the centred 32 x 32 x 16). With
+``--input-noise`` the half-width is widened in quadrature by the full-dose input's own noise level
+(scikit-image ``estimate_sigma`` on the stored block, times the interval's multiple of the std): an
+alternative score, to see whether it makes the coverage more even across volumes.
 
     python benchmarks/ct_calibration_spread.py bench_out/ct_maps [--json bench_out/ct_calibration_spread.json]
 """
@@ -36,17 +39,24 @@ NAME = re.compile(
 )
 
 
-def read_scores(folder: Path) -> list[dict[str, Any]]:
-    """``{part, subject, dose, seed, scores}`` per saved run."""
+def read_scores(folder: Path, input_noise: bool = False) -> list[dict[str, Any]]:
+    """``{part, subject, dose, seed, scores}`` per saved run (``input_noise``: the alternative score)."""
     out = []
     for f in sorted(folder.glob("*.npz")):
         m = NAME.match(f.stem)
         if m is None:
             continue
         with np.load(f) as d:
-            t, mean, hi = (np.asarray(d[k], np.float64)[EVAL] for k in ("truth", "mean", "upper90"))
+            t, mean, hi, std = (np.asarray(d[k], np.float64) for k in ("truth", "mean", "upper90", "std"))
+        if input_noise:
+            from skimage.restoration import estimate_sigma
+
+            tau = float(estimate_sigma(t, average_sigmas=True))  # HU: the stored block's own noise
+            k = float(np.median((hi - mean)[EVAL] / np.maximum(std[EVAL], 1e-12)))  # the interval's multiple
+            hi = mean + np.sqrt((hi - mean) ** 2 + (k * tau) ** 2)
+        scores = interval_scores(t[EVAL], mean[EVAL], hi[EVAL]).ravel()
         out.append({"part": m["part"], "subject": m["subject"], "dose": float(m["dose"]), "seed": int(m["seed"]),
-                    "scores": interval_scores(t, mean, hi).ravel()})  # fmt: skip
+                    "scores": scores})  # fmt: skip
     return out
 
 
@@ -88,9 +98,10 @@ def spread(runs: list[dict[str, Any]], level: float = 0.9) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("maps", type=Path, help="the folder bench_denoise_ct.py --save-maps wrote")
+    p.add_argument("--input-noise", action="store_true", help="the alternative score (see above)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    runs = read_scores(args.maps)
+    runs = read_scores(args.maps, args.input_noise)
     if not runs:
         raise SystemExit(f"no bench_denoise_ct.py maps in {args.maps}; run it with --save-maps {args.maps}")
     result = spread(runs)
