@@ -52,27 +52,46 @@ def phantom_block(
     return hu, affine
 
 
-def measure(seed: int, index: int, dose: float, multiple: float, checkpoint: Path) -> dict[str, Any]:
-    import nibabel as nib
+def ct_prior(checkpoint: Path | None) -> Path:
+    """``checkpoint``, or the shipped prior the CT denoising path uses (demo-pixel)."""
+    if checkpoint is not None:
+        return checkpoint
+    from medidiff.checkpoints import default_prior
 
+    return default_prior("CT", "reconstruction").path
+
+
+def scanned_phantom(seed: int, index: int, dose: float, tmp: Path, checkpoint: Path) -> dict[str, Any]:
+    """A cohort phantom's stored and noise-free blocks, the stored one scanned at ``dose`` (scan seed 100, as
+    the benchmark's tuning scan) and written to ``tmp/in.nii.gz`` for the stage: ``stored``, ``clean``,
+    ``sim`` (the scan), ``level`` (the FBP's noise SD on the scored block, HU) and ``src``."""
     from medidiff.io.nifti_write import write_nifti
-    from medidiff.stages.denoise import denoise_volume
     from medidiff.stages.denoise_ct import scan_volume
     from medidiff.stages.reconstruct import _seeds
     from medidiff.volume import Volume
 
+    stored, affine = phantom_block(seed, index, True, tmp, checkpoint)
+    clean, _ = phantom_block(seed, index, False, tmp, checkpoint)
+    sim = scan_volume(stored, stored.shape, pixel_mm=2.0, dose=dose, photons=1e5, views=None,
+                      seed=_seeds(100)["noise"])  # fmt: skip
+    src = tmp / "in.nii.gz"
+    write_nifti(Volume(stored.astype(np.float32), affine, modality="CT"), src)
+    return {"stored": stored, "clean": clean, "sim": sim, "level": float(np.std(sim.fbp_noise_hu[EVAL])),
+            "src": src}  # fmt: skip
+
+
+def measure(seed: int, index: int, dose: float, multiple: float, checkpoint: Path) -> dict[str, Any]:
+    import nibabel as nib
+
+    from medidiff.stages.denoise import denoise_volume
+
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        stored, affine = phantom_block(seed, index, True, tmp, checkpoint)
-        clean, _ = phantom_block(seed, index, False, tmp, checkpoint)
-        sim = scan_volume(stored, stored.shape, pixel_mm=2.0, dose=dose, photons=1e5, views=None,
-                          seed=_seeds(100)["noise"])  # fmt: skip
-        level = float(np.std(sim.fbp_noise_hu[EVAL]))
-        src = tmp / "in.nii.gz"
-        write_nifti(Volume(stored.astype(np.float32), affine, modality="CT"), src)
-        res = denoise_volume(src, tmp / "out", noise="ct", dose=dose, photons=1e5, checkpoint=checkpoint,
+        ph = scanned_phantom(seed, index, dose, tmp, checkpoint)
+        stored, clean = ph["stored"], ph["clean"]
+        res = denoise_volume(ph["src"], tmp / "out", noise="ct", dose=dose, photons=1e5, checkpoint=checkpoint,
                              n_particles=8, steps=40, seed=100, device="cpu", calibrate=False,
-                             sigma=multiple * level)  # fmt: skip
+                             sigma=multiple * ph["level"])  # fmt: skip
         mean, hi = (nib.load(res.files[k]).get_fdata() for k in ("mean", "upper90"))
     t, c, m, h = stored[EVAL], clean[EVAL], mean[EVAL], hi[EVAL]
     ref_noise = (t - c).ravel()
@@ -101,10 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    if args.checkpoint is None:
-        from medidiff.checkpoints import default_prior
-
-        args.checkpoint = default_prior("CT", "reconstruction").path
+    args.checkpoint = ct_prior(args.checkpoint)
     rows = []
     for i in args.index:
         rows.append(measure(args.cohort_seed, i, args.dose, args.multiple, args.checkpoint))

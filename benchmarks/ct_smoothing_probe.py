@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 from bench_denoise import baseline
 from bench_denoise_ct import EVAL
-from ct_reference_noise import phantom_block
+from ct_reference_noise import ct_prior, scanned_phantom
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -44,27 +44,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     from medidiff.inverse.evaluation import window_metrics
-    from medidiff.io.nifti_write import write_nifti
     from medidiff.stages.denoise import denoise_volume
-    from medidiff.stages.denoise_ct import scan_volume
-    from medidiff.stages.reconstruct import _seeds
-    from medidiff.volume import Volume
 
     torch.set_num_threads(1)
-    if args.checkpoint is None:
-        from medidiff.checkpoints import default_prior
-
-        args.checkpoint = default_prior("CT", "reconstruction").path
+    args.checkpoint = ct_prior(args.checkpoint)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        stored, affine = phantom_block(args.cohort_seed, args.index, True, tmp, args.checkpoint)
-        clean, _ = phantom_block(args.cohort_seed, args.index, False, tmp, args.checkpoint)
-        sim = scan_volume(stored, stored.shape, pixel_mm=2.0, dose=args.dose, photons=1e5, views=None,
-                          seed=_seeds(100)["noise"])  # fmt: skip
-        level = float(np.std(sim.fbp_noise_hu[EVAL]))  # HU
-        src = tmp / "in.nii.gz"
-        write_nifti(Volume(stored.astype(np.float32), affine, modality="CT"), src)
+        ph = scanned_phantom(args.cohort_seed, args.index, args.dose, tmp, args.checkpoint)
+        stored, clean, sim, level, src = (ph[k] for k in ("stored", "clean", "sim", "level", "src"))
 
         def row(method: str, multiple: float, est: np.ndarray) -> None:
             s, c = window_metrics(stored[EVAL], est[EVAL]), window_metrics(clean[EVAL], est[EVAL])
