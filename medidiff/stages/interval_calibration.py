@@ -116,7 +116,8 @@ def load_calibration(stage_dir: Path) -> DenoiseCalibration | None:
 def save_calibration(path: Path, cal: DenoiseCalibration) -> Path:
     """Write ``cal`` to ``path`` atomically, keeping the entries of other noise models an existing file holds
     for the same weights, level and particles x steps (the MR and CT calibrations of one prior are made by
-    different benchmarks); their protocols are joined.
+    different benchmarks). The protocol is one ``[noise models] text`` part per calibration joined by
+    ``" | "``: a recalibrated noise model's part replaces its old one.
 
     Raises:
         ValueError: the existing file belongs to other weights or sampling, or does not validate.
@@ -124,6 +125,8 @@ def save_calibration(path: Path, cal: DenoiseCalibration) -> Path:
     from medidiff.io.atomic import atomic_write_json
 
     path = Path(path)
+    noises = sorted({e.noise for e in cal.entries})
+    cal = cal.model_copy(update={"protocol": f"[{'/'.join(noises)}] {cal.protocol}"})
     if path.is_file():
         try:
             old = DenoiseCalibration.model_validate_json(path.read_text(encoding="utf-8"))
@@ -137,13 +140,21 @@ def save_calibration(path: Path, cal: DenoiseCalibration) -> Path:
                 f"{old.level:g}); this one is {cal.weights_sha256[:12]} at {cal.particles} x {cal.steps} (level "
                 f"{cal.level:g}). Write to another file, or remove it."
             )
-        noises = {e.noise for e in cal.entries}
         kept = tuple(e for e in old.entries if e.noise not in noises)
         if kept:
+            parts = [p for p in old.protocol.split(" | ") if not set(_tagged_noises(p)) & set(noises)]
             cal = cal.model_copy(
-                update={"entries": (*kept, *cal.entries), "protocol": f"{old.protocol} | {cal.protocol}"}
+                update={"entries": (*kept, *cal.entries), "protocol": " | ".join([*parts, cal.protocol])}
             )
     return atomic_write_json(path, cal.model_dump(mode="json"))
+
+
+def _tagged_noises(part: str) -> list[str]:
+    """The noise models a protocol part names in its leading ``[a/b]`` tag (none for an untagged part,
+    written before the tags: it stays beside the entries it came with)."""
+    if part.startswith("[") and "]" in part:
+        return part[1 : part.index("]")].split("/")
+    return []
 
 
 def resolve_factor(

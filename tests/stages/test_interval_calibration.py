@@ -126,6 +126,24 @@ def test_saving_keeps_the_other_noise_models_of_the_same_weights(tmp_path: Path)
     assert load_calibration(tmp_path) == cal  # untouched
 
 
+def test_saving_a_recalibration_replaces_its_protocol_part(tmp_path: Path) -> None:
+    """The protocol names each noise model's calibration once: recalibrating one replaces its part, another
+    model's part (and a part written before the tags) stays."""
+    path = tmp_path / "denoise_calibration.json"
+
+    def cal(noise: str, text: str) -> DenoiseCalibration:
+        return _cal("abc", [(0.05, 1.2)], noise=noise).model_copy(update={"protocol": text})
+
+    path.write_text(cal("rician", "legacy rician run").model_dump_json())  # an untagged file
+    save_calibration(path, cal("gaussian", "first MR run"))
+    save_calibration(path, cal("ct", "first CT run"))
+    save_calibration(path, cal("ct", "second CT run"))
+    loaded = load_calibration(tmp_path)
+    assert loaded is not None
+    assert loaded.protocol == "legacy rician run | [gaussian] first MR run | [ct] second CT run"
+    assert sorted(e.noise for e in loaded.entries) == ["ct", "gaussian", "rician"]
+
+
 def test_the_stage_widens_only_the_interval_and_records_it(pixel_prior, tmp_path: Path) -> None:  # noqa: F811
     """Same seed with and without the calibration: the same mean and spread; the interval's half-width is
     the factor times the uncalibrated one; the sidecar says what was applied, and a calibration of other
