@@ -33,16 +33,10 @@ def phantom_block(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The benchmark's HU block of the cohort's phantom ``index`` (cohort seed ``seed``), its stored noise
     included or not."""
-    from medidiff.demo.cohort import CT_BOX_HALF_EXTENT, CT_PROTOCOLS, _scaled, grid_covering
-    from medidiff.demo.ct import draw_ct_params, synthesize_ct
+    from medidiff.demo.cohort import ct_phantom_series
     from medidiff.io.nifti_write import write_nifti
 
-    params = draw_ct_params(np.random.default_rng([seed, 2, index]))
-    protocol = CT_PROTOCOLS[index % len(CT_PROTOCOLS)]
-    centre = np.asarray(params.centre)
-    grid = grid_covering(centre - CT_BOX_HALF_EXTENT, centre + CT_BOX_HALF_EXTENT, protocol.direction,
-                         _scaled(protocol.spacing, 1.0))  # fmt: skip
-    image, _ = synthesize_ct(params, grid, noise=noise)
+    image, _ = ct_phantom_series(seed, index, noise=noise)[2][0]  # its first series, as the cohort's
     folder = tmp / "phantom"
     (folder / "truth").mkdir(parents=True)
     write_nifti(image, folder / "truth" / f"ct-{index + 1:03d}.nii.gz")

@@ -42,7 +42,7 @@ from pydicom.uid import (
 import medidiff
 from medidiff.demo import grid_covering, rotation
 from medidiff.demo.broken import BrokenItem, write_broken_items
-from medidiff.demo.ct import CT_BOX_HALF_EXTENT, CT_LABELS, draw_ct_params, synthesize_ct
+from medidiff.demo.ct import CT_BOX_HALF_EXTENT, CT_LABELS, CTPhantomParams, draw_ct_params, synthesize_ct
 from medidiff.demo.mr import (
     MNI152_NOTICE,
     MNI152_SOURCE,
@@ -63,6 +63,7 @@ __all__ = [
     "DemoCohortResult",
     "DemoSeries",
     "Protocol",
+    "ct_phantom_series",
     "load_cohort",
     "make_demo_cohort",
 ]
@@ -403,20 +404,8 @@ def make_demo_cohort(
 
     for i in range(n_ct):
         subject = f"ct-{i + 1:03d}"
-        protocol = CT_PROTOCOLS[i % len(CT_PROTOCOLS)]
-        params = draw_ct_params(np.random.default_rng([seed, 2, i]))
-        centre = np.asarray(params.centre)
-        spacings = [protocol.spacing]
-        if protocol.extra_series_spacing is not None:
-            spacings.append(protocol.extra_series_spacing)
-        for n, spacing in enumerate(spacings):
-            grid = grid_covering(
-                centre - CT_BOX_HALF_EXTENT,
-                centre + CT_BOX_HALF_EXTENT,
-                protocol.direction,
-                _scaled(spacing, resolution_scale),
-            )
-            image, labels = synthesize_ct(params, grid)
+        protocol, params, series = ct_phantom_series(seed, i, resolution_scale=resolution_scale)
+        for n, (image, labels) in enumerate(series):
             name = subject if n == 0 else f"{subject}-s{n + 1}"
             result.series.append(
                 _write_series(
@@ -458,6 +447,30 @@ def make_demo_cohort(
     )
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def ct_phantom_series(
+    seed: int, index: int, *, resolution_scale: float = 1.0, noise: bool = True
+) -> tuple[Protocol, CTPhantomParams, list[tuple[Volume, LabelVolume]]]:
+    """The demo cohort's CT phantom ``index`` (0-based; cohort seed ``seed``): its protocol, its drawn
+    parameters and its series' stored voxels and labels, as :func:`make_demo_cohort` writes them;
+    ``noise=False`` leaves out the noise the cohort stores in them (the phantom's analytic anatomy)."""
+    protocol = CT_PROTOCOLS[index % len(CT_PROTOCOLS)]
+    params = draw_ct_params(np.random.default_rng([seed, 2, index]))
+    centre = np.asarray(params.centre)
+    spacings = [protocol.spacing]
+    if protocol.extra_series_spacing is not None:
+        spacings.append(protocol.extra_series_spacing)
+    series = []
+    for spacing in spacings:
+        grid = grid_covering(
+            centre - CT_BOX_HALF_EXTENT,
+            centre + CT_BOX_HALF_EXTENT,
+            protocol.direction,
+            _scaled(spacing, resolution_scale),
+        )
+        series.append(synthesize_ct(params, grid, noise=noise))
+    return protocol, params, series
 
 
 def _licence_text() -> str:
